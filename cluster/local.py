@@ -1,0 +1,139 @@
+"""Connecting to Ray: an existing cluster when an address is given, else an embedded local Ray sized so the
+data pipeline and the training workers cannot starve each other, stopped again at the end.
+
+Why the sizing: on a 2-CPU Ray, two training workers of 1 CPU each leave Ray Data no CPU budget and the run
+hangs forever at "backpressured: ResourceBudget". Logical CPUs are scheduling slots, not cores, so the embedded
+Ray gets the workers' CPUs plus `cluster.data_cpus` for the pipeline, however many cores the machine has.
+"""
+
+import math
+import os
+import threading
+import time
+import signal
+from contextlib import contextmanager
+
+import ray
+
+from cluster.config import ClusterConfig
+from zeray.errors import UserError
+
+
+def embedded_cpus(cluster: ClusterConfig, train_cpus: float) -> int:
+    """Logical CPUs for the embedded Ray: training workers + the data pipeline's share, at least the cores."""
+    if cluster.num_cpus:
+        return cluster.num_cpus
+    return max(os.cpu_count() or 1, math.ceil(train_cpus + cluster.data_cpus))
+
+
+@contextmanager
+def ray_session(cluster: ClusterConfig, train_cpus: float):
+    """Ray for the duration of one command: reuse one already initialised (tests), connect, or embed."""
+    if ray.is_initialized():
+        yield "existing"
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        where = f"Ray cluster at {address}"
+    else:
+        num_cpus = embedded_cpus(cluster, train_cpus)
+        ray.init(num_cpus=num_cpus, dashboard_host=cluster.dashboard_host, log_to_driver=True,
+                 configure_logging=True, logging_level="WARNING")
+        where = f"embedded local Ray ({num_cpus} logical CPUs)"
+    try:
+        yield where
+    finally:
+        ray.shutdown()
+
+
+def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> None:
+    """Fail at once, naming both sides, when the request exceeds everything the cluster has right now and
+    nothing can grow it (no autoscaler). With an autoscaler, `PlacementWatchdog` decides instead."""
+    total = ray.cluster_resources()
+    if _autoscaling():
+        return
+    for name, amount in per_worker.items():
+        need = amount * workers + (data_cpus if name == "CPU" else 0)
+        have = total.get(name, 0.0)
+        if need > have + 1e-9:
+            raise UserError(
+                f"train.num_workers={workers} needs {_fmt({name: need})} "
+                f"({workers} x {_fmt(per_worker)}" + (f" + {data_cpus:g} CPU for Ray Data" if name == "CPU" else "")
+                + f") but the cluster has {_fmt({k: v for k, v in total.items() if k in ('CPU', 'GPU')})}; "
+                "lower train.num_workers or train.cpus_per_worker, or raise cluster.num_cpus"
+            )
+
+
+class PlacementWatchdog:
+    """Never hang on resources: if a placement group stays pending past the timeout, interrupt the command and
+    explain what was asked for and what the cluster has."""
+
+    def __init__(self, timeout_s: float, poll_s: float = 1.0):
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.message: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zeray-placement-watchdog", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        first_seen: dict[str, float] = {}
+        while not self._stop.wait(self.poll_s):
+            try:
+                table = ray.util.placement_group_table()
+            except Exception:  # the GCS going away at shutdown is not our business
+                continue
+            now = time.monotonic()
+            for pg_id, info in table.items():
+                if info.get("state") != "PENDING":
+                    first_seen.pop(pg_id, None)
+                    continue
+                since = first_seen.setdefault(pg_id, now)
+                if now - since > self.timeout_s:
+                    asked = _sum_bundles(info.get("bundles", {}))
+                    have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+                    free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+                    self.message = (
+                        f"the training workers could not be placed within cluster.placement_timeout_s="
+                        f"{self.timeout_s:g}s: asked for {_fmt(asked)} in {len(info.get('bundles', {}))} bundles, "
+                        f"the cluster has {_fmt(have)} in total and {_fmt(free)} free"
+                    )
+                    # a real signal, so a main thread blocked in a wait wakes up too
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    return
+
+
+def _autoscaling() -> bool:
+    """Whether the cluster declares node types it can scale up to (what Ray Train itself checks)."""
+    from ray._private.state import state
+
+    try:
+        return bool(state.get_max_resources_from_cluster_config())
+    except Exception:
+        return False
+
+
+def _sum_bundles(bundles: dict) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles.values():
+        for k, v in bundle.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    parts = []
+    for k, v in sorted(resources.items()):
+        if k == "memory":
+            parts.append(f"{v / 2**30:.1f} GiB memory")
+        else:
+            parts.append(f"{v:g} {k}")
+    return ", ".join(parts) or "nothing"

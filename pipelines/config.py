@@ -1,0 +1,39 @@
+"""The `data:` section of a run config."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from zeray.section import Section
+
+
+class SplitConfig(Section):
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of records held out for validation (decided by a stable hash of each record)."""
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+    """Fraction of records held out for the final test; never used in training."""
+    seed: int = 42
+    """Salt of the split hash: change it to draw a different split."""
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self):
+        if self.val + self.test >= 1.0:
+            raise ValueError(f"val + test must be below 1.0 so some records train (got {self.val} + {self.test})")
+        return self
+
+
+class DataConfig(Section):
+    train: str | None = None
+    """Conversation data: a .jsonl file, a glob, or a directory of .jsonl files (compressed .gz/.zst too)."""
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"
+    """Record format; `auto` detects it from the first valid record and says which it chose."""
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    """How records are divided into train/val/test."""
+    max_length: int = Field(512, ge=8, le=1_048_576)
+    """Longest tokenized sequence; longer conversations are truncated (loss kept on what remains)."""
+    loss_on: Literal["assistant", "all"] = "assistant"
+    """Which tokens carry loss: `assistant` replies only (default) or every token."""
+    tokenizer_actors: int = Field(1, ge=1, le=1024)
+    """Size of the Ray Data actor pool that tokenizes (one tokenizer loaded per actor)."""
+    batch_size: int = Field(256, ge=1, le=1_000_000)
+    """Records per Ray Data batch in the parse and tokenize stages."""

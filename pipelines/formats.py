@@ -1,0 +1,100 @@
+"""Turning one parsed record of any supported format into the internal conversation form, or a reject reason.
+
+The internal form is a list of `{"role": "system"|"user"|"assistant", "content": str}`; plain-text records
+(`text` format) become a single `{"role": "text", ...}` turn that is trained on in full.
+"""
+
+import unicodedata
+from typing import Any
+
+FORMATS = ("messages", "sharegpt", "alpaca", "text")
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class Reject(Exception):
+    """A record that cannot be trained on; `reason` is a short stable name counted in the report."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def detect_format(record: Any) -> str | None:
+    """The format a record's keys say it is in, or None."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "messages"
+    if "conversations" in record:
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    return None
+
+
+def normalize(record: Any, fmt: str) -> list[dict[str, str]]:
+    """The record as a cleaned list of turns; raises Reject with the reason it cannot be used."""
+    if not isinstance(record, dict):
+        raise Reject("wrong_shape", f"expected a JSON object, got {type(record).__name__}")
+    if fmt == "messages":
+        turns = _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    elif fmt == "sharegpt":
+        turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    elif fmt == "alpaca":
+        turns = _alpaca(record)
+    elif fmt == "text":
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise Reject("wrong_shape", "`text` must be a string")
+        text = clean_text(text)
+        if not text.strip():
+            raise Reject("empty_content", "text is empty")
+        return [{"role": "text", "content": text}]
+    else:  # pragma: no cover - config validation allows only FORMATS
+        raise ValueError(fmt)
+    if not any(t["role"] == "assistant" for t in turns):
+        raise Reject("no_assistant_turn", "nothing to learn from")
+    return turns
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalised text without control characters (newline and tab are kept)."""
+    text = unicodedata.normalize("NFC", text)
+    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+
+
+def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+    items = record.get(key)
+    if not isinstance(items, list) or not items:
+        raise Reject("wrong_shape", f"`{key}` must be a non-empty list")
+    turns = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get(content_key), str):
+            raise Reject("wrong_shape", f"{key}[{i}] must be an object with a string `{content_key}`")
+        role = roles.get(item.get(role_key)) if isinstance(item.get(role_key), str) else None
+        if role is None:
+            raise Reject("unknown_role", f"{key}[{i}].{role_key}={item.get(role_key)!r}")
+        content = clean_text(item[content_key])
+        if not content.strip():
+            raise Reject("empty_content", f"{key}[{i}] is empty")
+        turns.append({"role": role, "content": content})
+    return turns
+
+
+def _alpaca(record: dict) -> list[dict[str, str]]:
+    fields = {}
+    for name in ("instruction", "input", "output"):
+        value = record.get(name, "")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise Reject("wrong_shape", f"`{name}` must be a string")
+        fields[name] = clean_text(value)
+    if not fields["instruction"].strip() or not fields["output"].strip():
+        raise Reject("empty_content", "instruction and output must not be empty")
+    prompt = fields["instruction"] if not fields["input"].strip() else f"{fields['instruction']}\n\n{fields['input']}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]

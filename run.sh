@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The two things a newcomer runs; each sets up what it needs first (a .venv here, installed from pyproject.toml).
+#   ./run.sh demo    fine-tune the demo chat model end to end on an embedded local Ray, then ask it something
+#   ./run.sh test    run the test suite (extra arguments go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+
+setup() {
+  # Reinstall only when pyproject.toml changed since the last install into this .venv.
+  local stamp=".venv/.zeray-installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ -f "$stamp" ]; then return; fi
+  echo "setup: creating .venv and installing zeray with its dependencies (a few minutes the first time)"
+  [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  rm -f .venv/.zeray-installed-*
+  touch "$stamp"
+}
+
+demo() {
+  local data=artifacts/chatterbot.jsonl model=artifacts/tiny-chat
+  [ -f "$data" ] || .venv/bin/zeray demo-data "$data"
+  [ -f "$model/config.json" ] || .venv/bin/zeray init-model --data "$data" --out "$model"
+  .venv/bin/zeray train configs/demo.yaml "$@"
+  .venv/bin/zeray generate runs/chat-demo/model --prompt "Hello, how are you?"
+}
+
+case "${1:-}" in
+  demo) shift; setup; demo "$@" ;;
+  test) shift; setup; .venv/bin/python -m pytest "$@" ;;
+  *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,46 @@
+"""Shared fixtures: the demo data and a tiny model built once, and one local Ray for the whole session."""
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """The chatterbot conversations as messages JSONL and the 0.3M-parameter test model built from them."""
+    from pipelines.corpus import write_demo_data
+    from trainers.tiny_model import build_model
+
+    root = tmp_path_factory.mktemp("artifacts")
+    data = str(root / "chatterbot.jsonl")
+    write_demo_data(data)
+    model = str(root / "tiny-test")
+    build_model(data, model, size="tiny", seed=0)
+    return {"data": data, "model": model}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(artifacts):
+    from pipelines.dataset import load_tokenizer
+
+    return load_tokenizer(artifacts["model"])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray per test session, sized like `zeray train` sizes its own (2 workers + 2 data CPUs)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    yield ray
+    ray.shutdown()
+
+
+def write_config(path, **sections) -> str:
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(sections, f)
+    return str(path)

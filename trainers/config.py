@@ -1,0 +1,66 @@
+"""The `model:` and `train:` sections of a run config."""
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from zeray.section import Section
+
+
+class ModelConfig(Section):
+    name_or_path: str = "./artifacts/tiny-chat"
+    """A Hugging Face causal LM directory (config, safetensors weights, tokenizer with a chat template) or hub id."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision: `auto` is bf16 on a GPU that supports it and fp32 on CPU."""
+    trust_remote_code: bool = False
+    """Run Python code shipped inside the model directory. Off unless you trust that code."""
+    lora: dict[str, Any] | None = None
+    """LoRA adapters ({r, alpha, dropout, target_modules}); not available in this version, keep it null."""
+
+    @field_validator("lora")
+    @classmethod
+    def _no_lora_yet(cls, value):
+        if value is not None:
+            raise ValueError("LoRA training is not available in this version of zeray; set model.lora: null")
+        return value
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1, le=4096)
+    """Ray Train workers (one DeepSpeed rank each)."""
+    use_gpu: Literal["auto"] | bool = "auto"
+    """One GPU per worker: `auto` uses GPUs when the cluster has them."""
+    cpus_per_worker: float = Field(1.0, gt=0, le=512)
+    """Logical CPUs each training worker reserves (and torch threads it uses on CPU)."""
+    epochs: int = Field(1, ge=1, le=100_000)
+    """Passes over the training split."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides `epochs` when reached first)."""
+    micro_batch_size: int = Field(4, ge=1, le=65_536)
+    """Sequences per worker per forward pass."""
+    grad_accum: int = Field(1, ge=1, le=65_536)
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size * grad_accum * num_workers."""
+    lr: float = Field(2.0e-4, gt=0, le=10.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.0, ge=0, le=10.0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1.0)
+    """Fraction of the optimizer steps spent warming the learning rate up linearly from 0."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to 0, or constant."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
+    offload: Literal["none", "cpu"] = "none"
+    """Offload optimizer states to CPU memory (and parameters too at stage 3)."""
+    eval_every: int = Field(100, ge=1)
+    """Evaluate on the validation split every this many optimizer steps (and at the end)."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Report a sharded checkpoint to Ray Train every this many optimizer steps (and at the end)."""
+    log_every: int = Field(10, ge=1)
+    """Write a metrics line and a progress line every this many optimizer steps."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts Ray Train attempts after a failure (-1: unlimited)."""
+    seed: int = 42
+    """Seed for weight init of new heads, data order and dropout."""

@@ -1,0 +1,288 @@
+"""The training loop every Ray Train worker runs: a DeepSpeed ZeRO engine fed by this worker's Ray Data shard.
+
+setup (model, engine, resume) → train (steps, logging, eval, checkpoints) → final eval, test, and export.
+Every collective (forward under ZeRO-3, all_reduce, save_checkpoint, ray.train.report) is reached by all ranks
+the same number of times: Ray Train splits each dataset into equal shards, so every rank runs the same steps.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import ray.train
+from ray.data.collate_fn import NumpyBatchCollateFn
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipelines.chat import IGNORE
+
+CKPT_TAG = "ds"  # DeepSpeed checkpoint tag inside each reported Ray Train checkpoint
+STATE_FILE = "zeray_state.json"
+HF_DIR = "hf_model"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    from transformers import AutoModelForCausalLM, get_scheduler
+
+    from trainers.deepspeed_config import deepspeed_config, precision
+
+    # DeepSpeed still calls torch's deprecated all_gather_into_tensor path; the warning is not the user's.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    run, plan = config["run"], config["plan"]
+    train, model_cfg = run["train"], run["model"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
+    seed_everything(train["seed"] + rank)
+
+    from trainers.config import ModelConfig, TrainConfig
+
+    train_cfg, model_conf = TrainConfig(**train), ModelConfig(**model_cfg)
+    dtype = precision(model_conf, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg["name_or_path"], dtype=torch.float32, trust_remote_code=model_cfg["trust_remote_code"],
+        use_safetensors=True,
+    )
+    total_steps = plan["total_steps"]
+    warmup = int(train["warmup_ratio"] * total_steps)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train["lr_schedule"]]
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train_cfg, world, dtype),
+        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
+    )
+
+    step, epoch, skip_batches = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            engine.load_checkpoint(path, tag=CKPT_TAG)
+            with open(os.path.join(path, STATE_FILE)) as f:
+                state = json.load(f)
+        step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        if rank == 0:
+            say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})")
+
+    ga = train["grad_accum"]
+    train_shard = ray.train.get_dataset_shard("train")
+    pad_id = plan["pad_token_id"]
+    window = Window(first_step=step)
+    started = time.perf_counter()
+    last_eval = None
+
+    def save(metrics: dict, batches_in_epoch: int, export: bool = False) -> None:
+        """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint in storage."""
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=CKPT_TAG)
+            if rank == 0:
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, f)
+            if export:
+                export_hf_model(engine, model, os.path.join(tmp, HF_DIR), model_cfg["name_or_path"], rank,
+                                train["zero_stage"])
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    while step < total_steps and epoch < train["epochs"]:
+        batches = train_shard.iter_torch_batches(
+            batch_size=train["micro_batch_size"], collate_fn=Collate(pad_id, device), prefetch_batches=2,
+            # the shard arrives globally shuffled (seeded); this buffer varies the order per epoch, reproducibly
+            local_shuffle_buffer_size=train["micro_batch_size"] * 16, local_shuffle_seed=train["seed"] + epoch,
+        )
+        used = 0  # micro-batches of this epoch consumed (also the resume position)
+        group: list[dict] = []
+        for batch in batches:
+            if used < skip_batches:
+                used += 1
+                continue
+            group.append(batch)
+            used += 1
+            if len(group) < ga:
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
+            loss_sum, tokens = train_step(engine, group, world)
+            window.add(loss_sum, tokens, real_tokens=sum(int(b["attention_mask"].sum()) for b in group))
+            group = []
+            step += 1
+            metrics = None
+            if step % train["log_every"] == 0 or step == total_steps:
+                metrics = window.flush(step, epoch, lr, total_steps, rank)
+            if step % train["eval_every"] == 0 or step == total_steps:
+                last_eval = {**evaluate(engine, "val", train["micro_batch_size"], pad_id, device), "step": step}
+                metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
+                if rank == 0:
+                    say(f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
+                          f"perplexity {last_eval['eval_perplexity']:.2f}")
+            if step % train["checkpoint_every"] == 0 and step < total_steps:  # the last one is saved below
+                save(metrics or {"step": step, "epoch": epoch}, used)
+            elif metrics is not None:
+                ray.train.report(metrics)
+            if step >= total_steps:
+                break
+        skip_batches = 0
+        if step >= total_steps:
+            break
+        epoch += 1
+
+    # The end: validation (if the last step did not just do it), the held-out test split, and the HF model.
+    if last_eval is None or last_eval["step"] != step:
+        last_eval = evaluate(engine, "val", train["micro_batch_size"], pad_id, device)
+    final = dict(last_eval)
+    test = evaluate(engine, "test", train["micro_batch_size"], pad_id, device)
+    final.update({"test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
+                  "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
+                  "final": True, "train_wall_s": time.perf_counter() - started})
+    save(final, batches_in_epoch=0, export=True)
+
+
+def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:
+    """One optimizer step over `group` micro-batches; returns (summed loss, label tokens) over all ranks.
+
+    The loss is the mean over every real label token of the global batch, whatever their split across
+    micro-batches and ranks: each micro-batch's summed loss is scaled by world*ga/global_tokens because
+    DeepSpeed divides by the accumulation steps and averages gradients over ranks.
+    """
+    local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+    counts = torch.tensor([float(local_tokens)], dtype=torch.float64)
+    dist.all_reduce(counts)
+    global_tokens = max(counts.item(), 1.0)
+    loss_sum = 0.0
+    for batch in group:
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        summed = token_loss_sum(out.logits, batch["labels"])
+        engine.backward(summed * (world * len(group) / global_tokens))
+        engine.step()
+        loss_sum += summed.item()
+    totals = torch.tensor([loss_sum], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return totals.item(), int(global_tokens)
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not IGNORE."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+@torch.no_grad()
+def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
+    """Loss, perplexity and next-token accuracy over this split, summed across all ranks' shards."""
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, correct
+    for batch in ray.train.get_dataset_shard(split).iter_torch_batches(
+        batch_size=batch_size, collate_fn=Collate(pad_id, device), prefetch_batches=2
+    ):
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        sums[0] += token_loss_sum(logits, batch["labels"]).item()
+        sums[1] += int(mask.sum())
+        sums[2] += int(((logits[:, :-1].argmax(-1) == labels) & mask).sum())
+    dist.all_reduce(sums)
+    engine.train()
+    loss = sums[0].item() / max(sums[1].item(), 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+            "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0), "eval_tokens": int(sums[1].item())}
+
+
+def export_hf_model(engine, model, out_dir: str, source: str, rank: int, zero_stage: int) -> None:
+    """Rank 0 writes the full model (safetensors) and tokenizer; under ZeRO-3 all ranks gather the shards first."""
+    import contextlib
+
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+              if zero_stage == 3 else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    if rank == 0:
+        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+    dist.barrier()
+
+
+class Collate(NumpyBatchCollateFn):
+    """Pad a batch of variable-length rows to its longest row (dynamic padding) and build the attention mask."""
+
+    def __init__(self, pad_id: int, device):
+        self.pad_id = pad_id
+        self.device = device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        rows = batch["input_ids"]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, l) in enumerate(zip(rows, batch["labels"])):
+            ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+            labels[i, : len(l)] = torch.from_numpy(np.asarray(l, dtype=np.int64))
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids.to(self.device), "labels": labels.to(self.device),
+                "attention_mask": mask.to(self.device)}
+
+
+class Window:
+    """Training loss and throughput since the last log line."""
+
+    def __init__(self, first_step: int):
+        self.first_step = first_step  # where this process started (after a resume, not 0)
+        self.started = time.perf_counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.tokens, self.real_tokens, self.steps = 0.0, 0, 0, 0
+        self.since = time.perf_counter()
+
+    def add(self, loss_sum: float, tokens: int, real_tokens: int) -> None:
+        self.loss_sum += loss_sum
+        self.tokens += tokens
+        self.real_tokens += real_tokens
+        self.steps += 1
+
+    def flush(self, step: int, epoch: int, lr: float, total_steps: int, rank: int) -> dict:
+        now = time.perf_counter()
+        counts = torch.tensor([float(self.real_tokens)], dtype=torch.float64)
+        dist.all_reduce(counts)  # real (non-padding) input tokens of all ranks
+        elapsed = max(now - self.since, 1e-9)
+        metrics = {
+            "step": step, "epoch": epoch, "loss": self.loss_sum / max(self.tokens, 1), "lr": lr,
+            "tokens_per_s": counts.item() / elapsed, "step_time_s": elapsed / max(self.steps, 1),
+        }
+        if rank == 0:
+            eta_s = (now - self.started) / max(step - self.first_step, 1) * (total_steps - step)
+            say(f"step {step}/{total_steps} epoch {epoch + 1} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                  f"tokens/s {metrics['tokens_per_s']:.0f} eta {_duration(eta_s)}")
+        self._reset()
+        return metrics
+
+
+def say(message: str) -> None:
+    """A progress line to the driver's console. Straight to the process's stdout: Ray Train's patched
+    print() would echo it twice (its logger plus Ray's stdout forwarding)."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -1,0 +1,154 @@
+"""`zeray train` on the driver: build the streamed datasets, size the run, fit a TorchTrainer, write the outputs.
+
+Needs a connected Ray (see cluster.local.ray_session); everything heavy runs in Ray Data tasks and Train workers.
+"""
+
+import math
+import os
+import shutil
+import time
+
+import ray
+import ray.train
+from ray.data import ExecutionOptions
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, ScalingConfig
+from ray.train import RunConfig as TrainRunConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.local import PlacementWatchdog, check_fits
+from pipelines.dataset import SPLITS, build_splits, load_tokenizer
+from trainers.loop import HF_DIR, train_loop_per_worker
+from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
+from zeray.errors import UserError
+
+
+def count_records(parsed: ray.data.Dataset) -> dict:
+    """Records per split and rejects per reason, from one pass over the cheap read+parse stages."""
+    rows = parsed.groupby(["split", "reject"]).count().take_all()
+    splits = {s: 0 for s in SPLITS}
+    rejected: dict[str, int] = {}
+    for row in rows:
+        n = row["count()"]
+        if row["reject"]:
+            rejected[row["reject"]] = rejected.get(row["reject"], 0) + n
+        else:
+            splits[row["split"]] += n
+    return {"records_in": sum(splits.values()) + sum(rejected.values()), "splits": splits, "rejected": rejected}
+
+
+def make_plan(train_records: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
+              max_steps: int | None) -> dict:
+    """Optimizer steps per epoch and in total. Ray Train gives each worker an equal shard (floor division),
+    and a trailing group of fewer than `grad_accum` micro-batches cannot make a step, so it is not counted."""
+    per_worker = train_records // workers
+    steps_per_epoch = math.ceil(per_worker / micro_batch) // grad_accum
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"data.train: {train_records} training records are too few for train.num_workers={workers} x "
+            f"train.micro_batch_size={micro_batch} x train.grad_accum={grad_accum}; add data or lower them"
+        )
+    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total, "records_per_worker": per_worker}
+
+
+def use_gpu(setting, resources: dict) -> bool:
+    gpus = resources.get("GPU", 0)
+    if setting == "auto":
+        return gpus > 0
+    if setting and gpus == 0:
+        raise UserError("train.use_gpu: true but the Ray cluster has no GPUs; set train.use_gpu: auto or false")
+    return bool(setting)
+
+
+def train(cfg) -> dict:
+    """Run one fine-tuning job end to end; returns the summary that is also written to summary.json."""
+    started = time.time()
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    t, d = cfg.train, cfg.data
+    gpu = use_gpu(t.use_gpu, ray.cluster_resources())
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
+    check_fits(t.num_workers, per_worker, cfg.cluster.data_cpus)
+
+    splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code)
+    counts = count_records(splits.parsed)
+    print(f"data: {counts['records_in']} records in {len(splits.files)} file(s) -> train {counts['splits']['train']}, "
+          f"val {counts['splits']['val']}, test {counts['splits']['test']}; rejected "
+          + (", ".join(f"{k} {v}" for k, v in sorted(counts["rejected"].items())) or "0"), flush=True)
+    for split in ("val", "test"):
+        if counts["splits"][split] < t.num_workers:
+            raise UserError(f"data.split.{split}: {counts['splits'][split]} {split} records, fewer than "
+                            f"train.num_workers={t.num_workers}; raise data.split.{split} or add data")
+    plan = make_plan(counts["splits"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+    plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
+    print(f"plan: {t.num_workers} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
+          f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
+          f"steps/epoch, {plan['total_steps']} steps", flush=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(), "plan": plan},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
+        # val and test are small and read at every evaluation: tokenize them once into the object store.
+        datasets={"train": splits.train, "val": splits.val.materialize(), "test": splits.test.materialize()},
+        # the same example order on every run: what exact resume and reproducible curves rest on
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        run_config=TrainRunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE))],
+            logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
+        ),
+    )
+    with PlacementWatchdog(cfg.cluster.placement_timeout_s) as watchdog:
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:
+            if watchdog.message:
+                raise UserError(watchdog.message) from None
+            raise
+    if result.error:
+        raise result.error
+
+    model_dir = os.path.join(run_dir, MODEL_DIR)
+    export_from_checkpoint(result.checkpoint, model_dir)
+    final = result.metrics
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "tokens_per_s" in r]
+    summary = {
+        "eval_loss": final["eval_loss"],
+        "eval_perplexity": final["eval_perplexity"],
+        "eval_token_accuracy": final["eval_token_accuracy"],
+        "test_loss": final["test_loss"],
+        "test_perplexity": final["test_perplexity"],
+        "test_token_accuracy": final["test_token_accuracy"],
+        "first_loss": train_rows[0]["loss"] if train_rows else None,
+        "final_loss": train_rows[-1]["loss"] if train_rows else None,
+        "tokens_per_s": (sum(r["tokens_per_s"] for r in train_rows) / len(train_rows)) if train_rows else None,
+        "mfu": None,  # needs the device peak; measured in a later version rather than guessed
+        "steps": final["step"],
+        "wall_s": time.time() - started,
+        "world_size": t.num_workers,
+        "zero_stage": t.zero_stage,
+        "records": counts,
+        "model_dir": model_dir,
+        "checkpoint": result.checkpoint.path,
+    }
+    write_summary(run_dir, summary)
+    plot_report(run_dir, rows)
+    return summary
+
+
+def export_from_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: str) -> None:
+    """Copy the Hugging Face model that rank 0 wrote into the final checkpoint to `<run>/model/`."""
+    import pyarrow.fs
+
+    src = os.path.join(checkpoint.path, HF_DIR)
+    if os.path.isdir(model_dir):
+        shutil.rmtree(model_dir)
+    os.makedirs(model_dir)
+    pyarrow.fs.copy_files(src, model_dir, source_filesystem=checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+

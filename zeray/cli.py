@@ -1,0 +1,108 @@
+"""The `zeray` command line: parse, load the config, call one function of one package.
+
+Exit codes: 0 success, 2 a user error (one `error: ...` line on stderr, no traceback), 1 anything else.
+"""
+
+import argparse
+import os
+import sys
+
+from zeray.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def cmd_train(args) -> int:
+    from cluster.local import ray_session
+    from trainers.run import train
+    from zeray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    t = cfg.train
+    with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
+        print(f"zeray train {cfg.name}: {where}, results in {cfg.run_dir}", flush=True)
+        summary = _unwrap_user_errors(train, cfg)
+    print(f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} "
+          f"(first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
+          f"model in {summary['model_dir']}", flush=True)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from trainers.generate import generate
+
+    reply = generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, trust_remote_code=args.trust_remote_code)
+    print(reply)
+    return 0
+
+
+def cmd_demo_data(args) -> int:
+    from pipelines.corpus import write_demo_data
+
+    count = write_demo_data(args.out)
+    print(f"wrote {count} conversations (chatterbot-corpus, English and Chinese) to {args.out}")
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    from trainers.tiny_model import build_model
+
+    if not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data} does not exist (write it first with `zeray demo-data {args.data}`)")
+    params = build_model(args.data, args.out, size=args.size, seed=args.seed)
+    print(f"built a {params / 1e6:.1f}M-parameter Llama chat model with its tokenizer in {args.out}")
+    return 0
+
+
+def _unwrap_user_errors(fn, *args):
+    """A UserError raised inside a Ray task or Train worker arrives wrapped; surface it as the user error it is."""
+    try:
+        return fn(*args)
+    except UserError:
+        raise
+    except Exception as exc:
+        inner = exc
+        while inner is not None:
+            if isinstance(inner, UserError):
+                raise UserError(str(inner)) from None
+            inner = getattr(inner, "cause", None) or inner.__cause__
+        raise
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zeray", description="Fine-tune language models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="preprocess (streamed) and train with Ray Train + DeepSpeed, then export")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="reply from an exported model, using its chat template")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo-data", help="write the chatterbot-corpus conversations as messages JSON Lines")
+    p.add_argument("out", help="output .jsonl path")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("init-model", help="build the tiny demo chat model (tokenizer trained on --data)")
+    p.add_argument("--data", required=True, help="JSON Lines conversations to train the tokenizer on")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--size", choices=["demo", "tiny"], default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init_model)
+    return parser

@@ -1,0 +1,182 @@
+"""The run config: YAML with one typed section per package, `k=v` overrides, validated at load.
+
+Every problem a user can cause here becomes a `UserError` with one line that names the key (or file)
+and what would be valid, e.g. `unknown key train.lrr in configs/demo.yaml (did you mean train.lr?)`.
+"""
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from cluster.config import ClusterConfig
+from pipelines.config import DataConfig
+from trainers.config import ModelConfig, TrainConfig
+from tuning.config import TuneConfig
+from zeray.errors import UserError
+from zeray.section import Section
+
+
+class RunConfig(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    """Run name; results go to <storage>/<name>/."""
+    storage: str = "./runs"
+    """Where runs are written: a local directory (or a URI pyarrow understands on a shared cluster)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Input data and preprocessing."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model to fine-tune."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Training on Ray Train with DeepSpeed."""
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    """Hyperparameter search with Ray Tune."""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    """Where it runs."""
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.storage, self.name)
+
+
+def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> RunConfig:
+    """Read `path`, apply `k=v` overrides, validate, and make local paths absolute.
+
+    Relative paths are taken from the current directory (as a shell user expects), and made absolute here
+    because Ray workers run in other directories.
+    """
+    raw = _read_yaml(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, path, overrides)) from None
+    cfg.storage = _absolute(cfg.storage)
+    cfg.data.train = _absolute(cfg.data.train) if cfg.data.train else None
+    if _looks_like_path(cfg.model.name_or_path):
+        cfg.model.name_or_path = _absolute(cfg.model.name_or_path)
+    if check_paths:
+        check_local_paths(cfg, path)
+    return cfg
+
+
+def check_local_paths(cfg: RunConfig, source: str) -> None:
+    """A missing data file or model directory is a user error, found before any Ray work starts."""
+    if not cfg.data.train:
+        raise UserError(f"data.train is not set in {source}: give a .jsonl file, a glob or a directory")
+    from pipelines.sources import resolve_files  # local: keeps config import light
+
+    resolve_files(cfg.data.train)  # raises UserError naming the path
+    model = cfg.model.name_or_path
+    if _looks_like_path(model):
+        if not os.path.isdir(model):
+            raise UserError(f"model.name_or_path: directory {model} does not exist "
+                            "(build the demo model with `zeray init-model`, or point at a Hugging Face model dir)")
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise UserError(f"model.name_or_path: {model} has no config.json; expected a Hugging Face model directory")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read as YAML (so `true`, `3`, `[1, 2]`, `null` work) with `1e-4` read as a float."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" as a string
+        except ValueError:
+            pass
+    return value
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UserError(f"config file {path}{where}: {problem}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config file {path} must be a YAML mapping of sections (name, data, model, train, ...)")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"override {item}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = parse_value(text)
+
+
+def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
+    """One line for the first problem pydantic found."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    source = _source_of(key, path, overrides)
+    if err["type"] == "extra_forbidden":
+        hint = _suggest(loc)
+        return f"unknown key {key} in {source}" + (f" (did you mean {hint}?)" if hint else "")
+    if err["type"] == "missing":
+        return f"missing key {key} in {source}"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"invalid value for {key} in {source}: {msg}{shown}"
+
+
+def _source_of(key: str, path: str, overrides: list[str]) -> str:
+    for item in overrides:
+        name = item.partition("=")[0]
+        if key == name or key.startswith(name + ".") or name.startswith(key + "."):
+            return f"{path} (override {item})"
+    return path
+
+
+def _suggest(loc: list[str]) -> str | None:
+    """The closest valid key at the same place, spelled as a dotted path."""
+    model: type[Section] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, Section)):
+            return None
+        model = sub
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return ".".join(loc[:-1] + match) if match else None
+
+
+def _looks_like_path(value: str) -> bool:
+    """Anything that exists or starts like a path is a path; other names are hub ids (`org/name`)."""
+    return value.startswith((".", "/", "~")) or os.path.exists(value)
+
+
+def _absolute(value: str) -> str:
+    if "://" in value:
+        return value
+    return str(Path(os.path.expanduser(value)).absolute())
