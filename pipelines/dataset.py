@@ -116,6 +116,20 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
     })
 
 
+def count_records(parsed: ray.data.Dataset) -> dict:
+    """Records per split and rejects per reason, from one pass over the cheap read+parse stages."""
+    rows = parsed.groupby(["split", "reject"]).count().take_all()
+    splits = {s: 0 for s in SPLITS}
+    rejected: dict[str, int] = {}
+    for row in rows:
+        n = row["count()"]
+        if row["reject"]:
+            rejected[row["reject"]] = rejected.get(row["reject"], 0) + n
+        else:
+            splits[row["split"]] += n
+    return {"records_in": sum(splits.values()) + sum(rejected.values()), "splits": splits, "rejected": rejected}
+
+
 def split_of(conversation: str, val: float, test: float, seed: int) -> str:
     """train/val/test from a hash of the cleaned conversation: the same record always lands in the same split,
     whatever the file order, block layout or cluster size."""

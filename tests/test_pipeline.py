@@ -8,8 +8,7 @@ from ray.data.expressions import col
 
 from pipelines.chat import IGNORE
 from pipelines.config import DataConfig
-from pipelines.dataset import build_splits
-from trainers.run import count_records
+from pipelines.dataset import build_splits, count_records
 
 pytestmark = pytest.mark.integration
 

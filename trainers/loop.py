@@ -36,31 +36,29 @@ def train_loop_per_worker(config: dict) -> None:
 
     # DeepSpeed still calls torch's deprecated all_gather_into_tensor path; the warning is not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    run, plan = config["run"], config["plan"]
-    train, model_cfg = run["train"], run["model"]
+    cfg, plan = config["run"], config["plan"]  # the validated RunConfig, and the driver's step plan
+    train, model_cfg = cfg.train, cfg.model
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     if not on_gpu:
-        torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
-    seed_everything(train["seed"] + rank)
+        torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    seed_everything(train.seed + rank)
 
-    from trainers.config import ModelConfig, TrainConfig
-
-    train_cfg, model_conf = TrainConfig(**train), ModelConfig(**model_cfg)
-    dtype = precision(model_conf, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    dtype = precision(model_cfg, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    # fp32 master weights; DeepSpeed casts for bf16/fp16 itself
     model = AutoModelForCausalLM.from_pretrained(
-        model_cfg["name_or_path"], dtype=torch.float32, trust_remote_code=model_cfg["trust_remote_code"],
+        model_cfg.name_or_path, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,
     )
     total_steps = plan["total_steps"]
-    warmup = int(train["warmup_ratio"] * total_steps)
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train["lr_schedule"]]
+    warmup = int(train.warmup_ratio * total_steps)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train_cfg, world, dtype),
+        config=deepspeed_config(train, world, dtype),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
     )
 
@@ -75,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})")
 
-    ga = train["grad_accum"]
+    ga = train.grad_accum
     train_shard = ray.train.get_dataset_shard("train")
     pad_id = plan["pad_token_id"]
     window = Window(first_step=step)
@@ -90,15 +88,15 @@ def train_loop_per_worker(config: dict) -> None:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, f)
             if export:
-                export_hf_model(engine, model, os.path.join(tmp, HF_DIR), model_cfg["name_or_path"], rank,
-                                train["zero_stage"])
+                export_hf_model(engine, model, os.path.join(tmp, HF_DIR), model_cfg.name_or_path, rank,
+                                train.zero_stage)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    while step < total_steps and epoch < train["epochs"]:
+    while step < total_steps and epoch < train.epochs:
         batches = train_shard.iter_torch_batches(
-            batch_size=train["micro_batch_size"], collate_fn=Collate(pad_id, device), prefetch_batches=2,
+            batch_size=train.micro_batch_size, collate_fn=Collate(pad_id, device), prefetch_batches=2,
             # the shard arrives globally shuffled (seeded); this buffer varies the order per epoch, reproducibly
-            local_shuffle_buffer_size=train["micro_batch_size"] * 16, local_shuffle_seed=train["seed"] + epoch,
+            local_shuffle_buffer_size=train.micro_batch_size * 16, local_shuffle_seed=train.seed + epoch,
         )
         used = 0  # micro-batches of this epoch consumed (also the resume position)
         group: list[dict] = []
@@ -116,15 +114,15 @@ def train_loop_per_worker(config: dict) -> None:
             group = []
             step += 1
             metrics = None
-            if step % train["log_every"] == 0 or step == total_steps:
+            if step % train.log_every == 0 or step == total_steps:
                 metrics = window.flush(step, epoch, lr, total_steps, rank)
-            if step % train["eval_every"] == 0 or step == total_steps:
-                last_eval = {**evaluate(engine, "val", train["micro_batch_size"], pad_id, device), "step": step}
+            if step % train.eval_every == 0 or step == total_steps:
+                last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device), "step": step}
                 metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
                 if rank == 0:
                     say(f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
                           f"perplexity {last_eval['eval_perplexity']:.2f}")
-            if step % train["checkpoint_every"] == 0 and step < total_steps:  # the last one is saved below
+            if step % train.checkpoint_every == 0 and step < total_steps:  # the last one is saved below
                 save(metrics or {"step": step, "epoch": epoch}, used)
             elif metrics is not None:
                 ray.train.report(metrics)
@@ -137,9 +135,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     # The end: validation (if the last step did not just do it), the held-out test split, and the HF model.
     if last_eval is None or last_eval["step"] != step:
-        last_eval = evaluate(engine, "val", train["micro_batch_size"], pad_id, device)
+        last_eval = evaluate(engine, "val", train.micro_batch_size, pad_id, device)
     final = dict(last_eval)
-    test = evaluate(engine, "test", train["micro_batch_size"], pad_id, device)
+    test = evaluate(engine, "test", train.micro_batch_size, pad_id, device)
     final.update({"test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
                   "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})

@@ -16,24 +16,10 @@ from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.local import PlacementWatchdog, check_fits
-from pipelines.dataset import SPLITS, build_splits, load_tokenizer
+from pipelines.dataset import build_splits, count_records, load_tokenizer
 from trainers.loop import HF_DIR, train_loop_per_worker
 from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
 from zeray.errors import UserError
-
-
-def count_records(parsed: ray.data.Dataset) -> dict:
-    """Records per split and rejects per reason, from one pass over the cheap read+parse stages."""
-    rows = parsed.groupby(["split", "reject"]).count().take_all()
-    splits = {s: 0 for s in SPLITS}
-    rejected: dict[str, int] = {}
-    for row in rows:
-        n = row["count()"]
-        if row["reject"]:
-            rejected[row["reject"]] = rejected.get(row["reject"], 0) + n
-        else:
-            splits[row["split"]] += n
-    return {"records_in": sum(splits.values()) + sum(rejected.values()), "splits": splits, "rejected": rejected}
 
 
 def make_plan(train_records: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
@@ -87,7 +73,7 @@ def train(cfg) -> dict:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(), "plan": plan},
+        train_loop_config={"run": cfg, "plan": plan},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
         # val and test are small and read at every evaluation: tokenize them once into the object store.
         datasets={"train": splits.train, "val": splits.val.materialize(), "test": splits.test.materialize()},
@@ -126,7 +112,7 @@ def train(cfg) -> dict:
         "test_token_accuracy": final["test_token_accuracy"],
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
-        "tokens_per_s": (sum(r["tokens_per_s"] for r in train_rows) / len(train_rows)) if train_rows else None,
+        "tokens_per_s": _steady_tokens_per_s(train_rows),
         "mfu": None,  # needs the device peak; measured in a later version rather than guessed
         "steps": final["step"],
         "wall_s": time.time() - started,
@@ -139,6 +125,12 @@ def train(cfg) -> dict:
     write_summary(run_dir, summary)
     plot_report(run_dir, rows)
     return summary
+
+
+def _steady_tokens_per_s(rows: list[dict]) -> float | None:
+    """Mean throughput of the logged windows, leaving out the first (it includes start-up and pipeline warm-up)."""
+    steady = rows[1:] if len(rows) > 1 else rows
+    return sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else None
 
 
 def export_from_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: str) -> None:
