@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
-    """The chatterbot conversations as messages JSONL and the 0.3M-parameter test model built from them."""
+    """The chatterbot conversations as messages JSONL and the 0.2M-parameter test model built from them."""
     from pipelines.corpus import write_demo_data
     from trainers.tiny_model import build_model
 

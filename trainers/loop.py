@@ -88,8 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, f)
             if export:
-                export_hf_model(engine, model, os.path.join(tmp, HF_DIR), model_cfg.name_or_path, rank,
-                                train.zero_stage)
+                export_hf_model(model, os.path.join(tmp, HF_DIR), model_cfg.name_or_path, rank, train.zero_stage)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     while step < total_steps and epoch < train.epochs:
@@ -195,7 +194,7 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
             "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0), "eval_tokens": int(sums[1].item())}
 
 
-def export_hf_model(engine, model, out_dir: str, source: str, rank: int, zero_stage: int) -> None:
+def export_hf_model(model, out_dir: str, source: str, rank: int, zero_stage: int) -> None:
     """Rank 0 writes the full model (safetensors) and tokenizer; under ZeRO-3 all ranks gather the shards first."""
     import contextlib
 
@@ -204,12 +203,10 @@ def export_hf_model(engine, model, out_dir: str, source: str, rank: int, zero_st
 
     gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
-    with gather:
+    with gather:  # under ZeRO-3 every rank takes part in gathering; rank 0 writes the full weights
         if rank == 0:
-            state = {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
-    if rank == 0:
-        model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+            model.save_pretrained(out_dir, safe_serialization=True)
+            AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
     dist.barrier()
 
 

@@ -50,6 +50,9 @@ def train(cfg) -> dict:
     """Run one fine-tuning job end to end; returns the summary that is also written to summary.json."""
     started = time.time()
     run_dir = cfg.run_dir
+    if os.path.exists(os.path.join(run_dir, "checkpoint_manager_snapshot.json")):
+        print(f"resuming run {cfg.name} from its checkpoints in {run_dir} "
+              "(change `name` or remove that folder to start afresh)", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     t, d = cfg.train, cfg.data
     gpu = use_gpu(t.use_gpu, ray.cluster_resources())

@@ -13,7 +13,7 @@ SIZES = {
     # ~4M parameters: learns the demo corpus visibly in a few minutes on 2 CPU cores.
     "demo": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=4096),
-    # ~0.3M parameters: for tests, a training step in milliseconds.
+    # ~0.2M parameters: for tests, a training step in milliseconds.
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024),
 }
