@@ -25,6 +25,8 @@ class SplitConfig(Section):
 class DataConfig(Section):
     train: str | None = None
     """Conversation data: a .jsonl file, a glob, or a directory of .jsonl files (compressed .gz/.zst too)."""
+    prepared: str | None = None
+    """The data/ folder `zeray prep` wrote: `zeray train` reads its Parquet splits instead of running the pipeline."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"
     """Record format; `auto` detects it from the first valid record and says which it chose."""
     split: SplitConfig = Field(default_factory=SplitConfig)

@@ -76,7 +76,8 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
 
 
 def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dataset:
-    """Every input record with `source, line, split, reject, detail, conversation` (JSON of the cleaned turns)."""
+    """Every input record with `source, line, split, reject, detail, conversation` (JSON of the cleaned turns)
+    and, for a rejected one, `record` (its original text)."""
     return ray.data.read_datasource(JsonLinesSource(files)).map_batches(
         parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
         batch_size=data.batch_size, batch_format="pyarrow",
@@ -85,9 +86,9 @@ def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dat
 
 def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -> pa.Table:
     """Parse and clean raw lines; a bad record gets a reject reason instead of disappearing."""
-    rejects, details, splits, conversations = [], [], [], []
+    rejects, details, splits, conversations, originals = [], [], [], [], []
     for raw in batch.column("raw").to_pylist():
-        reason, detail, split, conversation = "", "", "", ""
+        reason, detail, split, conversation, original = "", "", "", "", ""
         try:
             try:
                 text = raw.decode("utf-8")
@@ -102,10 +103,12 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
             split = split_of(conversation, val, test, seed)
         except Reject as rej:
             reason, detail = rej.reason, rej.detail
+            original = raw.decode("utf-8", errors="replace")  # kept for rejects.jsonl, so it can be fixed
         rejects.append(reason)
         details.append(detail)
         splits.append(split)
         conversations.append(conversation)
+        originals.append(original)
     return pa.table({
         "source": batch.column("source"),
         "line": batch.column("line"),
@@ -113,6 +116,7 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
         "reject": pa.array(rejects, pa.string()),
         "detail": pa.array(details, pa.string()),
         "conversation": pa.array(conversations, pa.string()),
+        "record": pa.array(originals, pa.string()),
     })
 
 
@@ -156,6 +160,7 @@ class Tokenizer:
         return pa.table({
             "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
             "labels": pa.array(labels, pa.list_(pa.int32())),
+            "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
         })
 
 

@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from cluster.local import PlacementWatchdog, check_fits
 from pipelines.dataset import build_splits, count_records, load_tokenizer
+from pipelines.prep import load_prepared, summary_line
 from trainers.loop import HF_DIR, train_loop_per_worker
 from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
 from zeray.errors import UserError
@@ -59,11 +60,17 @@ def train(cfg) -> dict:
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
     check_fits(t.num_workers, per_worker, cfg.cluster.data_cpus)
 
-    splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code)
-    counts = count_records(splits.parsed)
-    print(f"data: {counts['records_in']} records in {len(splits.files)} file(s) -> train {counts['splits']['train']}, "
-          f"val {counts['splits']['val']}, test {counts['splits']['test']}; rejected "
-          + (", ".join(f"{k} {v}" for k, v in sorted(counts["rejected"].items())) or "0"), flush=True)
+    if d.prepared:
+        datasets, report = load_prepared(d.prepared)
+        counts = {"records_in": report["records_in"], "splits": report["rows"], "rejected": report["rejected"]}
+        print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
+    else:
+        splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code)
+        datasets = {"train": splits.train, "val": splits.val, "test": splits.test}
+        counts = count_records(splits.parsed)
+        print(f"data: {counts['records_in']} records in {len(splits.files)} file(s) -> train "
+              f"{counts['splits']['train']}, val {counts['splits']['val']}, test {counts['splits']['test']}; rejected "
+              + (", ".join(f"{k} {v}" for k, v in sorted(counts["rejected"].items())) or "0"), flush=True)
     for split in ("val", "test"):
         if counts["splits"][split] < t.num_workers:
             raise UserError(f"data.split.{split}: {counts['splits'][split]} {split} records, fewer than "
@@ -79,7 +86,8 @@ def train(cfg) -> dict:
         train_loop_config={"run": cfg, "plan": plan},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
         # val and test are small and read at every evaluation: tokenize them once into the object store.
-        datasets={"train": splits.train, "val": splits.val.materialize(), "test": splits.test.materialize()},
+        datasets={"train": datasets["train"], "val": datasets["val"].materialize(),
+                  "test": datasets["test"].materialize()},
         # the same example order on every run: what exact resume and reproducible curves rest on
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(

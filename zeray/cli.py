@@ -36,6 +36,21 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prep(args) -> int:
+    from cluster.local import ray_session
+    from pipelines.prep import prepare, summary_line
+    from zeray.config import load_config
+
+    cfg = load_config(args.config, args.overrides, prep_only=True)
+    out_dir = os.path.join(cfg.run_dir, "data")
+    with ray_session(cfg.cluster, train_cpus=0) as where:
+        print(f"zeray prep {cfg.name}: {where}, writing {out_dir}", flush=True)
+        report = _unwrap_user_errors(prepare, cfg.data, cfg.model.name_or_path, out_dir, cfg.model.trust_remote_code)
+    print(f"prepared: {summary_line(report)}", flush=True)
+    print(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from trainers.generate import generate
 
@@ -86,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prep", help="Ray Data preprocessing only: writes Parquet splits, rejects and a report")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("generate", help="reply from an exported model, using its chat template")
     p.add_argument("model_dir")

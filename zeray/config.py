@@ -41,7 +41,7 @@ class RunConfig(Section):
         return os.path.join(self.storage, self.name)
 
 
-def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) -> RunConfig:
+def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, prep_only: bool = False) -> RunConfig:
     """Read `path`, apply `k=v` overrides, validate, and make local paths absolute.
 
     Relative paths are taken from the current directory (as a shell user expects), and made absolute here
@@ -56,20 +56,25 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True) 
         raise UserError(_describe(exc, path, overrides)) from None
     cfg.storage = _absolute(cfg.storage)
     cfg.data.train = _absolute(cfg.data.train) if cfg.data.train else None
+    cfg.data.prepared = _absolute(cfg.data.prepared) if cfg.data.prepared else None
     if _looks_like_path(cfg.model.name_or_path):
         cfg.model.name_or_path = _absolute(cfg.model.name_or_path)
     if check_paths:
-        check_local_paths(cfg, path)
+        check_local_paths(cfg, path, prep_only)
     return cfg
 
 
-def check_local_paths(cfg: RunConfig, source: str) -> None:
+def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> None:
     """A missing data file or model directory is a user error, found before any Ray work starts."""
-    if not cfg.data.train:
+    if cfg.data.prepared and not prep_only:
+        if not os.path.isdir(cfg.data.prepared):
+            raise UserError(f"data.prepared: {cfg.data.prepared} does not exist (write it with `zeray prep`)")
+    elif not cfg.data.train:
         raise UserError(f"data.train is not set in {source}: give a .jsonl file, a glob or a directory")
-    from pipelines.sources import resolve_files  # local: keeps config import light
+    else:
+        from pipelines.sources import resolve_files  # local: keeps config import light
 
-    resolve_files(cfg.data.train)  # raises UserError naming the path
+        resolve_files(cfg.data.train)  # raises UserError naming the path
     model = cfg.model.name_or_path
     if _looks_like_path(model):
         if not os.path.isdir(model):

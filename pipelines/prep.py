@@ -1,0 +1,122 @@
+"""`zeray prep`: run the pipeline once and write it down — Parquet per split, every reject with its reason, and a
+report — so that training (`data.prepared`) and people can reuse and inspect it.
+
+The output is written to a temporary folder beside the destination and moved into place at the end, so an
+interrupted prep leaves the previous result (or nothing), never half a dataset.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import ray.data
+from ray.data.expressions import col
+
+from pipelines.config import DataConfig
+from pipelines.dataset import SPLITS, Splits, build_splits
+from zeray.errors import UserError
+
+REPORT = "report.json"
+REJECTS = "rejects.jsonl"
+HISTOGRAM_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1 << 20]
+
+
+def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: bool = False) -> dict:
+    """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json`; returns the report."""
+    splits = build_splits(data, model_path, trust_remote_code)
+    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        for split in SPLITS:
+            os.makedirs(os.path.join(tmp, split))
+            getattr(splits, split).write_parquet(os.path.join(tmp, split))
+        rejected = write_rejects(splits, os.path.join(tmp, REJECTS))
+        report = build_report(splits, tmp, rejected, data, model_path)
+        with open(os.path.join(tmp, REPORT), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2, sort_keys=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def write_rejects(splits: Splits, path: str) -> dict[str, int]:
+    """One JSON line per rejected record (source, line, reason, detail, the original text); counts per reason."""
+    counts: dict[str, int] = {}
+    rejects = splits.parsed.filter(expr=col("reject") != "").select_columns(
+        ["source", "line", "reject", "detail", "record"])
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rejects.iter_rows():
+            counts[row["reject"]] = counts.get(row["reject"], 0) + 1
+            f.write(json.dumps({"source": row["source"], "line": row["line"], "reason": row["reject"],
+                                "detail": row["detail"], "record": row["record"]}, ensure_ascii=False) + "\n")
+    return counts
+
+
+def build_report(splits: Splits, out_dir: str, rejected: dict[str, int], data: DataConfig, model_path: str) -> dict:
+    """Counts from what was written (not from what was planned), and the accounting identity checked."""
+    records_in = splits.parsed.count()
+    rows, tokens, label_tokens = {}, {}, {}
+    histogram = np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
+    for split in SPLITS:
+        rows[split] = tokens[split] = 0
+        ds = _read_split(out_dir, split, columns=["num_tokens"])
+        if ds is None:
+            continue
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=65536):
+            lengths = batch["num_tokens"]
+            rows[split] += len(lengths)
+            tokens[split] += int(lengths.sum())
+            histogram += np.histogram(lengths, bins=HISTOGRAM_EDGES)[0]
+    records_out = sum(rows.values())
+    if records_in != records_out + sum(rejected.values()):
+        raise RuntimeError(f"accounting failed: {records_in} records in, {records_out} out + "
+                           f"{sum(rejected.values())} rejected; nothing was written in place")
+    return {
+        "records_in": records_in,
+        "records_out": records_out,
+        "rejected": dict(sorted(rejected.items())),
+        "rows": rows,
+        "tokens": tokens,
+        "format": splits.format,
+        "files": splits.files,
+        "max_length": data.max_length,
+        "split": data.split.model_dump(),
+        "model": model_path,
+        "length_histogram": {f"{lo + 1}-{hi}": int(n) for lo, hi, n in
+                             zip(HISTOGRAM_EDGES[:-1], HISTOGRAM_EDGES[1:], histogram) if lo < data.max_length},
+    }
+
+
+def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """The datasets and report of a `zeray prep` output folder (`data.prepared`)."""
+    report_path = os.path.join(path, REPORT)
+    if not os.path.isfile(report_path):
+        raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
+    with open(report_path, encoding="utf-8") as f:
+        report = json.load(f)
+    datasets = {}
+    for split in SPLITS:
+        ds = _read_split(path, split, columns=["input_ids", "labels", "num_tokens"])
+        if ds is None:
+            raise UserError(f"data.prepared: {path}/{split} holds no Parquet rows; run `zeray prep` again")
+        datasets[split] = ds
+    return datasets, report
+
+
+def summary_line(report: dict) -> str:
+    rej = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
+    rows, tokens = report["rows"], report["tokens"]
+    return (f"{report['records_in']} records in -> {report['records_out']} out "
+            f"(train {rows['train']} / val {rows['val']} / test {rows['test']} rows; "
+            f"{tokens['train']} / {tokens['val']} / {tokens['test']} tokens); rejected: {rej}")
+
+
+def _read_split(root: str, split: str, columns: list[str]):
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder) or not any(name.endswith(".parquet") for name in os.listdir(folder)):
+        return None
+    return ray.data.read_parquet(folder, columns=columns)

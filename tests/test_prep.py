@@ -1,0 +1,70 @@
+"""`zeray prep` on a dirty file: every defect is counted by reason and written to rejects.jsonl, the accounting
+identity holds, and `zeray train` can train from the prepared folder."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_config
+from zeray.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifacts, tmp_path):
+    good = [json.loads(line) for line in open(artifacts["data"], encoding="utf-8")][:400]
+    lines = [json.dumps(r, ensure_ascii=False) for r in good]
+    defects = {  # line index -> expected reason
+        3: ("{broken", "unparsable"),
+        50: (json.dumps({"messages": [{"role": "user", "content": "just asking"}]}), "no_assistant_turn"),
+        51: (json.dumps({"messages": [{"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+             "unknown_role"),
+        52: (json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}),
+             "empty_content"),
+        99: (json.dumps(["not", "an", "object"]), "wrong_shape"),
+    }
+    for index, (text, _) in defects.items():
+        lines[index] = text
+    data = tmp_path / "dirty.jsonl"
+    raw = "\n".join(lines).encode("utf-8") + b"\n" + b'{"messages": "\xff\xfe"}\n'  # + one invalid UTF-8 line
+    data.write_bytes(raw)
+
+    config = write_config(
+        tmp_path / "prep.yaml", name="prep", storage=str(tmp_path / "runs"),
+        data={"train": str(data), "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "max_steps": 3, "micro_batch_size": 4, "eval_every": 100, "log_every": 1},
+    )
+    assert main(["prep", config]) == 0
+    out = tmp_path / "runs" / "prep" / "data"
+    report = json.loads((out / "report.json").read_text())
+    assert report["records_in"] == 401
+    assert report["rejected"] == {"unparsable": 1, "no_assistant_turn": 1, "unknown_role": 1, "empty_content": 1,
+                                  "wrong_shape": 1, "invalid_utf8": 1}
+    assert report["records_out"] == 395 == sum(report["rows"].values())
+    assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
+    assert 0.7 < report["rows"]["train"] / 395 < 0.9
+    assert sum(report["length_histogram"].values()) == 395
+
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["line"], r["reason"]) for r in rejects) == sorted(
+        [(i + 1, reason) for i, (_, reason) in defects.items()] + [(401, "invalid_utf8")])
+    assert all(r["source"] == str(data) for r in rejects)
+    assert next(r for r in rejects if r["reason"] == "unparsable")["record"] == "{broken"
+
+    for split in ("train", "val", "test"):
+        table = pq.read_table(out / split)
+        assert table.num_rows == report["rows"][split]
+        assert sum(table.column("num_tokens").to_pylist()) == report["tokens"][split]
+
+    # a second prep replaces the first whole: same counts, no duplicated rows, no leftovers
+    assert main(["prep", config]) == 0
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+    assert pq.read_table(out / "train").num_rows == report["rows"]["train"]
+    assert not [p for p in os.listdir(out.parent) if ".tmp-" in p]
+
+    assert main(["train", config, f"data.prepared={out}", "data.train=null"]) == 0
+    summary = json.loads((tmp_path / "runs" / "prep" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["records"]["splits"]["train"] == report["rows"]["train"]
