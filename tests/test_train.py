@@ -73,3 +73,41 @@ def test_exported_model_loads_and_generates(trained, artifacts):
     # the export carries the trained weights, not the initial ones
     initial = AutoModelForCausalLM.from_pretrained(artifacts["model"])
     assert not torch.allclose(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+
+
+def test_export_any_checkpoint_from_its_zero_shards(trained, tmp_path):
+    """The mid-run checkpoint (ZeRO-2 shards only) becomes a loadable model; consolidating the final checkpoint's
+    shards gives exactly the weights rank 0 exported from the engine."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainers.checkpoints import HF_DIR, consolidate
+
+    checkpoints = sorted(glob.glob(os.path.join(trained["run_dir"], "checkpoint_*/")))
+    checkpoints = [c.rstrip("/") for c in checkpoints]
+    assert len(checkpoints) == 2 and not os.path.exists(os.path.join(checkpoints[0], HF_DIR))
+    out = str(tmp_path / "step8")
+    assert main(["export", trained["run_dir"], "--checkpoint", checkpoints[0], "--out", out]) == 0
+    mid = AutoModelForCausalLM.from_pretrained(out)
+    final = load_file(os.path.join(trained["run_dir"], "model", "model.safetensors"))
+    assert not torch.allclose(mid.model.embed_tokens.weight, final["model.embed_tokens.weight"])
+
+    rebuilt, _ = consolidate(checkpoints[1])
+    state = rebuilt.state_dict()
+    for key, value in final.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_export_refuses_a_checkpoint_that_fails_the_weights_only_check(trained, tmp_path):
+    import shutil
+
+    import torch
+
+    source = sorted(glob.glob(os.path.join(trained["run_dir"], "checkpoint_*/")))[0]
+    bad = tmp_path / "tampered"
+    shutil.copytree(source, bad)
+    # a pickle that would hand os.system to whoever unpickles it
+    torch.save({"optimizer_state_dict": os.system}, bad / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert main(["export", trained["run_dir"], "--checkpoint", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert not os.path.exists(tmp_path / "out")

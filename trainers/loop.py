@@ -22,15 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipelines.chat import IGNORE
+from trainers.checkpoints import CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, verify_weights_only
 
-CKPT_TAG = "ds"  # DeepSpeed checkpoint tag inside each reported Ray Train checkpoint
-STATE_FILE = "zeray_state.json"
-HF_DIR = "hf_model"
 
 
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
-    from transformers import AutoModelForCausalLM, get_scheduler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     from trainers.deepspeed_config import deepspeed_config, precision
 
@@ -52,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
         model_cfg.name_or_path, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,
     )
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     total_steps = plan["total_steps"]
     warmup = int(train.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
@@ -66,6 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as path:
+            verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
             engine.load_checkpoint(path, tag=CKPT_TAG)
             with open(os.path.join(path, STATE_FILE)) as f:
                 state = json.load(f)
@@ -87,8 +87,11 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, f)
+                # config + tokenizer make every checkpoint exportable on its own (`zeray export`)
+                model.config.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
+                tokenizer.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
             if export:
-                export_hf_model(model, os.path.join(tmp, HF_DIR), model_cfg.name_or_path, rank, train.zero_stage)
+                export_hf_model(model, tokenizer, os.path.join(tmp, HF_DIR), rank, train.zero_stage)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     while step < total_steps and epoch < train.epochs:
@@ -194,19 +197,18 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
             "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0), "eval_tokens": int(sums[1].item())}
 
 
-def export_hf_model(model, out_dir: str, source: str, rank: int, zero_stage: int) -> None:
+def export_hf_model(model, tokenizer, out_dir: str, rank: int, zero_stage: int) -> None:
     """Rank 0 writes the full model (safetensors) and tokenizer; under ZeRO-3 all ranks gather the shards first."""
     import contextlib
 
     import deepspeed
-    from transformers import AutoTokenizer
 
     gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
     with gather:  # under ZeRO-3 every rank takes part in gathering; rank 0 writes the full weights
         if rank == 0:
             model.save_pretrained(out_dir, safe_serialization=True)
-            AutoTokenizer.from_pretrained(source).save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
     dist.barrier()
 
 

@@ -5,7 +5,6 @@ Needs a connected Ray (see cluster.local.ray_session); everything heavy runs in 
 
 import math
 import os
-import shutil
 import time
 
 import ray
@@ -18,7 +17,8 @@ from ray.train.torch import TorchTrainer
 from cluster.local import PlacementWatchdog, check_fits
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
-from trainers.loop import HF_DIR, train_loop_per_worker
+from trainers.checkpoints import export
+from trainers.loop import train_loop_per_worker
 from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
 from zeray.errors import UserError
 
@@ -110,7 +110,7 @@ def train(cfg) -> dict:
         raise result.error
 
     model_dir = os.path.join(run_dir, MODEL_DIR)
-    export_from_checkpoint(result.checkpoint, model_dir)
+    export(run_dir, model_dir, checkpoint=result.checkpoint.path)
     final = result.metrics
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "tokens_per_s" in r]
@@ -142,16 +142,3 @@ def _steady_tokens_per_s(rows: list[dict]) -> float | None:
     """Mean throughput of the logged windows, leaving out the first (it includes start-up and pipeline warm-up)."""
     steady = rows[1:] if len(rows) > 1 else rows
     return sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else None
-
-
-def export_from_checkpoint(checkpoint: ray.train.Checkpoint, model_dir: str) -> None:
-    """Copy the Hugging Face model that rank 0 wrote into the final checkpoint to `<run>/model/`."""
-    import pyarrow.fs
-
-    src = os.path.join(checkpoint.path, HF_DIR)
-    if os.path.isdir(model_dir):
-        shutil.rmtree(model_dir)
-    os.makedirs(model_dir)
-    pyarrow.fs.copy_files(src, model_dir, source_filesystem=checkpoint.filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
-

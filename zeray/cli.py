@@ -51,6 +51,16 @@ def cmd_prep(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from trainers.checkpoints import export
+
+    if not os.path.isdir(args.run_dir):
+        raise UserError(f"run directory {args.run_dir} does not exist")
+    chosen = export(args.run_dir, args.out, args.checkpoint)
+    print(f"exported {chosen} to {args.out}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     from trainers.generate import generate
 
@@ -85,12 +95,25 @@ def _unwrap_user_errors(fn, *args):
     except UserError:
         raise
     except Exception as exc:
-        inner = exc
-        while inner is not None:
-            if isinstance(inner, UserError):
-                raise UserError(str(inner)) from None
-            inner = getattr(inner, "cause", None) or inner.__cause__
+        found = _find_user_error(exc)
+        if found is not None:
+            raise UserError(str(found)) from None
         raise
+
+
+def _find_user_error(exc, depth: int = 0):
+    """Look through Ray's wrappers: task errors (`cause`), Train's per-worker failures, chained exceptions."""
+    if exc is None or depth > 8:
+        return None
+    if isinstance(exc, UserError):
+        return exc
+    inner = [getattr(exc, "cause", None), getattr(exc, "_base_exc", None), exc.__cause__]
+    inner += list((getattr(exc, "worker_failures", None) or {}).values())
+    for candidate in inner:
+        found = _find_user_error(candidate, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,6 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("export", help="turn a run's checkpoint (any ZeRO stage) into a Hugging Face model directory")
+    p.add_argument("run_dir", help="<storage>/<name> of a run")
+    p.add_argument("--checkpoint", help="a checkpoint_* folder of that run (default: the newest)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="reply from an exported model, using its chat template")
     p.add_argument("model_dir")
