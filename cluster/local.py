@@ -65,6 +65,17 @@ def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> 
             )
 
 
+def fit_or_explain(trainer, timeout_s: float):
+    """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang."""
+    with PlacementWatchdog(timeout_s) as watchdog:
+        try:
+            return trainer.fit()
+        except KeyboardInterrupt:
+            if watchdog.message:
+                raise UserError(watchdog.message) from None
+            raise
+
+
 class PlacementWatchdog:
     """Never hang on resources: if a placement group stays pending past the timeout, interrupt the command and
     explain what was asked for and what the cluster has."""

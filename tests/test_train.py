@@ -111,3 +111,15 @@ def test_export_refuses_a_checkpoint_that_fails_the_weights_only_check(trained, 
     torch.save({"optimizer_state_dict": os.system}, bad / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     assert main(["export", trained["run_dir"], "--checkpoint", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_eval_scores_the_exported_model_on_the_test_split(trained, capsys):
+    with open(os.path.join(trained["run_dir"], "summary.json")) as f:
+        summary = json.load(f)
+    capsys.readouterr()
+    assert main(["eval", trained["config"], "--model", os.path.join(trained["run_dir"], "model")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
+    assert result["test_token_accuracy"] == pytest.approx(summary["test_token_accuracy"], rel=1e-4)
+    assert result["test_perplexity"] > 1

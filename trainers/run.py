@@ -14,7 +14,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.local import PlacementWatchdog, check_fits
+from cluster.local import check_fits, fit_or_explain
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import export
@@ -38,6 +38,14 @@ def make_plan(train_records: int, workers: int, micro_batch: int, grad_accum: in
     return {"steps_per_epoch": steps_per_epoch, "total_steps": total, "records_per_worker": per_worker}
 
 
+def worker_resources(cfg) -> tuple[bool, dict[str, float]]:
+    """Whether workers get a GPU, and what each reserves; a request the cluster can never hold fails here."""
+    gpu = use_gpu(cfg.train.use_gpu, ray.cluster_resources())
+    per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
+    check_fits(cfg.train.num_workers, per_worker, cfg.cluster.data_cpus)
+    return gpu, per_worker
+
+
 def use_gpu(setting, resources: dict) -> bool:
     gpus = resources.get("GPU", 0)
     if setting == "auto":
@@ -56,9 +64,7 @@ def train(cfg) -> dict:
               "(change `name` or remove that folder to start afresh)", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     t, d = cfg.train, cfg.data
-    gpu = use_gpu(t.use_gpu, ray.cluster_resources())
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
-    check_fits(t.num_workers, per_worker, cfg.cluster.data_cpus)
+    gpu, per_worker = worker_resources(cfg)
 
     if d.prepared:
         datasets, report = load_prepared(d.prepared)
@@ -99,13 +105,7 @@ def train(cfg) -> dict:
             logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
         ),
     )
-    with PlacementWatchdog(cfg.cluster.placement_timeout_s) as watchdog:
-        try:
-            result = trainer.fit()
-        except KeyboardInterrupt:
-            if watchdog.message:
-                raise UserError(watchdog.message) from None
-            raise
+    result = fit_or_explain(trainer, cfg.cluster.placement_timeout_s)
     if result.error:
         raise result.error
 

@@ -51,6 +51,23 @@ def cmd_prep(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from cluster.local import ray_session
+    from trainers.evaluate import evaluate_model
+    from zeray.config import load_config
+
+    cfg = load_config(args.config, args.overrides, prep_only=True)
+    model_dir = os.path.abspath(args.model)
+    t = cfg.train
+    with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
+        print(f"zeray eval {model_dir} on the test split of {args.config}: {where}", flush=True)
+        result = _unwrap_user_errors(evaluate_model, cfg, model_dir)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_export(args) -> int:
     from trainers.checkpoints import export
 
@@ -129,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model on the config's test split")
+    p.add_argument("config", help="run config YAML (its data: section names the data)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--model", required=True, help="Hugging Face model directory, e.g. <storage>/<name>/model")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="turn a run's checkpoint (any ZeRO stage) into a Hugging Face model directory")
     p.add_argument("run_dir", help="<storage>/<name> of a run")

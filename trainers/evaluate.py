@@ -1,0 +1,66 @@
+"""`zeray eval`: loss, perplexity and next-token accuracy of a Hugging Face model on a config's test split.
+
+The same Ray Data pipeline (tokenized with the evaluated model's own tokenizer) feeds a TorchTrainer whose workers
+each score their shard; the sums are all-reduced, so the numbers do not depend on the number of workers.
+"""
+
+import json
+import os
+import tempfile
+
+import ray
+import ray.train
+import torch
+from ray.train import ScalingConfig
+from ray.train import RunConfig as TrainRunConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.local import fit_or_explain
+from pipelines.dataset import build_splits, load_tokenizer
+from trainers.run import worker_resources
+from zeray.errors import UserError
+
+
+def eval_loop_per_worker(config: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainers.loop import evaluate
+
+    device = ray.train.torch.get_device()
+    if device.type != "cuda":
+        torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], trust_remote_code=config["trust_remote_code"],
+                                                 use_safetensors=True).to(device)
+    model.eval()
+    metrics = evaluate(model, "test", config["batch_size"], config["pad_token_id"], device)
+    # Ray Train returns the metrics that came with a checkpoint: rank 0 files the result as one.
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(os.path.join(tmp, "eval.json"), "w") as f:
+                json.dump(metrics, f)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def evaluate_model(cfg, model_dir: str) -> dict:
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
+    t = cfg.train
+    gpu, per_worker = worker_resources(cfg)
+    splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code)
+    trainer = TorchTrainer(
+        eval_loop_per_worker,
+        train_loop_config={
+            "model_dir": model_dir, "trust_remote_code": cfg.model.trust_remote_code,
+            "batch_size": t.micro_batch_size, "cpus_per_worker": t.cpus_per_worker,
+            "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
+        datasets={"test": splits.test},
+        run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=cfg.storage),
+    )
+    metrics = fit_or_explain(trainer, cfg.cluster.placement_timeout_s).metrics
+    return {"test_loss": metrics["eval_loss"], "test_perplexity": metrics["eval_perplexity"],
+            "test_token_accuracy": metrics["eval_token_accuracy"], "test_tokens": metrics["eval_tokens"],
+            "model": model_dir}
