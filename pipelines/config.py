@@ -24,7 +24,8 @@ class SplitConfig(Section):
 
 class DataConfig(Section):
     train: str | None = None
-    """Conversation data: a .jsonl file, a glob, or a directory of .jsonl files (compressed .gz/.zst too)."""
+    """Conversation data: a .jsonl/.json/.parquet/.csv file (.gz/.zst too), a glob, a directory of them, or a
+    directory saved by Hugging Face `datasets` (`save_to_disk`; of a DatasetDict, its `train` split)."""
     prepared: str | None = None
     """The data/ folder `zeray prep` wrote: `zeray train` reads its Parquet splits instead of running the pipeline."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"

@@ -16,7 +16,7 @@ from ray.data.expressions import col
 from pipelines.chat import check_tokenizer, tokenize_batch, TemplateError
 from pipelines.config import DataConfig
 from pipelines.formats import FORMATS, Reject, detect_format, normalize
-from pipelines.sources import JsonLinesSource, resolve_files
+from pipelines.sources import RecordSource, first_records, resolve_files
 from zeray.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -78,7 +78,7 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
 def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dataset:
     """Every input record with `source, line, split, reject, detail, conversation` (JSON of the cleaned turns)
     and, for a rejected one, `record` (its original text)."""
-    return ray.data.read_datasource(JsonLinesSource(files)).map_batches(
+    return ray.data.read_datasource(RecordSource(files)).map_batches(
         parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
         batch_size=data.batch_size, batch_format="pyarrow",
     )
@@ -168,15 +168,13 @@ def detect_file_format(files: list[str], probe_lines: int = 100) -> str:
     """The format of the first parsable records (data.format: auto), announced so the user can check it."""
     seen: dict[str, int] = {}
     for path in files:
-        with pa.input_stream(path, compression="detect") as f:  # .gz / .zst by extension
-            head = f.read(1 << 20).split(b"\n")[:probe_lines]
-            for line in head:
-                try:
-                    fmt = detect_format(json.loads(line))
-                except (ValueError, UnicodeDecodeError):
-                    continue
-                if fmt:
-                    seen[fmt] = seen.get(fmt, 0) + 1
+        for raw in first_records(path, probe_lines):
+            try:
+                fmt = detect_format(json.loads(raw))
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if fmt:
+                seen[fmt] = seen.get(fmt, 0) + 1
         if seen:
             break
     if not seen:

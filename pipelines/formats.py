@@ -4,6 +4,7 @@ The internal form is a list of `{"role": "system"|"user"|"assistant", "content":
 (`text` format) become a single `{"role": "text", ...}` turn that is trained on in full.
 """
 
+import json
 import unicodedata
 from typing import Any
 
@@ -69,6 +70,11 @@ def clean_text(text: str) -> str:
 
 def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
     items = record.get(key)
+    if isinstance(items, str) and items.lstrip().startswith("["):  # a CSV cell holding the list as JSON
+        try:
+            items = json.loads(items)
+        except ValueError:
+            raise Reject("wrong_shape", f"`{key}` is text that is not a JSON list") from None
     if not isinstance(items, list) or not items:
         raise Reject("wrong_shape", f"`{key}` must be a non-empty list")
     turns = []

@@ -76,3 +76,35 @@ def test_alpaca_and_sharegpt_files(ray_cluster, artifacts, tmp_path):
     splits = build_splits(DataConfig(train=share), artifacts["model"])
     assert splits.format == "sharegpt"
     assert sum(count_records(splits.parsed)["splits"].values()) == 40
+
+
+def test_every_file_type_in_one_directory(ray_cluster, artifacts, tmp_path):
+    """JSONL, JSON, Parquet, CSV (gzip/zstd too) in one tree: every record read, parsed and counted once."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+               for i in range(60)]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_lines(folder / "a.jsonl", [json.dumps(r) for r in records[:10]])
+    write_lines(folder / "b.jsonl.gz", [json.dumps(r) for r in records[10:20]], compress=True)
+    (folder / "c.json").write_text(json.dumps(records[20:30]))
+    pq.write_table(pa.Table.from_pylist(records[30:40]), str(folder / "d.parquet"))
+    csv_text = "messages\n" + "".join('"' + json.dumps(r["messages"]).replace('"', '""') + '"\n'
+                                     for r in records[40:50])
+    (folder / "e.csv").write_text(csv_text)
+    with pa.output_stream(str(folder / "f.jsonl.zst"), compression="zstd") as out:
+        out.write("".join(json.dumps(r) + "\n" for r in records[50:]).encode())
+    splits = build_splits(DataConfig(train=str(folder), format="messages"), artifacts["model"])
+    counts = count_records(splits.parsed)
+    assert counts["records_in"] == 60 and counts["rejected"] == {}
+    seen = sorted(r["conversation"] for r in splits.parsed.take_all())
+    assert seen == sorted(json.dumps(r["messages"], sort_keys=True) for r in records)
+
+    import datasets
+
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
+    splits = build_splits(DataConfig(train=str(tmp_path / "hf")), artifacts["model"])
+    assert splits.format == "messages"
+    assert count_records(splits.parsed) == counts
