@@ -32,6 +32,8 @@ class DataConfig(Section):
     """Record format; `auto` detects it from the first valid record and says which it chose."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     """How records are divided into train/val/test."""
+    dedup: bool = True
+    """Reject exact duplicate conversations (after cleaning) across the whole dataset, keeping the first."""
     max_length: int = Field(512, ge=8, le=1_048_576)
     """Longest tokenized sequence; longer conversations are truncated (loss kept on what remains)."""
     loss_on: Literal["assistant", "all"] = "assistant"

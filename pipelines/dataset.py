@@ -77,11 +77,38 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
 
 def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dataset:
     """Every input record with `source, line, split, reject, detail, conversation` (JSON of the cleaned turns)
-    and, for a rejected one, `record` (its original text)."""
-    return ray.data.read_datasource(RecordSource(files)).map_batches(
+    and, for a rejected one, `record` (its original text).
+
+    Materialized once (into Ray's object store, spilling to disk when large): the count, every split and the
+    rejects all read these rows, and the duplicate check needs the whole dataset anyway.
+    """
+    parsed = ray.data.read_datasource(RecordSource(files)).map_batches(
         parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
         batch_size=data.batch_size, batch_format="pyarrow",
     )
+    if data.dedup:
+        accepted = parsed.filter(expr=col("reject") == "")
+        rejected = parsed.filter(expr=col("reject") != "")
+        parsed = accepted.groupby("conversation").map_groups(mark_duplicates, batch_format="pyarrow").union(rejected)
+    return parsed.materialize()
+
+
+def mark_duplicates(group: pa.Table) -> pa.Table:
+    """Of identical conversations (across all files), the first by (source, line) stays; the rest are rejected
+    as `duplicate`, naming the one kept."""
+    if group.num_rows == 1:
+        return group
+    group = group.sort_by([("source", "ascending"), ("line", "ascending")])
+    first = f"{group['source'][0].as_py()}:{group['line'][0].as_py()}"
+    n = group.num_rows
+    reject = pa.array([""] + ["duplicate"] * (n - 1), pa.string())
+    detail = pa.array([""] + [f"same conversation as {first}"] * (n - 1), pa.string())
+    record = pa.array([""] + group["conversation"].to_pylist()[1:], pa.string())
+    split = pa.array([group["split"][0].as_py()] + [""] * (n - 1), pa.string())
+    return group.set_column(group.schema.get_field_index("reject"), "reject", reject) \
+        .set_column(group.schema.get_field_index("detail"), "detail", detail) \
+        .set_column(group.schema.get_field_index("record"), "record", record) \
+        .set_column(group.schema.get_field_index("split"), "split", split)
 
 
 def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -> pa.Table:

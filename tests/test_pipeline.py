@@ -61,7 +61,13 @@ def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
     splits = build_splits(DataConfig(train=str(folder)), artifacts["model"])
     assert splits.format == "messages"
     assert len(splits.files) == 2
-    assert count_records(splits.parsed)["records_in"] == 12
+    counts = count_records(splits.parsed)
+    assert counts["records_in"] == 12
+    assert counts["rejected"] == {"duplicate": 11}  # one conversation, twelve times, across two files
+    kept = splits.parsed.filter(expr=col("reject") == "").take_all()
+    assert [(r["source"].endswith("a.jsonl"), r["line"]) for r in kept] == [(True, 1)]
+    dups = splits.parsed.filter(expr=col("reject") == "duplicate").take_all()
+    assert {r["detail"] for r in dups} == {f"same conversation as {folder / 'a.jsonl'}:1"}
 
 
 def test_alpaca_and_sharegpt_files(ray_cluster, artifacts, tmp_path):

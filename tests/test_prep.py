@@ -14,8 +14,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifacts, tmp_path):
-    good = [json.loads(line) for line in open(artifacts["data"], encoding="utf-8")][:400]
-    lines = [json.dumps(r, ensure_ascii=False) for r in good]
+    unique = {}
+    for line in open(artifacts["data"], encoding="utf-8"):  # chatterbot repeats itself: keep distinct ones
+        record = json.loads(line)
+        unique.setdefault(json.dumps(record["messages"], sort_keys=True), record)
+    lines = [json.dumps(r, ensure_ascii=False) for r in list(unique.values())[:400]]
     defects = {  # line index -> expected reason
         3: ("{broken", "unparsable"),
         50: (json.dumps({"messages": [{"role": "user", "content": "just asking"}]}), "no_assistant_turn"),
@@ -24,6 +27,7 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
         52: (json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}),
              "empty_content"),
         99: (json.dumps(["not", "an", "object"]), "wrong_shape"),
+        200: (lines[10], "duplicate"),  # the same conversation again, 190 lines later
     }
     for index, (text, _) in defects.items():
         lines[index] = text
@@ -42,17 +46,18 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     report = json.loads((out / "report.json").read_text())
     assert report["records_in"] == 401
     assert report["rejected"] == {"unparsable": 1, "no_assistant_turn": 1, "unknown_role": 1, "empty_content": 1,
-                                  "wrong_shape": 1, "invalid_utf8": 1}
-    assert report["records_out"] == 395 == sum(report["rows"].values())
+                                  "wrong_shape": 1, "invalid_utf8": 1, "duplicate": 1}
+    assert report["records_out"] == 394 == sum(report["rows"].values())
     assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
-    assert 0.7 < report["rows"]["train"] / 395 < 0.9
-    assert sum(report["length_histogram"].values()) == 395
+    assert 0.7 < report["rows"]["train"] / 394 < 0.9
+    assert sum(report["length_histogram"].values()) == 394
 
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted((r["line"], r["reason"]) for r in rejects) == sorted(
         [(i + 1, reason) for i, (_, reason) in defects.items()] + [(401, "invalid_utf8")])
     assert all(r["source"] == str(data) for r in rejects)
     assert next(r for r in rejects if r["reason"] == "unparsable")["record"] == "{broken"
+    assert next(r for r in rejects if r["reason"] == "duplicate")["detail"] == f"same conversation as {data}:11"
 
     for split in ("train", "val", "test"):
         table = pq.read_table(out / split)
