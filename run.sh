@@ -24,7 +24,7 @@ demo() {
   [ -f "$data" ] || .venv/bin/zeray demo-data "$data"
   [ -f "$model/config.json" ] || .venv/bin/zeray init-model --data "$data" --out "$model"
   .venv/bin/zeray train configs/demo.yaml "$@"
-  .venv/bin/zeray generate runs/chat-demo/model --prompt "Hello, how are you?"
+  .venv/bin/zeray generate runs/chat-demo/model --prompt "Hello, how are you?" --temperature 0.7 --repetition-penalty 1.2
 }
 
 case "${1:-}" in

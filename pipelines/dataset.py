@@ -6,6 +6,7 @@ actor pool to whoever consumes the dataset (Ray Train workers, or a writer).
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from pipelines.sources import RecordSource, first_records, resolve_files
 from zeray.errors import UserError
 
 SPLITS = ("train", "val", "test")
+PARTITION_BYTES = 64 << 20  # input bytes per duplicate-check partition
 
 
 @dataclass
@@ -89,7 +91,11 @@ def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dat
     if data.dedup:
         accepted = parsed.filter(expr=col("reject") == "")
         rejected = parsed.filter(expr=col("reject") != "")
-        parsed = accepted.groupby("conversation").map_groups(mark_duplicates, batch_format="pyarrow").union(rejected)
+        # Ray Data's default of 200 shuffle partitions makes a small dataset 200 tiny blocks, and every later
+        # stage (the train shuffle, tokenization) pays per block: size the partitions to the input instead.
+        partitions = int(min(200, max(2, sum(_size(f) for f in files) // PARTITION_BYTES + 1)))
+        parsed = (accepted.groupby("conversation", num_partitions=partitions)
+                  .map_groups(mark_duplicates, batch_format="pyarrow").union(rejected))
     return parsed.materialize()
 
 
@@ -210,6 +216,13 @@ def detect_file_format(files: list[str], probe_lines: int = 100) -> str:
     fmt = max(seen, key=seen.get)
     print(f"data.format auto: detected {fmt} from {files[0]}")
     return fmt
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _first_line(exc: Exception) -> str:

@@ -6,7 +6,7 @@ from zeray.errors import UserError
 
 
 def generate(model_dir: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             trust_remote_code: bool = False, seed: int = 0) -> str:
+             repetition_penalty: float = 1.0, trust_remote_code: bool = False, seed: int = 0) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -26,5 +26,6 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 64, temperature:
     sampling = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             repetition_penalty=repetition_penalty, **sampling)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -81,8 +81,9 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     from trainers.generate import generate
 
-    reply = generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, trust_remote_code=args.trust_remote_code)
+    reply = generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     repetition_penalty=args.repetition_penalty, trust_remote_code=args.trust_remote_code,
+                     seed=args.seed)
     print(reply)
     return 0
 
@@ -164,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_generate)
 
