@@ -49,7 +49,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = False) -> Splits:
-    """Lazy Ray Datasets of `{input_ids, labels}` per split; executing them streams the whole pipeline."""
+    """Ray Datasets of `{input_ids, labels, num_tokens}` per split. The parsed records are materialized here
+    (one read of the input); the splits are lazy, and executing one streams shuffle and tokenization."""
     files = resolve_files(data.train)
     fmt = data.format if data.format != "auto" else detect_file_format(files)
     if fmt != "text" or data.loss_on != "all":
@@ -154,7 +155,7 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
 
 
 def count_records(parsed: ray.data.Dataset) -> dict:
-    """Records per split and rejects per reason, from one pass over the cheap read+parse stages."""
+    """Records per split and rejects per reason, counted over the parsed records."""
     rows = parsed.groupby(["split", "reject"]).count().take_all()
     splits = {s: 0 for s in SPLITS}
     rejected: dict[str, int] = {}
