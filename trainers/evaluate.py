@@ -1,7 +1,7 @@
 """`zeray eval`: loss, perplexity and next-token accuracy of a Hugging Face model on a config's test split.
 
-The same Ray Data pipeline (tokenized with the evaluated model's own tokenizer) feeds a TorchTrainer whose workers
-each score their shard; the sums are all-reduced, so the numbers do not depend on the number of workers.
+The same Ray Data pipeline (tokenized with the evaluated model's own tokenizer) feeds a one-worker TorchTrainer
+that scores the whole split (the same code that evaluates during training).
 """
 
 import json
@@ -56,7 +56,8 @@ def evaluate_model(cfg, model_dir: str) -> dict:
             "batch_size": t.micro_batch_size, "cpus_per_worker": t.cpus_per_worker,
             "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
+        # one worker scores the whole split: no sharding, so no row is dropped and the number is exact
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker=per_worker),
         datasets={"test": splits.test},
         run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=cfg.storage),
     )

@@ -178,7 +178,12 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
-    """Loss, perplexity and next-token accuracy over this split, summed across all ranks' shards."""
+    """Loss, perplexity and next-token accuracy over the whole split.
+
+    Every rank reads the whole split (it is not sharded: `streaming_split(equal=True)` would drop up to
+    world_size-1 rows, so the numbers would depend on the worker count and on block layout), which also keeps
+    ZeRO-3's collective forwards in step; every rank thus computes the same numbers.
+    """
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, correct
     for batch in ray.train.get_dataset_shard(split).iter_torch_batches(
@@ -190,7 +195,6 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
         sums[0] += token_loss_sum(logits, batch["labels"]).item()
         sums[1] += int(mask.sum())
         sums[2] += int(((logits[:, :-1].argmax(-1) == labels) & mask).sum())
-    dist.all_reduce(sums)
     engine.train()
     loss = sums[0].item() / max(sums[1].item(), 1.0)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),

@@ -95,7 +95,8 @@ def train(cfg) -> dict:
         datasets={"train": datasets["train"], "val": datasets["val"].materialize(),
                   "test": datasets["test"].materialize()},
         # the same example order on every run: what exact resume and reproducible curves rest on
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(datasets_to_split=["train"],  # every rank evaluates all of val/test
+                                  execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(
             name=cfg.name,
             storage_path=cfg.storage,
