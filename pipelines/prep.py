@@ -59,7 +59,7 @@ def write_rejects(splits: Splits, path: str) -> dict[str, int]:
 def build_report(splits: Splits, out_dir: str, rejected: dict[str, int], data: DataConfig, model_path: str) -> dict:
     """Counts from what was written (not from what was planned), and the accounting identity checked."""
     records_in = splits.parsed.count()
-    rows, tokens, label_tokens = {}, {}, {}
+    rows, tokens = {}, {}
     histogram = np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
     for split in SPLITS:
         rows[split] = tokens[split] = 0
