@@ -82,21 +82,24 @@ def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dat
     """Every input record with `source, line, split, reject, detail, conversation` (JSON of the cleaned turns)
     and, for a rejected one, `record` (its original text).
 
-    Materialized once (into Ray's object store, spilling to disk when large): the count, every split and the
-    rejects all read these rows, and the duplicate check needs the whole dataset anyway.
+    With `data.dedup` the rows are materialized once (into Ray's object store, spilling to disk when large): the
+    duplicate check needs the whole dataset, and the count, every split and the rejects all read the result.
+    Known limit: the block layout of that result varies between runs, and Ray Train's shard assignment follows
+    it, so bit-exact reproducibility and exact resume are guaranteed only with `data.dedup: false`.
     """
     parsed = ray.data.read_datasource(RecordSource(files)).map_batches(
         parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
         batch_size=data.batch_size, batch_format="pyarrow",
     )
-    if data.dedup:
-        accepted = parsed.filter(expr=col("reject") == "")
-        rejected = parsed.filter(expr=col("reject") != "")
-        # Ray Data's default of 200 shuffle partitions makes a small dataset 200 tiny blocks, and every later
-        # stage (the train shuffle, tokenization) pays per block: size the partitions to the input instead.
-        partitions = int(min(200, max(2, sum(_size(f) for f in files) // PARTITION_BYTES + 1)))
-        parsed = (accepted.groupby("conversation", num_partitions=partitions)
-                  .map_groups(mark_duplicates, batch_format="pyarrow").union(rejected))
+    if not data.dedup:
+        return parsed  # lazy: streamed from the files by every consumer, in a reproducible order
+    accepted = parsed.filter(expr=col("reject") == "")
+    rejected = parsed.filter(expr=col("reject") != "")
+    # Ray Data's default of 200 shuffle partitions makes a small dataset 200 tiny blocks, and every later
+    # stage (the train shuffle, tokenization) pays per block: size the partitions to the input instead.
+    partitions = int(min(200, max(2, sum(_size(f) for f in files) // PARTITION_BYTES + 1)))
+    parsed = (accepted.groupby("conversation", num_partitions=partitions)
+              .map_groups(mark_duplicates, batch_format="pyarrow").union(rejected))
     return parsed.materialize()
 
 
