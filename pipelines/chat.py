@@ -5,6 +5,7 @@ reply adds between "history + generation prompt" and "history + reply" are the a
 included, so the model learns to stop. Token labels come from the fast tokenizer's character offsets.
 """
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 IGNORE = -100  # label value that torch's cross-entropy (and transformers' loss) skips
@@ -14,15 +15,44 @@ class TemplateError(Exception):
     """The tokenizer cannot render conversations the way masking needs."""
 
 
-def render(tokenizer, turns: Sequence[dict[str, str]], loss_on: str = "assistant") -> tuple[str, list[tuple[int, int]]]:
-    """The full text of a conversation and the character spans that carry loss."""
+@dataclass
+class Rendering:
+    """A conversation as the model sees it: its text, the character spans that carry loss, and the span of each
+    assistant reply (a conversation may be cut short only at the end of one)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    replies: list[tuple[int, int]] | None  # None: no turn structure to respect, any token boundary will do
+
+
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+    problem: str = ""  # "" | "truncated" | "too_long"
+    detail: str = ""
+
+
+def render(tokenizer, turns: Sequence[dict[str, str]], loss_on: str = "assistant") -> Rendering:
+    """Render with the chat template and locate what is trained: `assistant` replies, only the `last` reply,
+    or `all` tokens."""
     if len(turns) == 1 and turns[0]["role"] == "text":
         text = turns[0]["content"] + (tokenizer.eos_token or "")
-        return text, [(0, len(text))]
+        return Rendering(text, [(0, len(text))], None)
     messages = list(turns)
     full = _template(tokenizer, messages, add_generation_prompt=False)
+    try:
+        replies = _reply_spans(tokenizer, messages, full)
+    except TemplateError:
+        if loss_on != "all":
+            raise
+        return Rendering(full, [(0, len(full))], None)  # trained throughout; only turn-aware cutting is lost
     if loss_on == "all":
-        return full, [(0, len(full))]
+        return Rendering(full, [(0, len(full))], replies)
+    return Rendering(full, replies[-1:] if loss_on == "last" else replies, replies)
+
+
+def _reply_spans(tokenizer, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
     spans = []
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
@@ -36,26 +66,47 @@ def render(tokenizer, turns: Sequence[dict[str, str]], loss_on: str = "assistant
                 "cannot be located; use a model whose template does, or data.loss_on: all"
             )
         spans.append((len(before), len(upto)))
-    return full, spans
+    return spans
 
 
 def tokenize_batch(tokenizer, conversations: list[list[dict[str, str]]], max_length: int,
-                   loss_on: str = "assistant") -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and labels (IGNORE outside loss spans) for a batch, truncated to `max_length` tokens."""
-    texts, all_spans = [], []
-    for turns in conversations:
-        text, spans = render(tokenizer, turns, loss_on)
-        texts.append(text)
-        all_spans.append(spans)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, truncation=True,
-                    max_length=max_length)
-    labels = []
-    for ids, offsets, spans in zip(enc["input_ids"], enc["offset_mapping"], all_spans):
-        labels.append([tok if _inside(start, spans) else IGNORE for tok, (start, _) in zip(ids, offsets)])
-    return [list(ids) for ids in enc["input_ids"]], labels
+                   loss_on: str = "assistant", overlong: str = "truncate") -> list[Tokenized]:
+    """Token ids and labels (IGNORE outside loss spans) for a batch of conversations.
+
+    A conversation longer than `max_length` tokens is, with `overlong: truncate`, cut after the last assistant
+    reply that fits (loss stays on the replies kept, `last` meaning the last one kept); plain text is cut at
+    `max_length`. One whose first reply does not fit, or any with `overlong: reject`, comes back `too_long`.
+    """
+    renderings = [render(tokenizer, turns, loss_on) for turns in conversations]
+    enc = tokenizer([r.text for r in renderings], add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for r, ids, offsets in zip(renderings, enc["input_ids"], enc["offset_mapping"]):
+        n, problem, detail, spans = len(ids), "", "", r.spans
+        if n > max_length:
+            if overlong == "reject":
+                out.append(Tokenized([], [], "too_long", f"{n} tokens, over data.max_length {max_length}"))
+                continue
+            if r.replies is None:
+                keep = max_length
+            else:
+                # tokens that end by each reply's end; the cut is the last reply that fits
+                ends = [sum(1 for _, end in offsets if end <= hi) for _, hi in r.replies]
+                fitting = [(k, reply) for k, reply in zip(ends, r.replies) if k <= max_length]
+                if not fitting:
+                    out.append(Tokenized([], [], "too_long", f"its first reply ends at token {ends[0]}, over "
+                                                             f"data.max_length {max_length}; cannot cut at a turn"))
+                    continue
+                keep, last_kept = fitting[-1]
+                if loss_on == "last":
+                    spans = [last_kept]
+            ids, offsets = ids[:keep], offsets[:keep]
+            problem, detail = "truncated", f"{n} tokens cut to {keep}"
+        labels = [tok if _inside(start, spans) else IGNORE for tok, (start, _) in zip(ids, offsets)]
+        out.append(Tokenized(list(ids), labels, problem, detail))
+    return out
 
 
-def check_tokenizer(tokenizer, name: str) -> None:
+def check_tokenizer(tokenizer, name: str, loss_on: str = "assistant") -> None:
     """Fail early, with the reason, if masking cannot work with this tokenizer."""
     if not getattr(tokenizer, "is_fast", False):
         raise TemplateError(f"tokenizer of {name} is not a fast tokenizer; character offsets are needed for masking")
@@ -69,12 +120,12 @@ def check_tokenizer(tokenizer, name: str) -> None:
         {"role": "assistant", "content": "Goodbye."},
     ]
     try:
-        render(tokenizer, sample)
+        render(tokenizer, sample, loss_on)
     except TemplateError as exc:
         raise TemplateError(f"{name}: {exc}") from None
     except Exception as exc:  # a template that rejects system turns etc. is still usable without them
         try:
-            render(tokenizer, sample[1:])
+            render(tokenizer, sample[1:], loss_on)
         except TemplateError as inner:
             raise TemplateError(f"{name}: {inner}") from None
         except Exception:

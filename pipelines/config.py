@@ -35,9 +35,15 @@ class DataConfig(Section):
     dedup: bool = True
     """Reject exact duplicate conversations (after cleaning) across the whole dataset, keeping the first."""
     max_length: int = Field(512, ge=8, le=1_048_576)
-    """Longest tokenized sequence; longer conversations are truncated (loss kept on what remains)."""
-    loss_on: Literal["assistant", "all"] = "assistant"
-    """Which tokens carry loss: `assistant` replies only (default) or every token."""
+    """Longest tokenized sequence (a packed sequence included)."""
+    overlong: Literal["truncate", "reject"] = "truncate"
+    """A conversation over `max_length` tokens: `truncate` cuts it after the last assistant reply that fits (plain
+    text at `max_length`; one whose first reply does not fit is rejected as `too_long`); `reject` rejects it."""
+    packing: bool = True
+    """Pack several conversations into each sequence of up to `max_length` tokens (positions restart per
+    conversation, attention and loss stay within it); off: one conversation per row, padded per batch."""
+    loss_on: Literal["assistant", "last", "all"] = "assistant"
+    """Which tokens carry loss: every `assistant` reply (default), only the `last` reply, or `all` tokens."""
     tokenizer_actors: int = Field(1, ge=1, le=1024)
     """Size of the Ray Data actor pool that tokenizes (one tokenizer loaded per actor)."""
     batch_size: int = Field(256, ge=1, le=1_000_000)

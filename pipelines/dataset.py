@@ -1,7 +1,8 @@
-"""The Ray Data pipeline: JSON Lines → parsed, cleaned conversations → stable split → tokens and labels.
+"""The Ray Data pipeline: records → parsed, cleaned, deduplicated conversations → stable split → tokens and
+labels → ordered, packed training rows.
 
-Nothing passes through the driver: blocks stream from the read tasks through the parse tasks and the tokenizer
-actor pool to whoever consumes the dataset (Ray Train workers, or a writer).
+Nothing passes through the driver: blocks flow from the read tasks through the parse tasks and the tokenizer
+actor pool into Ray's object store, and from there to whoever consumes them (Ray Train workers, or a writer).
 """
 
 import hashlib
@@ -17,21 +18,26 @@ from ray.data.expressions import col
 from pipelines.chat import check_tokenizer, tokenize_batch, TemplateError
 from pipelines.config import DataConfig
 from pipelines.formats import FORMATS, Reject, detect_format, normalize
+from pipelines.packing import pack_batch, unpacked_batch
 from pipelines.sources import RecordSource, first_records, resolve_files
 from zeray.errors import UserError
 
 SPLITS = ("train", "val", "test")
-PARTITION_BYTES = 64 << 20  # input bytes per duplicate-check partition
+PARTITION_BYTES = 64 << 20  # input bytes per shuffle partition (duplicate check, split order)
 
 
 @dataclass
 class Splits:
-    """Tokenized datasets per split, the parsed records they come from, and what the driver learnt."""
+    """Tokenized (and packed) datasets per split, every input record with its outcome, and what the driver learnt.
 
-    train: ray.data.Dataset
-    val: ray.data.Dataset
-    test: ray.data.Dataset
-    parsed: ray.data.Dataset
+    `records` holds one row per input record: `source, line, split, reject, detail, record, truncated, num_tokens`
+    (and its tokens); the splits hold training rows `input_ids, labels, position_ids, num_tokens`.
+    """
+
+    train: ray.data.Dataset | None
+    val: ray.data.Dataset | None
+    test: ray.data.Dataset | None
+    records: ray.data.Dataset
     format: str
     files: list[str]
 
@@ -48,59 +54,81 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = False) -> Splits:
-    """Ray Datasets of `{input_ids, labels, num_tokens}` per split. The parsed records are materialized here
-    (one read of the input); the splits are lazy, and executing one streams shuffle and tokenization."""
+def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = False,
+                 splits: tuple[str, ...] = SPLITS) -> Splits:
+    """Read, parse, deduplicate and tokenize every record once (materialized in Ray's object store, spilling to
+    disk when large), then order, pack and materialize the requested splits.
+
+    Each split is sorted by a seeded hash of its conversations and packed block by block with fixed partition
+    boundaries, so its rows and their order depend only on the data and the seed — not on file order, block
+    layout, cluster size or task timing. That is what exact resume and reproducible runs rest on."""
     files = resolve_files(data.train)
     fmt = data.format if data.format != "auto" else detect_file_format(files)
     if fmt != "text" or data.loss_on != "all":
         tokenizer = load_tokenizer(model_path, trust_remote_code)
         if fmt != "text":
             try:
-                check_tokenizer(tokenizer, model_path)
+                check_tokenizer(tokenizer, model_path, data.loss_on)
             except TemplateError as exc:
                 raise UserError(f"model.name_or_path: {exc}") from None
-    parsed = parsed_records(files, fmt, data)
     tokenizer_args = dict(name_or_path=model_path, trust_remote_code=trust_remote_code,
-                          max_length=data.max_length, loss_on=data.loss_on)
-    out = {}
-    for split in SPLITS:
-        records = parsed.filter(expr=(col("reject") == "") & (col("split") == split))
-        if split == "train":
-            # Files are often sorted by topic or source; a seeded global shuffle makes every batch a fair
-            # sample and keeps the order reproducible (Ray Train then preserves it).
-            records = records.random_shuffle(seed=data.split.seed)
-        out[split] = (
-            records.map_batches(Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size,
-                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=data.tokenizer_actors),
-                         num_cpus=1)
-        )
-    return Splits(train=out["train"], val=out["val"], test=out["test"], parsed=parsed, format=fmt, files=files)
+                          max_length=data.max_length, loss_on=data.loss_on, overlong=data.overlong)
+    records = parsed_records(files, fmt, data).map_batches(
+        Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=data.tokenizer_actors), num_cpus=1,
+    ).materialize()
+    partitions = _partitions(files)
+    out = {split: None for split in SPLITS}
+    for split in splits:
+        rows = (records.filter(expr=(col("reject") == "") & (col("split") == split))
+                .select_columns(["input_ids", "labels", "num_tokens", "key"])
+                .sort("key", boundaries=_boundaries(partitions)))
+        # batch_size=None: one batch per sorted block, so the packing does not depend on how blocks arrive
+        if data.packing:
+            rows = rows.map_batches(pack_batch, fn_kwargs=dict(max_length=data.max_length, seed=data.split.seed),
+                                    batch_size=None, batch_format="pyarrow")
+        else:
+            rows = rows.map_batches(unpacked_batch, batch_size=None, batch_format="pyarrow")
+        out[split] = _materialize_in_order(rows)
+    return Splits(train=out["train"], val=out["val"], test=out["test"], records=records, format=fmt, files=files)
 
 
 def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dataset:
-    """Every input record with `source, line, split, reject, detail, conversation` (JSON of the cleaned turns)
-    and, for a rejected one, `record` (its original text).
-
-    With `data.dedup` the rows are materialized once (into Ray's object store, spilling to disk when large): the
-    duplicate check needs the whole dataset, and the count, every split and the rejects all read the result.
-    Known limit: the block layout of that result varies between runs, and Ray Train's shard assignment follows
-    it, so bit-exact reproducibility and exact resume are guaranteed only with `data.dedup: false`.
-    """
+    """Every input record with `source, line, split, reject, detail, conversation, key` (the conversation as
+    JSON of its cleaned turns, and a seeded hash of it) and, for a rejected one, `record` (its original text).
+    With `data.dedup`, exact duplicates across the whole dataset are rejected (a hash shuffle on the text)."""
     parsed = ray.data.read_datasource(RecordSource(files)).map_batches(
         parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
         batch_size=data.batch_size, batch_format="pyarrow",
     )
     if not data.dedup:
-        return parsed  # lazy: streamed from the files by every consumer, in a reproducible order
+        return parsed
     accepted = parsed.filter(expr=col("reject") == "")
     rejected = parsed.filter(expr=col("reject") != "")
-    # Ray Data's default of 200 shuffle partitions makes a small dataset 200 tiny blocks, and every later
-    # stage (the train shuffle, tokenization) pays per block: size the partitions to the input instead.
-    partitions = int(min(200, max(2, sum(_size(f) for f in files) // PARTITION_BYTES + 1)))
-    parsed = (accepted.groupby("conversation", num_partitions=partitions)
-              .map_groups(mark_duplicates, batch_format="pyarrow").union(rejected))
-    return parsed.materialize()
+    return (accepted.groupby("conversation", num_partitions=_partitions(files))
+            .map_groups(mark_duplicates, batch_format="pyarrow").union(rejected))
+
+
+def _partitions(files: list[str]) -> int:
+    """Shuffle partitions sized to the input: Ray Data's default of 200 makes a small dataset 200 tiny blocks,
+    and every later stage pays per block."""
+    return int(min(200, max(2, sum(_size(f) for f in files) // PARTITION_BYTES + 1)))
+
+
+def _boundaries(partitions: int) -> list[int]:
+    """Fixed, evenly spaced sort boundaries over the int64 hash space (Ray would otherwise sample them)."""
+    return [-(2**63) + (2**64 * i) // partitions for i in range(1, partitions)]
+
+
+def _materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """Materialize keeping block order (by default Ray Data keeps blocks in the order tasks finish)."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        return ds.materialize()
+    finally:
+        ctx.execution_options.preserve_order = before
 
 
 def mark_duplicates(group: pa.Table) -> pa.Table:
@@ -123,9 +151,9 @@ def mark_duplicates(group: pa.Table) -> pa.Table:
 
 def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -> pa.Table:
     """Parse and clean raw lines; a bad record gets a reject reason instead of disappearing."""
-    rejects, details, splits, conversations, originals = [], [], [], [], []
+    rejects, details, splits, conversations, originals, keys = [], [], [], [], [], []
     for raw in batch.column("raw").to_pylist():
-        reason, detail, split, conversation, original = "", "", "", "", ""
+        reason, detail, split, conversation, original, key = "", "", "", "", "", 0
         try:
             try:
                 text = raw.decode("utf-8")
@@ -138,6 +166,7 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
             turns = normalize(record, fmt)
             conversation = json.dumps(turns, ensure_ascii=False, sort_keys=True)
             split = split_of(conversation, val, test, seed)
+            key = order_key(conversation, seed)
         except Reject as rej:
             reason, detail = rej.reason, rej.detail
             original = raw.decode("utf-8", errors="replace")  # kept for rejects.jsonl, so it can be fixed
@@ -146,6 +175,7 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
         splits.append(split)
         conversations.append(conversation)
         originals.append(original)
+        keys.append(key)
     return pa.table({
         "source": batch.column("source"),
         "line": batch.column("line"),
@@ -154,21 +184,25 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
         "detail": pa.array(details, pa.string()),
         "conversation": pa.array(conversations, pa.string()),
         "record": pa.array(originals, pa.string()),
+        "key": pa.array(keys, pa.int64()),
     })
 
 
-def count_records(parsed: ray.data.Dataset) -> dict:
-    """Records per split and rejects per reason, counted over the parsed records."""
-    rows = parsed.groupby(["split", "reject"]).count().take_all()
+def count_records(records: ray.data.Dataset) -> dict:
+    """Records per split, rejects per reason, and how many were truncated, counted over `Splits.records`."""
+    rows = records.groupby(["split", "reject", "truncated"]).count().take_all()
     splits = {s: 0 for s in SPLITS}
     rejected: dict[str, int] = {}
+    truncated = 0
     for row in rows:
         n = row["count()"]
         if row["reject"]:
             rejected[row["reject"]] = rejected.get(row["reject"], 0) + n
         else:
             splits[row["split"]] += n
-    return {"records_in": sum(splits.values()) + sum(rejected.values()), "splits": splits, "rejected": rejected}
+            truncated += n if row["truncated"] else 0
+    return {"records_in": sum(splits.values()) + sum(rejected.values()), "records": splits,
+            "rejected": dict(sorted(rejected.items())), "truncated": truncated}
 
 
 def split_of(conversation: str, val: float, test: float, seed: int) -> str:
@@ -183,18 +217,48 @@ def split_of(conversation: str, val: float, test: float, seed: int) -> str:
     return "train"
 
 
-class Tokenizer:
-    """Ray Data actor: loads the tokenizer once, then renders and tokenizes batches of conversations."""
+def order_key(conversation: str, seed: int) -> int:
+    """A seeded pseudo-random int64 per conversation: sorting by it is the training order's shuffle."""
+    digest = hashlib.blake2b(f"order\0{seed}\0{conversation}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
-    def __init__(self, name_or_path: str, trust_remote_code: bool, max_length: int, loss_on: str):
+
+class Tokenizer:
+    """Ray Data actor: loads the tokenizer once, then renders and tokenizes the accepted records of each batch.
+    A record that cannot fit `max_length` becomes a `too_long` reject here; rejected rows pass through."""
+
+    def __init__(self, name_or_path: str, trust_remote_code: bool, max_length: int, loss_on: str, overlong: str):
         self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         self.max_length = max_length
         self.loss_on = loss_on
+        self.overlong = overlong
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        conversations = [json.loads(c) for c in batch.column("conversation").to_pylist()]
-        input_ids, labels = tokenize_batch(self.tokenizer, conversations, self.max_length, self.loss_on)
+        reject = batch.column("reject").to_pylist()
+        detail = batch.column("detail").to_pylist()
+        split = batch.column("split").to_pylist()
+        record = batch.column("record").to_pylist()
+        conversation = batch.column("conversation").to_pylist()
+        todo = [i for i, r in enumerate(reject) if not r]
+        done = tokenize_batch(self.tokenizer, [json.loads(conversation[i]) for i in todo], self.max_length,
+                              self.loss_on, self.overlong)
+        n = batch.num_rows
+        input_ids, labels, truncated = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
+        for i, tok in zip(todo, done):
+            if tok.problem == "too_long":
+                reject[i], detail[i], split[i], record[i] = "too_long", tok.detail, "", conversation[i]
+                continue
+            input_ids[i], labels[i] = tok.input_ids, tok.labels
+            truncated[i] = tok.problem == "truncated"
         return pa.table({
+            "source": batch.column("source"),
+            "line": batch.column("line"),
+            "split": pa.array(split, pa.string()),
+            "reject": pa.array(reject, pa.string()),
+            "detail": pa.array(detail, pa.string()),
+            "record": pa.array(record, pa.string()),
+            "key": batch.column("key"),
+            "truncated": pa.array(truncated, pa.bool_()),
             "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
             "labels": pa.array(labels, pa.list_(pa.int32())),
             "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),

@@ -14,9 +14,10 @@ import ray.data
 from ray.data.expressions import col
 
 from pipelines.config import DataConfig
-from pipelines.dataset import SPLITS, Splits, build_splits
+from pipelines.dataset import SPLITS, Splits, build_splits, count_records
 from zeray.errors import UserError
 
+ROW_COLUMNS = ("input_ids", "labels", "position_ids", "num_tokens")
 REPORT = "report.json"
 REJECTS = "rejects.jsonl"
 HISTOGRAM_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1 << 20]
@@ -32,8 +33,8 @@ def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: 
         for split in SPLITS:
             os.makedirs(os.path.join(tmp, split))
             getattr(splits, split).write_parquet(os.path.join(tmp, split))
-        rejected = write_rejects(splits, os.path.join(tmp, REJECTS))
-        report = build_report(splits, tmp, rejected, data, model_path)
+        write_rejects(splits, os.path.join(tmp, REJECTS))
+        report = build_report(splits, tmp, data, model_path)
         with open(os.path.join(tmp, REPORT), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, sort_keys=True)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -43,22 +44,24 @@ def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: 
     return report
 
 
-def write_rejects(splits: Splits, path: str) -> dict[str, int]:
-    """One JSON line per rejected record (source, line, reason, detail, the original text); counts per reason."""
-    counts: dict[str, int] = {}
-    rejects = splits.parsed.filter(expr=col("reject") != "").select_columns(
+def write_rejects(splits: Splits, path: str) -> None:
+    """One JSON line per rejected record: source, line, reason, detail, and the original text to fix."""
+    rejects = splits.records.filter(expr=col("reject") != "").select_columns(
         ["source", "line", "reject", "detail", "record"])
     with open(path, "w", encoding="utf-8") as f:
         for row in rejects.iter_rows():
-            counts[row["reject"]] = counts.get(row["reject"], 0) + 1
             f.write(json.dumps({"source": row["source"], "line": row["line"], "reason": row["reject"],
                                 "detail": row["detail"], "record": row["record"]}, ensure_ascii=False) + "\n")
-    return counts
 
 
-def build_report(splits: Splits, out_dir: str, rejected: dict[str, int], data: DataConfig, model_path: str) -> dict:
-    """Counts from what was written (not from what was planned), and the accounting identity checked."""
-    records_in = splits.parsed.count()
+def build_report(splits: Splits, out_dir: str, data: DataConfig, model_path: str) -> dict:
+    """Counts from what was written (not from what was planned), with both accounting identities checked:
+    every record is out or rejected, and every token of an accepted record is in its split's rows."""
+    counts = count_records(splits.records)
+    accepted = splits.records.filter(expr=col("reject") == "")
+    expected_tokens = {s: 0 for s in SPLITS}
+    for row in accepted.groupby("split").sum("num_tokens").take_all():
+        expected_tokens[row["split"]] = row["sum(num_tokens)"]
     rows, tokens = {}, {}
     histogram = np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
     for split in SPLITS:
@@ -70,17 +73,28 @@ def build_report(splits: Splits, out_dir: str, rejected: dict[str, int], data: D
             lengths = batch["num_tokens"]
             rows[split] += len(lengths)
             tokens[split] += int(lengths.sum())
-            histogram += np.histogram(lengths, bins=HISTOGRAM_EDGES)[0]
-    records_out = sum(rows.values())
-    if records_in != records_out + sum(rejected.values()):
-        raise RuntimeError(f"accounting failed: {records_in} records in, {records_out} out + "
-                           f"{sum(rejected.values())} rejected; nothing was written in place")
+            # bins (lo, hi]: a sequence of exactly max_length belongs to the bin that ends there
+            bins = np.searchsorted(HISTOGRAM_EDGES, lengths, side="left") - 1
+            histogram += np.bincount(bins, minlength=len(histogram))[: len(histogram)]
+    records_out = sum(counts["records"].values())
+    rejected = sum(counts["rejected"].values())
+    lines = sum(1 for _ in open(os.path.join(out_dir, REJECTS), encoding="utf-8"))
+    if counts["records_in"] != records_out + rejected or lines != rejected or tokens != expected_tokens:
+        raise RuntimeError(f"accounting failed: {counts['records_in']} records in, {records_out} out + {rejected} "
+                           f"rejected ({lines} lines in {REJECTS}); tokens written {tokens}, expected "
+                           f"{expected_tokens}; nothing was written in place")
     return {
-        "records_in": records_in,
+        "records_in": counts["records_in"],
         "records_out": records_out,
-        "rejected": dict(sorted(rejected.items())),
+        "records": counts["records"],
+        "rejected": counts["rejected"],
+        "truncated": counts["truncated"],
         "rows": rows,
         "tokens": tokens,
+        "packing": data.packing,
+        # real tokens per slot of max_length: how full the packed sequences are (padding is the rest)
+        "packing_efficiency": {s: round(tokens[s] / (rows[s] * data.max_length), 4) if rows[s] else None
+                               for s in SPLITS},
         "format": splits.format,
         "files": splits.files,
         "max_length": data.max_length,
@@ -98,9 +112,12 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
         raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
     with open(report_path, encoding="utf-8") as f:
         report = json.load(f)
+    if "packing" not in report:
+        raise UserError(f"data.prepared: {path} was written by an older zeray (no packing fields); "
+                        "run `zeray prep` again")
     datasets = {}
     for split in SPLITS:
-        ds = _read_split(path, split, columns=["input_ids", "labels", "num_tokens"])
+        ds = _read_split(path, split, columns=list(ROW_COLUMNS))
         if ds is None:
             raise UserError(f"data.prepared: {path}/{split} holds no Parquet rows; run `zeray prep` again")
         datasets[split] = ds
@@ -109,10 +126,12 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
 
 def summary_line(report: dict) -> str:
     rej = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
-    rows, tokens = report["rows"], report["tokens"]
-    return (f"{report['records_in']} records in -> {report['records_out']} out "
-            f"(train {rows['train']} / val {rows['val']} / test {rows['test']} rows; "
-            f"{tokens['train']} / {tokens['val']} / {tokens['test']} tokens); rejected: {rej}")
+    records, rows, tokens = report["records"], report["rows"], report["tokens"]
+    packed = (f", packing efficiency {report['packing_efficiency']['train']:.0%}"
+              if report["packing"] and rows["train"] else "")
+    return (f"{report['records_in']} records in -> {report['records_out']} out (train {records['train']} / val "
+            f"{records['val']} / test {records['test']}), rejected: {rej}; truncated {report['truncated']}; "
+            f"train {rows['train']} rows, {tokens['train']} tokens{packed}")
 
 
 def _read_split(root: str, split: str, columns: list[str]):

@@ -19,39 +19,76 @@ def pieces(tokenizer, ids, labels):
     return [(tokenizer.decode([i]), l != IGNORE) for i, l in zip(ids, labels)]
 
 
+def one(tokenizer, conv, **kwargs):
+    """(input_ids, labels) of one conversation."""
+    out = tokenize_batch(tokenizer, [conv], **{"max_length": 512, **kwargs})[0]
+    return out.input_ids, out.labels
+
+
 def test_loss_only_on_assistant_replies_and_their_end_marker(tokenizer):
-    ids, labels = tokenize_batch(tokenizer, [CONV], max_length=512)
-    got = pieces(tokenizer, ids[0], labels[0])
+    ids, labels = one(tokenizer, CONV)
+    got = pieces(tokenizer, ids, labels)
     trained = "".join(text for text, on in got if on)
     assert trained == "Hello! 你好<|end|>\nGoodbye.<|end|>\n"
     untrained = "".join(text for text, on in got if not on)
     assert untrained == ("<|begin|><|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n"
                          "<|user|>\nBye<|end|>\n<|assistant|>\n")
     # labels are the token ids themselves where trained
-    assert all(l == i for i, l in zip(ids[0], labels[0]) if l != IGNORE)
+    assert all(l == i for i, l in zip(ids, labels) if l != IGNORE)
 
 
 def test_loss_on_all_tokens(tokenizer):
-    ids, labels = tokenize_batch(tokenizer, [CONV], max_length=512, loss_on="all")
-    assert labels[0] == ids[0]
+    ids, labels = one(tokenizer, CONV, loss_on="all")
+    assert labels == ids
+
+
+def test_loss_on_last_reply_only(tokenizer):
+    ids, labels = one(tokenizer, CONV, loss_on="last")
+    assert "".join(t for t, on in pieces(tokenizer, ids, labels) if on) == "Goodbye.<|end|>\n"
 
 
 def test_text_records_train_on_everything_and_end_with_eos(tokenizer):
-    ids, labels = tokenize_batch(tokenizer, [[{"role": "text", "content": "plain words"}]], max_length=512)
-    assert labels[0] == ids[0]
-    assert ids[0][-1] == tokenizer.eos_token_id
+    ids, labels = one(tokenizer, [{"role": "text", "content": "plain words"}])
+    assert labels == ids
+    assert ids[-1] == tokenizer.eos_token_id
 
 
-def test_truncation_keeps_the_start(tokenizer):
-    full, _ = tokenize_batch(tokenizer, [CONV], max_length=512)
-    ids, labels = tokenize_batch(tokenizer, [CONV], max_length=20)
-    assert ids[0] == full[0][:20]
-    assert len(labels[0]) == 20
+def test_overlong_conversation_is_cut_after_the_last_reply_that_fits(tokenizer):
+    full_ids, full_labels = one(tokenizer, CONV)
+    first_reply = one(tokenizer, CONV[:3])[0]  # system, user, first reply
+    assert len(first_reply) < len(full_ids)
+    out = tokenize_batch(tokenizer, [CONV], max_length=len(full_ids) - 1)[0]
+    assert out.problem == "truncated" and out.detail == f"{len(full_ids)} tokens cut to {len(first_reply)}"
+    assert out.input_ids == first_reply == full_ids[: len(first_reply)]
+    assert out.labels == full_labels[: len(first_reply)]
+    assert tokenizer.decode(out.input_ids).endswith("Hello! 你好<|end|>\n")
+    # loss_on last means the last reply kept
+    last = tokenize_batch(tokenizer, [CONV], max_length=len(full_ids) - 1, loss_on="last")[0]
+    assert "".join(t for t, on in pieces(tokenizer, last.input_ids, last.labels) if on) == "Hello! 你好<|end|>\n"
+
+
+def test_overlong_conversation_whose_first_reply_does_not_fit_is_rejected(tokenizer):
+    first_reply = one(tokenizer, CONV[:3])[0]
+    out = tokenize_batch(tokenizer, [CONV], max_length=len(first_reply) - 1)[0]
+    assert (out.problem, out.input_ids, out.labels) == ("too_long", [], [])
+    assert out.detail == (f"its first reply ends at token {len(first_reply)}, over data.max_length "
+                          f"{len(first_reply) - 1}; cannot cut at a turn")
+
+
+def test_overlong_reject_mode_and_text_truncation(tokenizer):
+    ids, _ = one(tokenizer, CONV)
+    out = tokenize_batch(tokenizer, [CONV], max_length=len(ids) - 1, overlong="reject")[0]
+    assert out.problem == "too_long" and out.detail == f"{len(ids)} tokens, over data.max_length {len(ids) - 1}"
+    text = [{"role": "text", "content": "many plain words " * 20}]
+    full, _ = one(tokenizer, text)
+    cut = tokenize_batch(tokenizer, [text], max_length=10)[0]
+    assert cut.problem == "truncated" and cut.input_ids == full[:10] == cut.labels
 
 
 def test_spans_cover_each_reply(tokenizer):
-    text, spans = render(tokenizer, CONV)
-    assert [text[a:b] for a, b in spans] == ["Hello! 你好<|end|>\n", "Goodbye.<|end|>\n"]
+    r = render(tokenizer, CONV)
+    assert [r.text[a:b] for a, b in r.spans] == ["Hello! 你好<|end|>\n", "Goodbye.<|end|>\n"]
+    assert r.replies == r.spans
 
 
 def test_template_that_rewrites_history_is_refused(tokenizer):
@@ -78,7 +115,7 @@ def test_masking_property(tokenizer, turns):
     conv = []
     for question, answer in turns:
         conv += [{"role": "user", "content": clean_text(question)}, {"role": "assistant", "content": clean_text(answer)}]
-    ids, labels = tokenize_batch(tokenizer, [conv], max_length=4096)
-    trained = [i for i, l in zip(ids[0], labels[0]) if l != IGNORE]
+    ids, labels = one(tokenizer, conv, max_length=4096)
+    trained = [i for i, l in zip(ids, labels) if l != IGNORE]
     expected = "".join(m["content"] + "<|end|>\n" for m in conv if m["role"] == "assistant")
     assert tokenizer.decode(trained) == expected

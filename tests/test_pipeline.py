@@ -35,22 +35,67 @@ def test_counts_rejects_and_tokens(ray_cluster, artifacts, tmp_path):
     path = write_lines(tmp_path / "d.jsonl", lines)
     data = DataConfig(train=path, format="messages", max_length=64)
     splits = build_splits(data, artifacts["model"])
-    counts = count_records(splits.parsed)
+    counts = count_records(splits.records)
     assert counts["records_in"] == 300
     assert counts["rejected"] == {"unparsable": 1, "no_assistant_turn": 1, "unknown_role": 1}
-    assert sum(counts["splits"].values()) == 297
-    assert 0.7 < counts["splits"]["train"] / 297 < 0.9
+    assert sum(counts["records"].values()) == 297
+    assert 0.7 < counts["records"]["train"] / 297 < 0.9
 
-    rejects = splits.parsed.filter(expr=col("reject") != "").take_all()
+    rejects = splits.records.filter(expr=col("reject") != "").take_all()
     assert sorted((r["line"], r["reject"]) for r in rejects) == [
         (11, "unparsable"), (21, "no_assistant_turn"), (31, "unknown_role")]
     assert all(r["source"] == path for r in rejects)
 
+    # packed rows: every token of every training record, in sequences of at most max_length
+    records = splits.records.filter(expr=(col("reject") == "") & (col("split") == "train")).take_all()
     rows = splits.train.take_all()
-    assert len(rows) == counts["splits"]["train"]
-    for row in rows[:20]:
-        assert len(row["input_ids"]) == len(row["labels"]) <= 64
+    assert len(rows) < len(records)
+    assert sum(r["num_tokens"] for r in rows) == sum(r["num_tokens"] for r in records)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == row["num_tokens"] <= 64
         assert any(l != IGNORE for l in row["labels"]) and row["labels"][0] == IGNORE
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert all(row["labels"][i] == IGNORE for i in starts) and len(starts) >= 1
+
+
+def test_order_and_packing_do_not_depend_on_files_or_blocks(ray_cluster, artifacts, tmp_path):
+    """The same records in one file, or shuffled across three files read in other blocks, give the same
+    splits and the same training rows in the same order: what reproducible runs and exact resume rest on."""
+    import random
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
+                                      {"role": "assistant", "content": "answer " * (i % 7 + 1)}]})
+             for i in range(400)]
+    one = write_lines(tmp_path / "one.jsonl", lines)
+    random.Random(3).shuffle(lines)
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for n, part in enumerate((lines[:50], lines[50:310], lines[310:])):
+        write_lines(folder / f"p{n}.jsonl", part)
+    a = build_splits(DataConfig(train=one, max_length=128), artifacts["model"])
+    b = build_splits(DataConfig(train=str(folder), max_length=128, batch_size=17), artifacts["model"])
+    for split in ("train", "val", "test"):
+        assert getattr(a, split).take_all() == getattr(b, split).take_all()
+    assert count_records(a.records) == count_records(b.records)
+    assert 0.75 < count_records(a.records)["records"]["train"] / 400 < 0.85
+
+
+def test_overlong_records_are_truncated_or_rejected(ray_cluster, artifacts, tmp_path):
+    turn = lambda i: [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "word " * 12}]
+    lines = [json.dumps({"messages": turn(0) + turn(1) + turn(2)}),   # truncated after its first reply
+             json.dumps({"messages": [{"role": "user", "content": "long " * 200}] + turn(3)}),  # too long
+             json.dumps(GOOD)]
+    path = write_lines(tmp_path / "long.jsonl", lines)
+    splits = build_splits(DataConfig(train=path, max_length=80, dedup=False), artifacts["model"])
+    counts = count_records(splits.records)
+    assert counts["rejected"] == {"too_long": 1} and counts["truncated"] == 1
+    assert sum(counts["records"].values()) == 2
+    rows = {r["line"]: r for r in splits.records.take_all()}
+    assert rows[2]["reject"] == "too_long" and "over data.max_length 80" in rows[2]["detail"]
+    assert json.loads(rows[2]["record"])[0]["content"].startswith("long long")
+    assert rows[1]["truncated"] and rows[1]["num_tokens"] <= 80
+    splits = build_splits(DataConfig(train=path, max_length=80, overlong="reject"), artifacts["model"])
+    assert count_records(splits.records)["rejected"] == {"too_long": 2}
 
 
 def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
@@ -61,12 +106,12 @@ def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
     splits = build_splits(DataConfig(train=str(folder)), artifacts["model"])
     assert splits.format == "messages"
     assert len(splits.files) == 2
-    counts = count_records(splits.parsed)
+    counts = count_records(splits.records)
     assert counts["records_in"] == 12
     assert counts["rejected"] == {"duplicate": 11}  # one conversation, twelve times, across two files
-    kept = splits.parsed.filter(expr=col("reject") == "").take_all()
+    kept = splits.records.filter(expr=col("reject") == "").take_all()
     assert [(r["source"].endswith("a.jsonl"), r["line"]) for r in kept] == [(True, 1)]
-    dups = splits.parsed.filter(expr=col("reject") == "duplicate").take_all()
+    dups = splits.records.filter(expr=col("reject") == "duplicate").take_all()
     assert {r["detail"] for r in dups} == {f"same conversation as {folder / 'a.jsonl'}:1"}
 
 
@@ -75,13 +120,13 @@ def test_alpaca_and_sharegpt_files(ray_cluster, artifacts, tmp_path):
                                                 for i in range(40)])
     splits = build_splits(DataConfig(train=alpaca), artifacts["model"])
     assert splits.format == "alpaca"
-    counts = count_records(splits.parsed)
-    assert sum(counts["splits"].values()) == 40 and counts["rejected"] == {}
+    counts = count_records(splits.records)
+    assert sum(counts["records"].values()) == 40 and counts["rejected"] == {}
     share = write_lines(tmp_path / "s.jsonl", [json.dumps({"conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": f"yo {i}"}]}) for i in range(40)])
     splits = build_splits(DataConfig(train=share), artifacts["model"])
     assert splits.format == "sharegpt"
-    assert sum(count_records(splits.parsed)["splits"].values()) == 40
+    assert sum(count_records(splits.records)["records"].values()) == 40
 
 
 def test_every_file_type_in_one_directory(ray_cluster, artifacts, tmp_path):
@@ -103,14 +148,17 @@ def test_every_file_type_in_one_directory(ray_cluster, artifacts, tmp_path):
     with pa.output_stream(str(folder / "f.jsonl.zst"), compression="zstd") as out:
         out.write("".join(json.dumps(r) + "\n" for r in records[50:]).encode())
     splits = build_splits(DataConfig(train=str(folder), format="messages"), artifacts["model"])
-    counts = count_records(splits.parsed)
+    counts = count_records(splits.records)
     assert counts["records_in"] == 60 and counts["rejected"] == {}
-    seen = sorted(r["conversation"] for r in splits.parsed.take_all())
-    assert seen == sorted(json.dumps(r["messages"], sort_keys=True) for r in records)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(artifacts["model"])
+    texts = sorted(tok.decode(r["input_ids"]) for r in splits.records.take_all())
+    assert texts == sorted(f"<|begin|><|user|>\nq{i}<|end|>\n<|assistant|>\na{i}<|end|>\n" for i in range(60))
 
     import datasets
 
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
     splits = build_splits(DataConfig(train=str(tmp_path / "hf")), artifacts["model"])
     assert splits.format == "messages"
-    assert count_records(splits.parsed) == counts
+    assert count_records(splits.records) == counts

@@ -17,6 +17,8 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     unique = {}
     for line in open(artifacts["data"], encoding="utf-8"):  # chatterbot repeats itself: keep distinct ones
         record = json.loads(line)
+        if len(line.encode("utf-8")) > 220:  # short ones only: none may be over max_length (< 1 token per byte)
+            continue
         unique.setdefault(json.dumps(record["messages"], sort_keys=True), record)
     lines = [json.dumps(r, ensure_ascii=False) for r in list(unique.values())[:400]]
     defects = {  # line index -> expected reason
@@ -28,6 +30,8 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
              "empty_content"),
         99: (json.dumps(["not", "an", "object"]), "wrong_shape"),
         200: (lines[10], "duplicate"),  # the same conversation again, 190 lines later
+        300: (json.dumps({"messages": [{"role": "user", "content": "tell me " * 300},
+                                       {"role": "assistant", "content": "no"}]}), "too_long"),
     }
     for index, (text, _) in defects.items():
         lines[index] = text
@@ -37,7 +41,7 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
 
     config = write_config(
         tmp_path / "prep.yaml", name="prep", storage=str(tmp_path / "runs"),
-        data={"train": str(data), "format": "messages", "max_length": 96},
+        data={"train": str(data), "format": "messages", "max_length": 256},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": 3, "micro_batch_size": 4, "eval_every": 100, "log_every": 1},
     )
@@ -46,11 +50,15 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     report = json.loads((out / "report.json").read_text())
     assert report["records_in"] == 401
     assert report["rejected"] == {"unparsable": 1, "no_assistant_turn": 1, "unknown_role": 1, "empty_content": 1,
-                                  "wrong_shape": 1, "invalid_utf8": 1, "duplicate": 1}
-    assert report["records_out"] == 394 == sum(report["rows"].values())
+                                  "wrong_shape": 1, "invalid_utf8": 1, "duplicate": 1, "too_long": 1}
+    assert report["records_out"] == 393 == sum(report["records"].values())
     assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
-    assert 0.7 < report["rows"]["train"] / 394 < 0.9
-    assert sum(report["length_histogram"].values()) == 394
+    assert 0.7 < report["records"]["train"] / 393 < 0.9
+    # packed: fewer rows than records, each at most max_length, mostly full
+    assert report["packing"] and report["rows"]["train"] < report["records"]["train"] / 2
+    assert report["packing_efficiency"]["train"] > 0.8
+    assert report["packing_efficiency"]["train"] == round(report["tokens"]["train"] / (report["rows"]["train"] * 256), 4)
+    assert sum(report["length_histogram"].values()) == sum(report["rows"].values())
 
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted((r["line"], r["reason"]) for r in rejects) == sorted(
@@ -63,6 +71,9 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
         table = pq.read_table(out / split)
         assert table.num_rows == report["rows"][split]
         assert sum(table.column("num_tokens").to_pylist()) == report["tokens"][split]
+        assert max(table.column("num_tokens").to_pylist()) <= 256
+        # every record starts a sequence at position 0
+        assert sum(p.count(0) for p in table.column("position_ids").to_pylist()) == report["records"][split]
 
     # a second prep replaces the first whole: same counts, no duplicated rows, no leftovers
     assert main(["prep", config]) == 0
@@ -72,4 +83,4 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
 
     assert main(["train", config, f"data.prepared={out}", "data.train=null"]) == 0
     summary = json.loads((tmp_path / "runs" / "prep" / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["records"]["splits"]["train"] == report["rows"]["train"]
+    assert summary["steps"] == 3 and summary["records"]["rows"]["train"] == report["rows"]["train"]

@@ -21,8 +21,7 @@ STEPS = 40
 def run_config(root, name, artifacts):
     return write_config(
         root / f"{name}.yaml", name=name, storage=str(root / "runs"),
-        # dedup off: its shuffle changes the block layout from run to run, and shard contents with it
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96, "dedup": False},
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": STEPS, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 3,
                "eval_every": 1000, "checkpoint_every": 8, "log_every": 2, "max_failures": 2},

@@ -24,7 +24,7 @@ from zeray.errors import UserError
 def eval_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM
 
-    from trainers.loop import evaluate
+    from trainers.loop import check_packing_isolation, evaluate
 
     device = ray.train.torch.get_device()
     if device.type != "cuda":
@@ -32,7 +32,9 @@ def eval_loop_per_worker(config: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(config["model_dir"], trust_remote_code=config["trust_remote_code"],
                                                  use_safetensors=True).to(device)
     model.eval()
-    metrics = evaluate(model, "test", config["batch_size"], config["pad_token_id"], device)
+    if config["packing"]:
+        check_packing_isolation(model, config["model_dir"])
+    metrics = evaluate(model, "test", config["batch_size"], config["pad_token_id"], device, config["packing"])
     # Ray Train returns the metrics that came with a checkpoint: rank 0 files the result as one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -48,13 +50,14 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     t = cfg.train
     gpu, per_worker = worker_resources(cfg)
-    splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code)
+    splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",))
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
             "model_dir": model_dir, "trust_remote_code": cfg.model.trust_remote_code,
             "batch_size": t.micro_batch_size, "cpus_per_worker": t.cpus_per_worker,
             "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,
+            "packing": cfg.data.packing,
         },
         # one worker scores the whole split: no sharding, so no row is dropped and the number is exact
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker=per_worker),

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pipelines.chat import IGNORE
 from trainers.checkpoints import CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, verify_weights_only
+from zeray.errors import UserError
 
 
 
@@ -51,6 +52,9 @@ def train_loop_per_worker(config: dict) -> None:
         use_safetensors=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    packed = plan["packing"]
+    if packed:
+        check_packing_isolation(model, model_cfg.name_or_path)
     total_steps = plan["total_steps"]
     warmup = int(train.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
@@ -96,7 +100,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     while step < total_steps and epoch < train.epochs:
         batches = train_shard.iter_torch_batches(
-            batch_size=train.micro_batch_size, collate_fn=Collate(pad_id, device), prefetch_batches=2,
+            batch_size=train.micro_batch_size, collate_fn=Collate(pad_id, device, packed), prefetch_batches=2,
             # the shard arrives globally shuffled (seeded); this buffer varies the order per epoch, reproducibly
             local_shuffle_buffer_size=train.micro_batch_size * 16, local_shuffle_seed=train.seed + epoch,
         )
@@ -112,14 +116,14 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
             loss_sum, tokens = train_step(engine, group, world)
-            window.add(loss_sum, tokens, real_tokens=sum(int(b["attention_mask"].sum()) for b in group))
+            window.add(loss_sum, tokens, real_tokens=sum(b["num_tokens"] for b in group))
             group = []
             step += 1
             metrics = None
             if step % train.log_every == 0 or step == total_steps:
                 metrics = window.flush(step, epoch, lr, total_steps, rank)
             if step % train.eval_every == 0 or step == total_steps:
-                last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device), "step": step}
+                last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
                 metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
                 if rank == 0:
                     say(f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
@@ -137,9 +141,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     # The end: validation (if the last step did not just do it), the held-out test split, and the HF model.
     if last_eval is None or last_eval["step"] != step:
-        last_eval = evaluate(engine, "val", train.micro_batch_size, pad_id, device)
+        last_eval = evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed)
     final = dict(last_eval)
-    test = evaluate(engine, "test", train.micro_batch_size, pad_id, device)
+    test = evaluate(engine, "test", train.micro_batch_size, pad_id, device, packed)
     final.update({"test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
                   "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})
@@ -159,8 +163,7 @@ def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:
     global_tokens = max(counts.item(), 1.0)
     loss_sum = 0.0
     for batch in group:
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        summed = token_loss_sum(out.logits, batch["labels"])
+        summed = token_loss_sum(forward(engine, batch), batch["labels"])
         engine.backward(summed * (world * len(group) / global_tokens))
         engine.step()
         loss_sum += summed.item()
@@ -177,7 +180,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
+def evaluate(engine, split: str, batch_size: int, pad_id: int, device, packed: bool) -> dict:
     """Loss, perplexity and next-token accuracy over the whole split.
 
     Every rank reads the whole split (it is not sharded: `streaming_split(equal=True)` would drop up to
@@ -187,9 +190,9 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device) -> dict:
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, correct
     for batch in ray.train.get_dataset_shard(split).iter_torch_batches(
-        batch_size=batch_size, collate_fn=Collate(pad_id, device), prefetch_batches=2
+        batch_size=batch_size, collate_fn=Collate(pad_id, device, packed), prefetch_batches=2
     ):
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward(engine, batch)
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE
         sums[0] += token_loss_sum(logits, batch["labels"]).item()
@@ -217,24 +220,57 @@ def export_hf_model(model, tokenizer, out_dir: str, rank: int, zero_stage: int) 
 
 
 class Collate(NumpyBatchCollateFn):
-    """Pad a batch of variable-length rows to its longest row (dynamic padding) and build the attention mask."""
+    """Pad a batch of variable-length rows to its longest row (dynamic padding).
 
-    def __init__(self, pad_id: int, device):
+    Packed rows go to the model with their restarting `position_ids` and no attention mask, which is how
+    transformers recognises packed sequences and keeps them from attending to each other (the padding becomes one
+    more sequence of its own); unpacked rows get the usual padding mask.
+    """
+
+    def __init__(self, pad_id: int, device, packed: bool):
         self.pad_id = pad_id
         self.device = device
+        self.packed = packed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         rows = batch["input_ids"]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, l) in enumerate(zip(rows, batch["labels"])):
-            ids[i, : len(r)] = torch.from_numpy(np.asarray(r, dtype=np.int64))
-            labels[i, : len(l)] = torch.from_numpy(np.asarray(l, dtype=np.int64))
-            mask[i, : len(r)] = 1
-        return {"input_ids": ids.to(self.device), "labels": labels.to(self.device),
-                "attention_mask": mask.to(self.device)}
+        for i, (r, l, p) in enumerate(zip(rows, batch["labels"], batch["position_ids"])):
+            n = len(r)
+            ids[i, :n] = torch.from_numpy(np.asarray(r, dtype=np.int64))
+            labels[i, :n] = torch.from_numpy(np.asarray(l, dtype=np.int64))
+            positions[i, :n] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            positions[i, n:] = torch.arange(width - n)
+            mask[i, :n] = 1
+        out = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        if not self.packed:
+            out["attention_mask"] = mask
+        out = {k: v.to(self.device) for k, v in out.items()}
+        out["num_tokens"] = int(batch["num_tokens"].sum())  # real tokens, padding excluded
+        return out
+
+
+def forward(model, batch: dict) -> torch.Tensor:
+    """Logits for a collated batch (no KV cache: with one, transformers would not isolate packed sequences)."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                 attention_mask=batch.get("attention_mask"), use_cache=False).logits
+
+
+@torch.no_grad()
+def check_packing_isolation(model, name: str) -> None:
+    """Packing is only correct if the model keeps packed sequences apart; check it on this model, once."""
+    vocab = model.config.vocab_size
+    first, second = torch.arange(3, 8) % vocab, torch.arange(11, 17) % vocab
+    packed = model(input_ids=torch.cat([first, second])[None],
+                   position_ids=torch.cat([torch.arange(5), torch.arange(6)])[None], use_cache=False).logits
+    alone = model(input_ids=second[None], position_ids=torch.arange(6)[None], use_cache=False).logits
+    if not torch.allclose(packed[0, 5:], alone[0], atol=1e-4, rtol=1e-3):
+        raise UserError(f"model.name_or_path: {name} lets packed sequences attend to each other (it does not "
+                        "isolate them by position_ids); set data.packing: false")
 
 
 class Window:

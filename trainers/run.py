@@ -23,15 +23,15 @@ from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, r
 from zeray.errors import UserError
 
 
-def make_plan(train_records: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
+def make_plan(train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
               max_steps: int | None) -> dict:
     """Optimizer steps per epoch and in total. Ray Train gives each worker an equal shard (floor division),
     and a trailing group of fewer than `grad_accum` micro-batches cannot make a step, so it is not counted."""
-    per_worker = train_records // workers
+    per_worker = train_rows // workers
     steps_per_epoch = math.ceil(per_worker / micro_batch) // grad_accum
     if steps_per_epoch == 0:
         raise UserError(
-            f"data.train: {train_records} training records are too few for train.num_workers={workers} x "
+            f"data.train: {train_rows} training rows are too few for train.num_workers={workers} x "
             f"train.micro_batch_size={micro_batch} x train.grad_accum={grad_accum}; add data or lower them"
         )
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
@@ -68,20 +68,24 @@ def train(cfg) -> dict:
 
     if d.prepared:
         datasets, report = load_prepared(d.prepared)
-        counts = {"records_in": report["records_in"], "splits": report["rows"], "rejected": report["rejected"]}
+        counts = {k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows")}
         print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
     else:
         splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code)
         datasets = {"train": splits.train, "val": splits.val, "test": splits.test}
-        counts = count_records(splits.parsed)
-        print(f"data: {counts['records_in']} records in {len(splits.files)} file(s) -> train "
-              f"{counts['splits']['train']}, val {counts['splits']['val']}, test {counts['splits']['test']}; rejected "
-              + (", ".join(f"{k} {v}" for k, v in sorted(counts["rejected"].items())) or "0"), flush=True)
+        counts = count_records(splits.records)
+        counts["rows"] = {split: ds.count() for split, ds in datasets.items()}  # materialized: free to count
+        del splits  # the per-record dataset is no longer needed: let Ray free it
+        print(f"data: {counts['records_in']} records in -> train {counts['records']['train']}, val "
+              f"{counts['records']['val']}, test {counts['records']['test']}; rejected "
+              + (", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "0")
+              + f"; truncated {counts['truncated']}; {counts['rows']['train']} training rows"
+              + (f" (packed to {d.max_length} tokens)" if d.packing else ""), flush=True)
     for split in ("val", "test"):
-        if counts["splits"][split] < t.num_workers:
-            raise UserError(f"data.split.{split}: {counts['splits'][split]} {split} records, fewer than "
-                            f"train.num_workers={t.num_workers}; raise data.split.{split} or add data")
-    plan = make_plan(counts["splits"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+        if counts["rows"][split] == 0:
+            raise UserError(f"data.split.{split}: no {split} records; raise data.split.{split} or add data")
+    plan = make_plan(counts["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+    plan["packing"] = report["packing"] if d.prepared else d.packing
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     print(f"plan: {t.num_workers} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
@@ -91,9 +95,7 @@ def train(cfg) -> dict:
         train_loop_per_worker,
         train_loop_config={"run": cfg, "plan": plan},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
-        # val and test are small and read at every evaluation: tokenize them once into the object store.
-        datasets={"train": datasets["train"], "val": datasets["val"].materialize(),
-                  "test": datasets["test"].materialize()},
+        datasets=datasets,
         # the same example order on every run: what exact resume and reproducible curves rest on
         dataset_config=DataConfig(datasets_to_split=["train"],  # every rank evaluates all of val/test
                                   execution_options=ExecutionOptions(preserve_order=True)),

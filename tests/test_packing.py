@@ -1,0 +1,104 @@
+"""Packing: every conversation lands in exactly one sequence, positions restart, no loss crosses a boundary,
+and the model really keeps packed conversations apart."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pipelines.chat import IGNORE
+from pipelines.packing import pack_batch, pack_lengths, unpacked_batch
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=0, max_size=300), st.integers(64, 200))
+def test_bins_hold_every_row_once_and_never_overflow(lengths, max_length):
+    bins = pack_lengths(lengths, max_length)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= max_length for b in bins)
+    # best fit: no two bins could be merged into one (each pair together overflows)
+    totals = sorted(sum(lengths[i] for i in b) for b in bins)
+    assert len(totals) < 2 or totals[0] + totals[1] > max_length
+
+
+def test_row_longer_than_max_length_is_refused():
+    with pytest.raises(ValueError, match="longer than max_length"):
+        pack_lengths([5, 11], 10)
+
+
+def table(rows):
+    return pa.table({
+        "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+        "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
+        "num_tokens": pa.array([len(r[0]) for r in rows], pa.int32()),
+        "key": pa.array([r[2] for r in rows], pa.int64()),
+    })
+
+
+def test_packed_rows_restart_positions_and_mask_each_first_token():
+    a = ([1, 2, 3, 4], [1, 2, 3, 4], 7)  # loss on everything (e.g. text)
+    b = ([5, 6, 7], [IGNORE, 6, 7], -3)
+    c = ([8, 9, 10, 11, 12, 13], [IGNORE, IGNORE, 10, 11, 12, 13], 99)
+    out = pack_batch(table([a, b, c]), max_length=10, seed=1).to_pylist()
+    assert len(out) == 2
+    for row in out:
+        assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == row["num_tokens"] <= 10
+    by_len = {row["num_tokens"]: row for row in out}
+    # best fit decreasing: c (6) opens a sequence and a (4) fills it; b (3) needs a new one
+    assert by_len[10]["input_ids"] == [8, 9, 10, 11, 12, 13, 1, 2, 3, 4]
+    assert by_len[10]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
+    # a's first token is not predicted from c's last: its label is IGNORE; the rest is as it was
+    assert by_len[10]["labels"] == [IGNORE, IGNORE, 10, 11, 12, 13, IGNORE, 2, 3, 4]
+    assert by_len[3] == {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "position_ids": [0, 1, 2],
+                         "num_tokens": 3}
+    # deterministic: the same rows give the same sequences in the same order
+    assert pack_batch(table([a, b, c]), max_length=10, seed=1).to_pylist() == out
+
+
+def test_unpacked_rows_keep_one_conversation_each():
+    out = unpacked_batch(table([([1, 2, 3], [IGNORE, 2, 3], 0)])).to_pylist()
+    assert out == [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3], "position_ids": [0, 1, 2], "num_tokens": 3}]
+
+
+def test_model_keeps_packed_conversations_apart(artifacts):
+    """The loss of a packed sequence equals the losses of its conversations run one by one."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.loop import Collate, check_packing_isolation, forward, token_loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=torch.float32).eval()
+    check_packing_isolation(model, "tiny")
+    a = ([5, 17, 29, 41, 53], [IGNORE, IGNORE, 29, 41, 53], 1)
+    b = ([7, 19, 31, 43], [IGNORE, 19, 31, 43], 2)
+    packed = pack_batch(table([a, b]), max_length=16, seed=0)
+    collate = Collate(pad_id=0, device=torch.device("cpu"), packed=True)
+    batch = collate({k: packed.column(k).to_numpy(zero_copy_only=False) for k in packed.column_names})
+    with torch.no_grad():
+        together = token_loss_sum(forward(model, batch), batch["labels"]).item()
+        apart = 0.0
+        for ids, labels, _ in (a, b):
+            one = Collate(pad_id=0, device=torch.device("cpu"), packed=False)(
+                {"input_ids": [ids], "labels": [labels], "position_ids": [list(range(len(ids)))],
+                 "num_tokens": np.array([len(ids)])})
+            apart += token_loss_sum(forward(model, one), one["labels"]).item()
+    assert together == pytest.approx(apart, rel=1e-5)
+    assert batch["num_tokens"] == 9 and "attention_mask" not in batch
+
+
+def test_a_model_that_ignores_packing_is_refused(artifacts):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.loop import check_packing_isolation
+    from zeray.errors import UserError
+
+    model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=torch.float32).eval()
+    plain = model.forward
+
+    def leaky(input_ids, position_ids, use_cache):  # attends across the whole row, whatever the positions
+        return plain(input_ids=input_ids, position_ids=position_ids,
+                     attention_mask=torch.ones_like(input_ids), use_cache=use_cache)
+
+    model.forward = leaky
+    with pytest.raises(UserError, match="set data.packing: false"):
+        check_packing_isolation(model, "leaky-model")
