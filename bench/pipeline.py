@@ -97,10 +97,16 @@ def zeray(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[int, f
     from pipelines.config import DataConfig
     from pipelines.dataset import build_splits
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR")
+    from cluster.config import ClusterConfig
+    from cluster.local import embedded_cpus
+
+    # the logical CPUs `zeray train` would give its embedded Ray (2 training workers + the data share); the
+    # physical cores are the machine's, which is what all three ways share
+    ray.init(num_cpus=embedded_cpus(ClusterConfig(), train_cpus=cpus), include_dashboard=False,
+             logging_level="ERROR")
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        data = DataConfig(train=path, format="messages", max_length=max_length, tokenizer_actors=cpus)
+        data = DataConfig(train=path, format="messages", max_length=max_length)
         build_splits(data, model_dir)  # warm-up: worker processes, imports
         started = time.perf_counter()
         splits = build_splits(data, model_dir)

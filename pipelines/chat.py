@@ -8,6 +8,8 @@ included, so the model learns to stop. Token labels come from the fast tokenizer
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
+
 IGNORE = -100  # label value that torch's cross-entropy (and transformers' loss) skips
 
 
@@ -59,7 +61,7 @@ def _reply_spans(tokenizer, messages: list[dict[str, str]], full: str) -> list[t
             continue
         # A conversation that opens with a reply has no history to render: the whole prefix is the reply's.
         before = _template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        upto = full if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (upto.startswith(before) and full.startswith(upto)):
             raise TemplateError(
                 "the chat template does not render conversations by appending turns, so assistant tokens "
@@ -82,6 +84,7 @@ def tokenize_batch(tokenizer, conversations: list[list[dict[str, str]]], max_len
     out = []
     for r, ids, offsets in zip(renderings, enc["input_ids"], enc["offset_mapping"]):
         n, problem, detail, spans = len(ids), "", "", r.spans
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         if n > max_length:
             if overlong == "reject":
                 out.append(Tokenized([], [], "too_long", f"{n} tokens, over data.max_length {max_length}"))
@@ -90,7 +93,7 @@ def tokenize_batch(tokenizer, conversations: list[list[dict[str, str]]], max_len
                 keep = max_length
             else:
                 # tokens that end by each reply's end; the cut is the last reply that fits
-                ends = [sum(1 for _, end in offsets if end <= hi) for _, hi in r.replies]
+                ends = [int((offsets[:, 1] <= hi).sum()) for _, hi in r.replies]
                 fitting = [(k, reply) for k, reply in zip(ends, r.replies) if k <= max_length]
                 if not fitting:
                     out.append(Tokenized([], [], "too_long", f"its first reply ends at token {ends[0]}, over "
@@ -101,8 +104,11 @@ def tokenize_batch(tokenizer, conversations: list[list[dict[str, str]]], max_len
                     spans = [last_kept]
             ids, offsets = ids[:keep], offsets[:keep]
             problem, detail = "truncated", f"{n} tokens cut to {keep}"
-        labels = [tok if _inside(start, spans) else IGNORE for tok, (start, _) in zip(ids, offsets)]
-        out.append(Tokenized(list(ids), labels, problem, detail))
+        ids = np.asarray(ids, dtype=np.int64)
+        trained = np.zeros(len(ids), dtype=bool)
+        for lo, hi in spans:  # a token carries loss when it starts inside a span
+            trained |= (offsets[:, 0] >= lo) & (offsets[:, 0] < hi)
+        out.append(Tokenized(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), problem, detail))
     return out
 
 
@@ -134,7 +140,3 @@ def check_tokenizer(tokenizer, name: str, loss_on: str = "assistant") -> None:
 
 def _template(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def _inside(start: int, spans: list[tuple[int, int]]) -> bool:
-    return any(lo <= start < hi for lo, hi in spans)

@@ -1,6 +1,6 @@
 """The `data:` section of a run config."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -44,7 +44,9 @@ class DataConfig(Section):
     conversation, attention and loss stay within it); off: one conversation per row, padded per batch."""
     loss_on: Literal["assistant", "last", "all"] = "assistant"
     """Which tokens carry loss: every `assistant` reply (default), only the `last` reply, or `all` tokens."""
-    tokenizer_actors: int = Field(1, ge=1, le=1024)
-    """Size of the Ray Data actor pool that tokenizes (one tokenizer loaded per actor)."""
+    tokenizer_actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field("auto", union_mode="left_to_right")
+    """Actors in the Ray Data pool that renders and tokenizes (one tokenizer loaded per actor). `auto`: the
+    cluster's CPUs less one (on one machine, at most its cores); a larger number is capped to that, since reading
+    and parsing need a CPU of their own or the pipeline would starve itself."""
     batch_size: int = Field(256, ge=1, le=1_000_000)
     """Records per Ray Data batch in the parse and tokenize stages."""

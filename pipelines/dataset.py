@@ -56,12 +56,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = False,
                  splits: tuple[str, ...] = SPLITS) -> Splits:
-    """Read, parse, deduplicate and tokenize every record once (materialized in Ray's object store, spilling to
-    disk when large), then order, pack and materialize the requested splits.
+    """Read, parse, clean and tokenize every record once; then one sort by a seeded hash of the conversation
+    deduplicates (copies sort next to each other) and orders every split; then pack the requested splits.
+    Intermediate results live in Ray's object store (spilling to disk when large).
 
-    Each split is sorted by a seeded hash of its conversations and packed block by block with fixed partition
-    boundaries, so its rows and their order depend only on the data and the seed — not on file order, block
-    layout, cluster size or task timing. That is what exact resume and reproducible runs rest on."""
+    The sort has fixed partition boundaries and each sorted block is packed on its own, so a split's rows and
+    their order depend only on the data and the seed — not on file order, block layout, cluster size or task
+    timing. That is what exact resume and reproducible runs rest on."""
     files = resolve_files(data.train)
     fmt = data.format if data.format != "auto" else detect_file_format(files)
     if fmt != "text" or data.loss_on != "all":
@@ -73,17 +74,25 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
                 raise UserError(f"model.name_or_path: {exc}") from None
     tokenizer_args = dict(name_or_path=model_path, trust_remote_code=trust_remote_code,
                           max_length=data.max_length, loss_on=data.loss_on, overlong=data.overlong)
-    records = parsed_records(files, fmt, data).map_batches(
+    tokenized = ray.data.read_datasource(RecordSource(files)).map_batches(
+        parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
+        batch_size=data.batch_size, batch_format="pyarrow",
+    ).map_batches(
         Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=data.tokenizer_actors), num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=tokenizer_pool(data.tokenizer_actors)), num_cpus=1,
     ).materialize()
-    partitions = _partitions(files)
+    ordered = _materialize_in_order(
+        tokenized.filter(expr=col("reject") == "")
+        .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
+        # batch_size=None: one call per sorted block, which holds every copy of its conversations
+        .map_batches(mark_duplicates, fn_kwargs=dict(dedup=data.dedup), batch_size=None, batch_format="pyarrow")
+    )
+    records = ordered.union(tokenized.filter(expr=col("reject") != "").drop_columns(["conversation"]))
     out = {split: None for split in SPLITS}
     for split in splits:
-        rows = (records.filter(expr=(col("reject") == "") & (col("split") == split))
-                .select_columns(["input_ids", "labels", "num_tokens", "key"])
-                .sort("key", boundaries=_boundaries(partitions)))
-        # batch_size=None: one batch per sorted block, so the packing does not depend on how blocks arrive
+        rows = ordered.filter(expr=(col("reject") == "") & (col("split") == split)).select_columns(
+            ["input_ids", "labels", "num_tokens", "key"])
+        # per sorted block again, so the packing does not depend on how blocks arrive
         if data.packing:
             rows = rows.map_batches(pack_batch, fn_kwargs=dict(max_length=data.max_length, seed=data.split.seed),
                                     batch_size=None, batch_format="pyarrow")
@@ -93,20 +102,20 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     return Splits(train=out["train"], val=out["val"], test=out["test"], records=records, format=fmt, files=files)
 
 
-def parsed_records(files: list[str], fmt: str, data: DataConfig) -> ray.data.Dataset:
-    """Every input record with `source, line, split, reject, detail, conversation, key` (the conversation as
-    JSON of its cleaned turns, and a seeded hash of it) and, for a rejected one, `record` (its original text).
-    With `data.dedup`, exact duplicates across the whole dataset are rejected (a hash shuffle on the text)."""
-    parsed = ray.data.read_datasource(RecordSource(files)).map_batches(
-        parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
-        batch_size=data.batch_size, batch_format="pyarrow",
-    )
-    if not data.dedup:
-        return parsed
-    accepted = parsed.filter(expr=col("reject") == "")
-    rejected = parsed.filter(expr=col("reject") != "")
-    return (accepted.groupby("conversation", num_partitions=_partitions(files))
-            .map_groups(mark_duplicates, batch_format="pyarrow").union(rejected))
+def tokenizer_pool(setting: int | str) -> int:
+    """Size of the tokenizer pool: at most the cluster's CPUs less one, which the read and parse tasks keep
+    (actors holding every CPU would wait forever for blocks those tasks could then never produce); `auto` on a
+    single machine also stops at its cores, since Ray's logical CPUs there may outnumber them."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    most = max(1, cpus - 1)
+    if setting == "auto":
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        return min(most, os.cpu_count() or 1) if len(alive) <= 1 else most
+    if setting > most:
+        print(f"data.tokenizer_actors={setting} capped to {most}: the cluster has {cpus} CPUs and reading and "
+              "parsing need one", flush=True)
+        return most
+    return setting
 
 
 def _partitions(files: list[str]) -> int:
@@ -131,22 +140,27 @@ def _materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
         ctx.execution_options.preserve_order = before
 
 
-def mark_duplicates(group: pa.Table) -> pa.Table:
-    """Of identical conversations (across all files), the first by (source, line) stays; the rest are rejected
-    as `duplicate`, naming the one kept."""
-    if group.num_rows == 1:
-        return group
-    group = group.sort_by([("source", "ascending"), ("line", "ascending")])
-    first = f"{group['source'][0].as_py()}:{group['line'][0].as_py()}"
-    n = group.num_rows
-    reject = pa.array([""] + ["duplicate"] * (n - 1), pa.string())
-    detail = pa.array([""] + [f"same conversation as {first}"] * (n - 1), pa.string())
-    record = pa.array([""] + group["conversation"].to_pylist()[1:], pa.string())
-    split = pa.array([group["split"][0].as_py()] + [""] * (n - 1), pa.string())
-    return group.set_column(group.schema.get_field_index("reject"), "reject", reject) \
-        .set_column(group.schema.get_field_index("detail"), "detail", detail) \
-        .set_column(group.schema.get_field_index("record"), "record", record) \
-        .set_column(group.schema.get_field_index("split"), "split", split)
+def mark_duplicates(block: pa.Table, dedup: bool) -> pa.Table:
+    """In a block sorted by (key, source, line): of identical conversations, the first by (source, line) stays
+    and the rest are rejected as `duplicate`, naming the one kept. Drops the conversation text, keeping it as
+    the `record` of a duplicate."""
+    conversations = block.column("conversation").to_pylist()
+    n = block.num_rows
+    reject, detail, split, record = (block.column(c).to_pylist() for c in ("reject", "detail", "split", "record"))
+    if dedup and n:
+        keys = block.column("key").to_pylist()
+        sources, lines = block.column("source").to_pylist(), block.column("line").to_pylist()
+        kept: dict[str, int] = {}  # conversation -> row kept, within a run of equal keys
+        for i in range(n):
+            if i and keys[i] != keys[i - 1]:
+                kept = {}
+            first = kept.setdefault(conversations[i], i)
+            if first != i:
+                reject[i], detail[i], split[i] = "duplicate", f"same conversation as {sources[first]}:{lines[first]}", ""
+                record[i] = conversations[i]
+    for name, values in (("reject", reject), ("detail", detail), ("split", split), ("record", record)):
+        block = block.set_column(block.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return block.drop_columns(["conversation"])
 
 
 def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -> pa.Table:
@@ -258,6 +272,7 @@ class Tokenizer:
             "detail": pa.array(detail, pa.string()),
             "record": pa.array(record, pa.string()),
             "key": batch.column("key"),
+            "conversation": batch.column("conversation"),
             "truncated": pa.array(truncated, pa.bool_()),
             "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
             "labels": pa.array(labels, pa.list_(pa.int32())),

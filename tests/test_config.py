@@ -51,6 +51,10 @@ def test_unknown_key_in_file(tmp_path, artifacts):
     ("data.format=xml", "invalid value for data.format"),
     ("model.trust_remote_code=maybe", "invalid value for model.trust_remote_code"),
     ("train.offload=gpu", "invalid value for train.offload"),
+    ("data.overlong=drop", "invalid value for data.overlong"),
+    # a union says each way to be valid, under the key's own name
+    ("data.tokenizer_actors=0", "invalid value for data.tokenizer_actors in"),
+    ("data.tokenizer_actors=0", "greater than or equal to 1 or Input should be 'auto' (got 0)"),
 ])
 def test_bad_values_are_one_line_errors(config, override, needle):
     with pytest.raises(UserError) as err:

@@ -6,6 +6,7 @@ and what would be valid, e.g. `unknown key train.lrr in configs/demo.yaml (did y
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -138,8 +139,9 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
     """One line for the first problem pydantic found."""
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
+    errors = exc.errors()
+    err = errors[0]
+    loc = _field_loc(err["loc"])
     key = ".".join(loc)
     source = _source_of(key, path, overrides)
     if err["type"] == "extra_forbidden":
@@ -147,12 +149,20 @@ def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
         return f"unknown key {key} in {source}" + (f" (did you mean {hint}?)" if hint else "")
     if err["type"] == "missing":
         return f"missing key {key} in {source}"
-    msg = err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    # a union (e.g. a number or "auto") fails once per member: say every way the value could be valid
+    msgs = [e["msg"] for e in errors if _field_loc(e["loc"]) == loc]
+    msg = " or ".join(dict.fromkeys(m[len("Value error, "):] if m.startswith("Value error, ") else m for m in msgs))
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"invalid value for {key} in {source}: {msg}{shown}"
+
+
+_UNION_TAG = re.compile(r"^(constrained-)?(int|float|str|bool|none)$|^(literal|list|dict|tuple|function-\w+)\[")
+
+
+def _field_loc(loc: tuple) -> list[str]:
+    """The config key of an error, without the union-member tags pydantic puts in its location."""
+    return [str(p) for p in loc if not _UNION_TAG.match(str(p))]
 
 
 def _source_of(key: str, path: str, overrides: list[str]) -> str:
