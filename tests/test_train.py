@@ -123,3 +123,43 @@ def test_eval_scores_the_exported_model_on_the_test_split(trained, capsys):
     assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
     assert result["test_token_accuracy"] == pytest.approx(summary["test_token_accuracy"], rel=1e-4)
     assert result["test_perplexity"] > 1
+
+
+def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(ray_cluster, artifacts, tmp_path, capsys):
+    """A learning rate that blows the model up after a few steps: the exported model is the early checkpoint
+    that validated best, tested on its own, and only the best `keep_checkpoints` plus the latest remain."""
+    from safetensors.torch import load_file
+
+    from trainers.checkpoints import consolidate
+
+    config = write_config(
+        tmp_path / "blowup.yaml", name="blowup", storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "max_steps": 12, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 1,
+               "warmup_ratio": 0.5, "lr_schedule": "constant", "grad_clip": 0.0, "weight_decay": 0.0,
+               "eval_every": 100, "checkpoint_every": 3, "keep_checkpoints": 1, "log_every": 3},
+    )
+    # steps 1-6 warm up gently; then lr 10 wrecks the weights
+    assert main(["train", config, "train.lr=10.0"]) == 0
+    run_dir = tmp_path / "runs" / "blowup"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["model_step"] < summary["steps"] == 12
+    assert summary["eval_loss"] < summary["final_eval_loss"]
+    evals = {r["step"]: r["eval_loss"] for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "eval_loss" in r}
+    assert sorted(evals) == [3, 6, 9, 12]  # every checkpoint was validated
+    assert summary["eval_loss"] == min(evals.values()) == evals[summary["model_step"]]
+    # the model is that checkpoint's weights, and its test loss was measured on it
+    model, _ = consolidate(summary["checkpoint"])
+    exported = load_file(str(run_dir / "model" / "model.safetensors"))
+    state = model.state_dict()
+    assert exported and set(exported) <= set(state)  # tied weights (lm_head) are stored once
+    for name, tensor in exported.items():
+        assert (tensor - state[name]).abs().max().item() == 0.0, name
+    capsys.readouterr()
+    assert main(["eval", config, "--model", str(run_dir / "model")]) == 0
+    out = capsys.readouterr().out
+    tested = json.loads(out[out.index("{"):])
+    assert tested["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+    kept = sorted(p for p in glob.glob(str(run_dir / "checkpoint_*")) if os.path.isdir(p))
+    assert len(kept) == 2 and summary["checkpoint"] in kept  # the best one and the latest

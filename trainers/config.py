@@ -57,7 +57,10 @@ class TrainConfig(Section):
     eval_every: int = Field(100, ge=1)
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     checkpoint_every: int = Field(100, ge=1)
-    """Report a sharded checkpoint to Ray Train every this many optimizer steps (and at the end)."""
+    """Report a sharded checkpoint to Ray Train every this many optimizer steps (and at the end); each is
+    evaluated on the validation split first (if that step did not evaluate anyway), so it can be ranked."""
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    """Checkpoints kept: the best this many by validation loss, plus always the latest (to resume from)."""
     log_every: int = Field(10, ge=1)
     """Write a metrics line and a progress line every this many optimizer steps."""
     max_failures: int = Field(3, ge=-1)

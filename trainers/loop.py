@@ -122,14 +122,16 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = None
             if step % train.log_every == 0 or step == total_steps:
                 metrics = window.flush(step, epoch, lr, total_steps, rank)
-            if step % train.eval_every == 0 or step == total_steps:
+            checkpoint_now = step % train.checkpoint_every == 0 and step < total_steps  # the last one: below
+            # a checkpoint carries the validation loss of its own weights: Ray Train ranks checkpoints by it
+            if step % train.eval_every == 0 or step == total_steps or checkpoint_now:
                 last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
                 metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
                 if rank == 0:
                     say(f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
                           f"perplexity {last_eval['eval_perplexity']:.2f}")
-            if step % train.checkpoint_every == 0 and step < total_steps:  # the last one is saved below
-                save(metrics or {"step": step, "epoch": epoch}, used)
+            if checkpoint_now:
+                save(metrics, used)
             elif metrics is not None:
                 ray.train.report(metrics)
             if step >= total_steps:

@@ -103,7 +103,9 @@ def train(cfg) -> dict:
             name=cfg.name,
             storage_path=cfg.storage,
             failure_config=FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="eval_loss",
+                                               checkpoint_score_order="min"),
             callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE))],
             logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
         ),
@@ -113,17 +115,28 @@ def train(cfg) -> dict:
         raise result.error
 
     model_dir = os.path.join(run_dir, MODEL_DIR)
-    export(run_dir, model_dir, checkpoint=result.checkpoint.path)
     final = result.metrics
+    best, best_metrics = min(result.best_checkpoints, key=lambda item: item[1]["eval_loss"])
+    export(run_dir, model_dir, checkpoint=best.path)
+    if best.path == result.checkpoint.path:
+        tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
+    else:  # an earlier checkpoint validated better: that is the model, so the test numbers must be its own
+        from trainers.evaluate import evaluate_model
+
+        print(f"model: the checkpoint of step {best_metrics['step']} (validation loss "
+              f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it", flush=True)
+        tested = evaluate_model(cfg, model_dir)
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "tokens_per_s" in r]
     summary = {
-        "eval_loss": final["eval_loss"],
-        "eval_perplexity": final["eval_perplexity"],
-        "eval_token_accuracy": final["eval_token_accuracy"],
-        "test_loss": final["test_loss"],
-        "test_perplexity": final["test_perplexity"],
-        "test_token_accuracy": final["test_token_accuracy"],
+        "eval_loss": best_metrics["eval_loss"],
+        "eval_perplexity": best_metrics["eval_perplexity"],
+        "eval_token_accuracy": best_metrics["eval_token_accuracy"],
+        "test_loss": tested["test_loss"],
+        "test_perplexity": tested["test_perplexity"],
+        "test_token_accuracy": tested["test_token_accuracy"],
+        "model_step": best_metrics["step"],
+        "final_eval_loss": final["eval_loss"],
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
         "tokens_per_s": _steady_tokens_per_s(train_rows),
@@ -134,7 +147,7 @@ def train(cfg) -> dict:
         "zero_stage": t.zero_stage,
         "records": counts,
         "model_dir": model_dir,
-        "checkpoint": result.checkpoint.path,
+        "checkpoint": best.path,
     }
     write_summary(run_dir, summary)
     plot_report(run_dir, rows)
