@@ -37,6 +37,13 @@ def test_train_exits_0_and_loss_goes_down(trained):
     assert summary["records"]["records_in"] > 2000
 
 
+def test_resuming_with_other_settings_is_refused(trained, capsys):
+    capsys.readouterr()
+    assert main(["train", trained["config"], "train.micro_batch_size=4", "train.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds run tiny with other settings (train.micro_batch_size: 8 -> 4; train.lr: 0.003 -> 0.1)" in err
+
+
 def test_metrics_jsonl_has_steps_evals_and_checkpoints(trained):
     with open(os.path.join(trained["run_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]

@@ -3,6 +3,7 @@
 Needs a connected Ray (see cluster.local.ray_session); everything heavy runs in Ray Data tasks and Train workers.
 """
 
+import json
 import math
 import os
 import time
@@ -19,6 +20,7 @@ from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import export
 from trainers.loop import train_loop_per_worker
+from trainers.plan import explain, make_memory_plan
 from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
 from zeray.errors import UserError
 
@@ -55,16 +57,44 @@ def use_gpu(setting, resources: dict) -> bool:
     return bool(setting)
 
 
+RUN_CONFIG = "config.json"
+# keys a resumed run may change: they do not alter what the checkpoints mean or where the data stream stands
+RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker"}
+
+
+def check_same_run(cfg) -> None:
+    """Resuming with other data, model or training settings would silently mix two runs: refuse, naming them."""
+    path = os.path.join(cfg.run_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        before = json.load(f)
+    now = cfg.model_dump(mode="json")
+    changed = [f"{section}.{key}: {before[section].get(key)!r} -> {value!r}"
+               for section in ("data", "model", "train") for key, value in now[section].items()
+               if before.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES]
+    if changed:
+        raise UserError(f"{cfg.run_dir} holds run {cfg.name} with other settings ({'; '.join(changed)}); "
+                        "change `name`, or remove that folder to start afresh")
+
+
 def train(cfg) -> dict:
     """Run one fine-tuning job end to end; returns the summary that is also written to summary.json."""
     started = time.time()
     run_dir = cfg.run_dir
     if os.path.exists(os.path.join(run_dir, "checkpoint_manager_snapshot.json")):
+        check_same_run(cfg)
         print(f"resuming run {cfg.name} from its checkpoints in {run_dir} "
               "(change `name` or remove that folder to start afresh)", flush=True)
     os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(cfg.model_dump(mode="json"), f, indent=2)
     t, d = cfg.train, cfg.data
     gpu, per_worker = worker_resources(cfg)
+    memory = make_memory_plan(cfg, gpu)
+    if memory["chosen"]["fits"] is False:
+        raise UserError(explain(memory))
 
     if d.prepared:
         datasets, report = load_prepared(d.prepared)
@@ -116,7 +146,8 @@ def train(cfg) -> dict:
 
     model_dir = os.path.join(run_dir, MODEL_DIR)
     final = result.metrics
-    best, best_metrics = min(result.best_checkpoints, key=lambda item: item[1]["eval_loss"])
+    ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m]
+    best, best_metrics = min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked else (result.checkpoint, final)
     export(run_dir, model_dir, checkpoint=best.path)
     if best.path == result.checkpoint.path:
         tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}

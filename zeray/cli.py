@@ -36,6 +36,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from cluster.local import ray_session
+    from trainers.plan import format_plan, make_memory_plan
+    from trainers.run import worker_resources
+    from zeray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    t = cfg.train
+    with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
+        print(f"zeray plan {cfg.name}: {where}; {t.num_workers} workers x micro-batch {t.micro_batch_size} x "
+              f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens", flush=True)
+        gpu, _ = worker_resources(cfg)
+        print(format_plan(make_memory_plan(cfg, gpu)), flush=True)
+    return 0
+
+
 def cmd_prep(args) -> int:
     from cluster.local import ray_session
     from pipelines.prep import prepare, summary_line
@@ -142,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="memory per device for each ZeRO stage and offload, and whether the run fits")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="k=v")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("prep", help="Ray Data preprocessing only: writes Parquet splits, rejects and a report")
     p.add_argument("config", help="run config YAML")

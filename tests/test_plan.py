@@ -1,0 +1,60 @@
+"""`zeray plan`: model-state memory agrees with DeepSpeed's own estimators, and a run that cannot fit is refused
+before any worker starts, with the stage that would fit."""
+
+import pytest
+
+from conftest import write_config
+from trainers.plan import model_states_bytes
+from zeray.cli import main
+
+P, LARGEST = 7_000_000_000, 260_000_000
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_mixed_precision_stages_2_and_3_are_deepspeeds_estimates(offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    on = offload == "cpu"
+    cpu, dev = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=8, cpu_offload=on)
+    assert model_states_bytes(P, LARGEST, 2, offload, 8, mixed=True) == (dev, cpu)
+    cpu, dev, _ = estimate_zero3_model_states_mem_needs(P, LARGEST, num_gpus_per_node=8, cpu_offload=on,
+                                                        cpu_offload_params=on)
+    assert model_states_bytes(P, LARGEST, 3, offload, 8, mixed=True) == (dev, cpu)
+
+
+def test_stages_without_an_estimator_use_the_same_bytes_per_parameter():
+    # mixed precision: 2 (16-bit weights) + 2 (16-bit grads) + 16 (fp32 weights, grads, two moments)
+    assert model_states_bytes(P, LARGEST, 0, "none", 8, mixed=True) == (20 * P, 0)
+    assert model_states_bytes(P, LARGEST, 1, "none", 8, mixed=True) == (4 * P + 16 * P // 8, 0)
+    # stage 2 here agrees with DeepSpeed's formula (2P + 18P/N) up to rounding
+    dev, _ = model_states_bytes(P, LARGEST, 2, "none", 8, mixed=True)
+    assert dev == 2 * P + int(18 * P / 8)
+    # fp32: weights + grads (8) and two moments (8)
+    assert model_states_bytes(P, LARGEST, 0, "none", 2, mixed=False) == (16 * P, 0)
+    assert model_states_bytes(P, LARGEST, 3, "none", 2, mixed=False) == (16 * P // 2 + 4 * LARGEST, 0)
+    # more sharding never needs more device memory
+    devs = [model_states_bytes(P, LARGEST, s, "none", 2, mixed=False)[0] for s in (0, 1, 2, 3)]
+    assert devs == sorted(devs, reverse=True)
+    assert devs[3] <= 0.6 * devs[0]
+
+
+@pytest.mark.integration
+def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster, artifacts, tmp_path, capsys):
+    config = write_config(
+        tmp_path / "plan.yaml", name="plan", storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "max_length": 128},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "micro_batch_size": 4, "zero_stage": 3},
+    )
+    assert main(["plan", config]) == 0
+    out = capsys.readouterr().out
+    assert "0.2M parameters, fp32" in out and "<- configured" in out
+    assert out.count(" yes") == 6 and "cheapest that fits: ZeRO 0, offload none" in out
+    assert "tokens per optimizer step (slots): 1024" in out
+
+    assert main(["train", config, "train.micro_batch_size=4096", "data.max_length=8192"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.zero_stage=3 train.offload=none needs") and "\n" not in err
+    assert "no ZeRO stage or offload fits; lower train.micro_batch_size" in err
+    assert not (tmp_path / "runs" / "plan" / "metrics.jsonl").exists()  # nothing started

@@ -1,0 +1,150 @@
+"""`zeray plan`: memory per device for every ZeRO stage and offload choice, before anything is launched.
+
+Model states (parameters, gradients, optimizer states) follow DeepSpeed's accounting: its own estimators for
+mixed-precision ZeRO-2 and ZeRO-3 (`estimate_zero{2,3}_model_states_mem_needs`), and the same per-parameter
+bytes for the stages it has no estimator for (0 and 1) and for fp32 training. Activations are estimated for one
+micro-batch at `max_length` (Korthikanti et al. 2022, no recomputation) plus the logits. The device is a GPU's
+memory, or on CPU the node's memory shared by the workers placed on it.
+"""
+
+import math
+
+import ray
+
+from trainers.deepspeed_config import precision
+
+GB = 1024**3
+ADDITIONAL_BUFFER = 1.5  # DeepSpeed's default factor for CPU-side buffers
+CHOICES = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu"), (3, "cpu")]  # cheapest first
+
+
+def model_shape(name_or_path: str, trust_remote_code: bool) -> dict:
+    """Parameter counts and dimensions of the model, built on the meta device (no weights are loaded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    text = config.get_text_config()
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "largest_layer_params": largest,
+        "layers": text.num_hidden_layers, "hidden": text.hidden_size,
+        "heads": text.num_attention_heads, "vocab": text.vocab_size,
+    }
+
+
+def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str, world: int,
+                       mixed: bool) -> tuple[int, int]:
+    """(device bytes, CPU bytes per node) for parameters, gradients and AdamW states on each worker."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cpu_offload = offload == "cpu"
+    if mixed and stage == 2:
+        cpu, dev = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=world, cpu_offload=cpu_offload)
+        return dev, cpu
+    if mixed and stage == 3:
+        cpu, dev, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, num_gpus_per_node=world,
+                                                            cpu_offload=cpu_offload, cpu_offload_params=cpu_offload)
+        return dev, cpu
+    # bytes per parameter: working weights + their gradients, then what ZeRO shards from stage 1 on (fp32 master
+    # weights and gradients when mixed, and AdamW's two moments)
+    working = 4 if mixed else 8            # 16-bit weights + 16-bit grads, or fp32 weights + fp32 grads
+    sharded = 16 if mixed else 8           # fp32 weights + fp32 grads + 2 moments, or just the 2 moments
+    if stage == 0:
+        return (working + sharded) * params, 0
+    if stage == 1:
+        dev = working * params + (0 if cpu_offload else sharded * params // world)
+        return dev, int(sharded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
+    if stage == 2:
+        grads = working // 2
+        dev = (working - grads) * params + grads * params // world + (0 if cpu_offload else sharded * params // world)
+        return dev, int(sharded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
+    # stage 3, fp32: everything sharded; offload moves all of it to CPU but the layer being computed
+    per_rank = (working + sharded) * params // world
+    if cpu_offload:
+        return 4 * largest_layer, int((working + sharded) * params * ADDITIONAL_BUFFER)
+    return per_rank + 4 * largest_layer, 0
+
+
+def activation_bytes(shape: dict, micro_batch: int, seq: int, bytes_per_value: int) -> int:
+    """Activations kept for backward in one micro-batch, plus the logits and their gradient in fp32."""
+    b, s, h, a = micro_batch, seq, shape["hidden"], shape["heads"]
+    per_layer = b * s * h * (34 + 5 * a * s / h) * bytes_per_value / 2  # the paper counts 16-bit values
+    return int(shape["layers"] * per_layer + 2 * b * s * shape["vocab"] * 4)
+
+
+def device_memory(use_gpu: bool, workers: int) -> tuple[int | None, str]:
+    """Memory of one worker's device: a GPU's (asked of a GPU in the cluster), or its share of a node's RAM."""
+    if use_gpu:
+        @ray.remote(num_gpus=1, num_cpus=0)
+        def gpu_memory() -> tuple[int, str]:
+            import torch
+
+            props = torch.cuda.get_device_properties(0)
+            return props.total_memory, props.name
+
+        try:
+            total, name = ray.get(gpu_memory.remote(), timeout=60)
+            return total, f"GPU {name}"
+        except ray.exceptions.GetTimeoutError:
+            return None, "a GPU (none was free within 60 s to measure)"
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    memory = min(n["Resources"].get("memory", 0) for n in nodes)
+    per_node = math.ceil(workers / len(nodes))
+    return int(memory / per_node), f"CPU: {per_node} worker(s) sharing a node's {memory / GB:.1f} GB"
+
+
+def make_memory_plan(cfg, use_gpu: bool) -> dict:
+    """Every stage/offload choice with its memory per device, whether it fits, and the cheapest that does."""
+    t, d = cfg.train, cfg.data
+    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    dtype = precision(cfg.model, use_gpu, use_gpu)  # bf16 support is checked again on the workers
+    mixed = dtype != "fp32"
+    device_bytes, device = device_memory(use_gpu, t.num_workers)
+    act = activation_bytes(shape, t.micro_batch_size, d.max_length, 2 if mixed else 4)
+    rows = []
+    for stage, offload in CHOICES:
+        states, cpu = model_states_bytes(shape["params"], shape["largest_layer_params"], stage, offload,
+                                         t.num_workers, mixed)
+        # on CPU the "device" is the node's memory, which also holds what is offloaded
+        need = states + act + (0 if use_gpu else cpu // max(1, t.num_workers))
+        rows.append({"zero_stage": stage, "offload": offload, "model_states_gb": states / GB,
+                     "offloaded_cpu_gb": cpu / GB, "activations_gb": act / GB, "total_gb": need / GB,
+                     "fits": None if device_bytes is None else need <= device_bytes})
+    chosen = next(r for r in rows if (r["zero_stage"], r["offload"]) == (t.zero_stage, t.offload))
+    cheapest = next((r for r in rows if r["fits"]), None)
+    return {"params": shape["params"], "precision": dtype, "device": device,
+            "device_gb": None if device_bytes is None else device_bytes / GB, "rows": rows,
+            "chosen": chosen, "cheapest": cheapest,
+            "tokens_per_step": t.num_workers * t.micro_batch_size * t.grad_accum * d.max_length}
+
+
+def explain(plan: dict) -> str:
+    """Why a run does not fit, and what would."""
+    c = plan["chosen"]
+    fix = (f"train.zero_stage={plan['cheapest']['zero_stage']} train.offload={plan['cheapest']['offload']} fits "
+           f"({plan['cheapest']['total_gb']:.2f} GB)" if plan["cheapest"] else
+           "no ZeRO stage or offload fits; lower train.micro_batch_size or data.max_length, or add workers")
+    return (f"train.zero_stage={c['zero_stage']} train.offload={c['offload']} needs {c['total_gb']:.2f} GB per "
+            f"worker ({c['model_states_gb']:.2f} model states + {c['activations_gb']:.2f} activations) but the "
+            f"device has {plan['device_gb']:.2f} GB ({plan['device']}); {fix}")
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"model: {plan['params'] / 1e6:.1f}M parameters, {plan['precision']}; device: {plan['device']}"
+             + (f", {plan['device_gb']:.2f} GB" if plan["device_gb"] is not None else ""),
+             f"{'stage':>5} {'offload':>7} {'states GB':>10} {'activ. GB':>10} {'total GB':>9} {'CPU GB':>8}  fits"]
+    for r in plan["rows"]:
+        mark = " <- configured" if r is plan["chosen"] else ""
+        fits = "?" if r["fits"] is None else ("yes" if r["fits"] else "no")
+        lines.append(f"{r['zero_stage']:>5} {r['offload']:>7} {r['model_states_gb']:>10.3f} "
+                     f"{r['activations_gb']:>10.3f} {r['total_gb']:>9.3f} {r['offloaded_cpu_gb']:>8.3f}  {fits}{mark}")
+    cheapest = plan["cheapest"]
+    lines.append("cheapest that fits: " + (f"ZeRO {cheapest['zero_stage']}, offload {cheapest['offload']}"
+                                             if cheapest else "none"))
+    lines.append(f"tokens per optimizer step (slots): {plan['tokens_per_step']}")
+    return "\n".join(lines)
