@@ -80,7 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
     ga = train.grad_accum
     train_shard = ray.train.get_dataset_shard("train")
     pad_id = plan["pad_token_id"]
-    window = Window(first_step=step)
+    window = Window(first_step=step, flops_per_token=plan["flops_per_token"], world=world,
+                    peak_flops=peak_flops(device, dtype))
     started = time.perf_counter()
     last_eval = None
 
@@ -278,8 +279,9 @@ def check_packing_isolation(model, name: str) -> None:
 class Window:
     """Training loss and throughput since the last log line."""
 
-    def __init__(self, first_step: int):
+    def __init__(self, first_step: int, flops_per_token: float, world: int, peak_flops: float | None):
         self.first_step = first_step  # where this process started (after a resume, not 0)
+        self.flops_per_token, self.world, self.peak_flops = flops_per_token, world, peak_flops
         self.started = time.perf_counter()
         self._reset()
 
@@ -297,10 +299,16 @@ class Window:
         now = time.perf_counter()
         counts = torch.tensor([float(self.real_tokens)], dtype=torch.float64)
         dist.all_reduce(counts)  # real (non-padding) input tokens of all ranks
+        peak = torch.tensor([peak_memory_gb()], dtype=torch.float64)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the worker closest to running out
         elapsed = max(now - self.since, 1e-9)
+        tokens_per_s = counts.item() / elapsed
         metrics = {
             "step": step, "epoch": epoch, "loss": self.loss_sum / max(self.tokens, 1), "lr": lr,
-            "tokens_per_s": counts.item() / elapsed, "step_time_s": elapsed / max(self.steps, 1),
+            "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(self.steps, 1),
+            "mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world)
+                    if self.peak_flops else None),
+            "peak_memory_gb": peak.item(),
         }
         if rank == 0:
             eta_s = (now - self.started) / max(step - self.first_step, 1) * (total_steps - step)
@@ -308,6 +316,32 @@ class Window:
                   f"tokens/s {metrics['tokens_per_s']:.0f} eta {_duration(eta_s)}")
         self._reset()
         return metrics
+
+
+# Dense 16-bit tensor-core peaks (FLOP/s) by device name. fp32 has no single peak (TF32 or not), so none is used.
+GPU_PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
+                  "V100": 125e12, "T4": 65e12, "4090": 165e12, "3090": 71e12}
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    """The device's peak for this precision, or None when unknown (CPU included): MFU is then reported as
+    unavailable rather than guessed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in GPU_PEAK_FLOPS.items():
+        if key in name:
+            return flops if dtype in ("bf16", "fp16") else None
+    return None
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this worker: the GPU's allocations, or on CPU the process's peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 1024**3
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
 
 
 def say(message: str) -> None:

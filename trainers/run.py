@@ -116,6 +116,7 @@ def train(cfg) -> dict:
             raise UserError(f"data.split.{split}: no {split} records; raise data.split.{split} or add data")
     plan = make_plan(counts["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     plan["packing"] = report["packing"] if d.prepared else d.packing
+    plan["flops_per_token"] = memory["flops_per_token"]
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     print(f"plan: {t.num_workers} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
@@ -171,7 +172,8 @@ def train(cfg) -> dict:
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,
         "tokens_per_s": _steady_tokens_per_s(train_rows),
-        "mfu": None,  # needs the device peak; measured in a later version rather than guessed
+        "mfu": _mean([r.get("mfu") for r in train_rows[1:] or train_rows]),
+        "peak_memory_gb": max((r["peak_memory_gb"] for r in train_rows), default=None),
         "steps": final["step"],
         "wall_s": time.time() - started,
         "world_size": t.num_workers,
@@ -183,6 +185,12 @@ def train(cfg) -> dict:
     write_summary(run_dir, summary)
     plot_report(run_dir, rows)
     return summary
+
+
+def _mean(values: list) -> float | None:
+    """Mean of the known values; None (unavailable) when the device peak is unknown, rather than a guess."""
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def _steady_tokens_per_s(rows: list[dict]) -> float | None:
