@@ -1,0 +1,160 @@
+"""Training throughput and ZeRO memory on this machine, as ratios measured in one run.
+
+    .venv/bin/python bench/train.py [--steps 40]
+
+1. tokens/s (real tokens) of `zeray train` (2 workers, ZeRO 2, the demo model and data, packed) against a plain
+   single-process PyTorch loop using both cores on the same rows, the same global batch and AdamW.
+2. model-state memory per worker (bytes held by tensors after one optimizer step: parameters, gradients, AdamW
+   states, DeepSpeed's partitions) for ZeRO 0, 1, 2 and 3 on 2 workers, against the estimate `zeray plan` uses.
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+
+def zeray_tokens_per_s(root: str, data: str, model: str, steps: int) -> float:
+    from zeray.cli import main
+
+    config = os.path.join(root, "bench.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump({
+            "name": "bench", "storage": os.path.join(root, "runs"),
+            "data": {"train": data, "format": "messages", "max_length": 512},
+            "model": {"name_or_path": model},
+            "train": {"num_workers": 2, "max_steps": steps, "micro_batch_size": 1, "lr": 3e-3, "zero_stage": 2,
+                      "eval_every": 10_000, "checkpoint_every": 10_000, "log_every": 5},
+        }, f)
+    assert main(["train", config]) == 0
+    with open(os.path.join(root, "runs", "bench", "summary.json")) as f:
+        return json.load(f)["tokens_per_s"]  # steady windows: the first (start-up) is left out
+
+
+def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
+    """The same packed rows, two per step (the 2 workers' global batch), in one process on both cores."""
+    from transformers import AutoModelForCausalLM
+
+    from pipelines.config import DataConfig
+    from pipelines.dataset import build_splits
+    from trainers.loop import Collate, forward, token_loss_sum
+
+    rows = build_splits(DataConfig(train=data, format="messages", max_length=512), model_dir,
+                        splits=("train",)).train.take_all()
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
+    collate = Collate(pad_id=0, device=torch.device("cpu"), packed=True)
+    warmup, tokens, started = 5, 0, 0.0
+    for step in range(steps):
+        if step == warmup:
+            tokens, started = 0, time.perf_counter()
+        picked = [rows[(2 * step + i) % len(rows)] for i in range(2)]
+        batch = collate({k: [r[k] for r in picked] for k in ("input_ids", "labels", "position_ids")}
+                        | {"num_tokens": torch.tensor([r["num_tokens"] for r in picked]).numpy()})
+        labels = batch["labels"]
+        loss = token_loss_sum(forward(model, batch), labels) / max(int((labels[:, 1:] != -100).sum()), 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += batch["num_tokens"]
+    return tokens / (time.perf_counter() - started)
+
+
+def tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in this process."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # isinstance() on torch's deprecated aliases
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.untyped_storage().nbytes():
+                ptr = obj.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += obj.untyped_storage().nbytes()
+        except (RuntimeError, ReferenceError):
+            continue
+    return total
+
+
+def memory_worker(config: dict) -> dict:
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import TrainConfig
+    from trainers.deepspeed_config import deepspeed_config
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
+    train = TrainConfig(zero_stage=config["stage"], micro_batch_size=1, grad_clip=0.0)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=deepspeed_config(train, 2, "fp32", model.config.hidden_size))
+    ids = torch.randint(0, model.config.vocab_size, (1, 64))
+    engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+    engine.step()
+    del ids
+    gc.collect()
+    return {"bytes": tensor_bytes()}  # Ray Train hands rank 0's return value to the driver
+
+
+def zero_memory(model_dir: str) -> dict[int, int]:
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = {}
+    for stage in (0, 1, 2, 3):
+        trainer = TorchTrainer(memory_worker, train_loop_config={"model": model_dir, "stage": stage},
+                               scaling_config=ScalingConfig(num_workers=2))
+        out[stage] = trainer.fit().return_value["bytes"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+
+    from pipelines.corpus import write_demo_data
+    from trainers.plan import model_shape, model_states_bytes
+    from trainers.tiny_model import build_model
+
+    with tempfile.TemporaryDirectory() as root:
+        data, model = os.path.join(root, "chat.jsonl"), os.path.join(root, "model")
+        write_demo_data(data)
+        build_model(data, model, size="demo")
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            zeray = zeray_tokens_per_s(root, data, model, args.steps)
+            plain = plain_tokens_per_s(data, model, args.steps)
+            measured = zero_memory(model)
+        finally:
+            ray.shutdown()
+        shape = model_shape(model, False)
+
+    print(f"throughput (real tokens/s), demo model {shape['params'] / 1e6:.1f}M, packed 512-token rows")
+    print(f"  zeray train, 2 workers, ZeRO 2   {zeray:10.0f}")
+    print(f"  plain PyTorch loop, 1 process    {plain:10.0f}")
+    print(f"zeray / plain = {zeray / plain:.2f}  (target >= 0.85)")
+    print("model-state memory per worker after one step (2 workers, fp32)")
+    for stage, got in measured.items():
+        estimate = model_states_bytes(shape["params"], shape["largest_layer_params"], stage, "none", 2, mixed=False)[0]
+        print(f"  ZeRO {stage}: {got / 2**20:8.1f} MiB   vs stage 0 {got / measured[0]:.2f}   "
+              f"vs estimate {estimate / 2**20:7.1f} MiB = {got / estimate:.2f}")
+    print(f"ZeRO 3 / ZeRO 0 = {measured[3] / measured[0]:.2f}  (target <= 0.60)")
+
+
+if __name__ == "__main__":
+    main()
