@@ -1,5 +1,5 @@
-"""The Ray Data pipeline: records → parsed, cleaned, deduplicated conversations → stable split → tokens and
-labels → ordered, packed training rows.
+"""The Ray Data pipeline: records → parsed, cleaned conversations with a stable split → tokens and labels →
+deduplicated and ordered (one sort) → packed training rows per split.
 
 Nothing passes through the driver: blocks flow from the read tasks through the parse tasks and the tokenizer
 actor pool into Ray's object store, and from there to whoever consumes them (Ray Train workers, or a writer).
