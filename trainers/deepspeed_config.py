@@ -11,15 +11,15 @@ def precision(model: ModelConfig, on_gpu: bool, bf16_supported: bool) -> str:
 
 
 def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_size: int) -> dict:
-    # Communication buckets sized to the model, as Hugging Face's "auto" values do: DeepSpeed's defaults
-    # (5e8 elements) are for billion-parameter models, and ZeRO-3 allocates them whole (2 GB per worker in fp32).
-    bucket = hidden_size * hidden_size
-    zero: dict = {"stage": train.zero_stage, "reduce_bucket_size": bucket}
-    if train.zero_stage in (1, 2):
-        zero["allgather_bucket_size"] = bucket
+    zero: dict = {"stage": train.zero_stage}
     if train.zero_stage == 3:
-        zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
-        zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+        # ZeRO-3 allocates its communication buckets whole, and DeepSpeed's default (5e8 elements) is sized for
+        # billion-parameter models: 2 GB per worker in fp32 even for a 4M model. Size them to the model like
+        # Hugging Face's "auto" values (hidden^2), with a floor so small models do not pay for many tiny
+        # collectives. ZeRO-1/2 allocate as they go, and keep DeepSpeed's defaults.
+        bucket = max(hidden_size * hidden_size, 1 << 20)
+        zero.update({"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * bucket),
+                     "stage3_param_persistence_threshold": 10 * hidden_size})
     if train.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         if train.zero_stage == 3:
