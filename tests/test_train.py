@@ -15,12 +15,16 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def trained(ray_cluster, artifacts, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
+    # the user's own DeepSpeed settings ride along (merged under zeray's)
+    (root / "ds.json").write_text(json.dumps({"zero_optimization": {"overlap_comm": False,
+                                                                   "contiguous_gradients": True}}))
     config = write_config(
         root / "tiny.yaml", name="tiny", storage=str(root / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": 16, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
-               "eval_every": 8, "checkpoint_every": 8, "log_every": 4, "warmup_ratio": 0.0},
+               "eval_every": 8, "checkpoint_every": 8, "log_every": 4, "warmup_ratio": 0.0,
+               "deepspeed": str(root / "ds.json")},
     )
     code = main(["train", config])
     return {"code": code, "run_dir": str(root / "runs" / "tiny"), "config": config}
@@ -37,6 +41,15 @@ def test_train_exits_0_and_loss_goes_down(trained):
     assert summary["records"]["records_in"] > 2000
     # on CPU the peak is unknown: MFU is reported as unavailable, not guessed; memory is the workers' peak RSS
     assert summary["mfu"] is None and 0.2 < summary["peak_memory_gb"] < 8
+
+
+def test_contradicting_deepspeed_file_is_refused_before_workers_start(trained, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    capsys.readouterr()
+    assert main(["train", trained["config"], f"train.deepspeed={bad}", "name=other"]) == 2
+    err = capsys.readouterr().err
+    assert "sets gradient_accumulation_steps=4 but zeray sets 1 from train.grad_accum" in err
 
 
 def test_resuming_with_other_settings_is_refused(trained, capsys):

@@ -63,6 +63,9 @@ class TrainConfig(Section):
     """Checkpoints kept: the best this many by validation loss, plus always the latest (to resume from)."""
     log_every: int = Field(10, ge=1)
     """Write a metrics line and a progress line every this many optimizer steps."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON config to merge under zeray's: it may tune what zeray does not set (overlap_comm, bucket
+    sizes, activation checkpointing, ...); a key zeray sets from this config must be absent or equal."""
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts Ray Train attempts after a failure (-1: unlimited)."""
     seed: int = 42

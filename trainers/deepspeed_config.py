@@ -1,6 +1,63 @@
-"""The DeepSpeed config zeray builds from the `train:` and `model:` sections."""
+"""The DeepSpeed config zeray builds from the `train:` and `model:` sections, merged over the user's own
+DeepSpeed JSON (`train.deepspeed`) when one is given."""
+
+import json
 
 from trainers.config import ModelConfig, TrainConfig
+from zeray.errors import UserError
+
+# What zeray sets and where a user changes it instead (a DeepSpeed file may repeat these only with equal values).
+CONTROLLED = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x train.num_workers",
+    "gradient_clipping": "train.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "zero_optimization.offload_optimizer.device": "train.offload",
+    "zero_optimization.offload_param.device": "train.offload",
+    "optimizer": "train.lr / train.weight_decay (zeray's AdamW)",
+    "bf16.enabled": "model.dtype",
+    "fp16.enabled": "model.dtype",
+}
+# zeray's defaults that a DeepSpeed file may override
+OVERRIDABLE = {"steps_per_print", "wall_clock_breakdown", "zero_optimization.reduce_bucket_size",
+               "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
+               "zero_optimization.offload_optimizer.pin_memory", "zero_optimization.offload_param.pin_memory"}
+
+
+def load_user_deepspeed(path: str) -> dict:
+    """The user's DeepSpeed JSON (`train.deepspeed`), checked to be an object zeray can merge."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            user = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"train.deepspeed: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"train.deepspeed: {path} is not valid JSON: {exc}") from None
+    if not isinstance(user, dict):
+        raise UserError(f"train.deepspeed: {path} must hold a JSON object of DeepSpeed settings")
+    if "scheduler" in user:
+        raise UserError(f"train.deepspeed: {path} sets scheduler, but zeray builds the schedule from "
+                        "train.lr_schedule and train.warmup_ratio; remove it from the file")
+    return user
+
+
+def merge_user(user: dict, ours: dict, path: str, prefix: str = "") -> dict:
+    """`ours` over `user`: the user's extra settings stay; a setting zeray controls must be absent or equal."""
+    out = dict(user)
+    for key, value in ours.items():
+        name = prefix + key
+        if key not in user:
+            out[key] = value
+        elif name in OVERRIDABLE:
+            out[key] = user[key]
+        elif isinstance(value, dict) and isinstance(user[key], dict) and name != "optimizer":
+            out[key] = merge_user(user[key], value, path, name + ".")
+        elif user[key] != value:
+            owner = CONTROLLED.get(name, "the run config")
+            raise UserError(f"train.deepspeed: {path} sets {name}={json.dumps(user[key])} but zeray sets "
+                            f"{json.dumps(value)} from {owner}; remove it from the file or change {owner}")
+    return out
 
 
 def precision(model: ModelConfig, on_gpu: bool, bf16_supported: bool) -> str:
@@ -10,7 +67,8 @@ def precision(model: ModelConfig, on_gpu: bool, bf16_supported: bool) -> str:
     return "bf16" if on_gpu and bf16_supported else "fp32"
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_size: int) -> dict:
+def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_size: int,
+                     user: dict | None = None) -> dict:
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage == 3:
         # ZeRO-3 allocates its communication buckets whole, and DeepSpeed's default (5e8 elements) is sized for
@@ -28,7 +86,7 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_siz
     if train.offload != "cpu":
         # torch's AdamW: DeepSpeed's fused Adam is a CUDA kernel; with offload DeepSpeed picks its CPU Adam.
         optimizer_params["torch_adam"] = True
-    return {
+    ours = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
@@ -40,3 +98,4 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_siz
         "steps_per_print": 1 << 30,  # zeray prints its own progress line
         "wall_clock_breakdown": False,
     }
+    return merge_user(user, ours, train.deepspeed) if user else ours

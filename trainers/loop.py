@@ -61,7 +61,7 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, world, dtype, model.config.get_text_config().hidden_size),
+        config=deepspeed_config(train, world, dtype, model.config.get_text_config().hidden_size, plan["deepspeed"]),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
     )
 

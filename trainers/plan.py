@@ -117,7 +117,7 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
                      "fits": None if device_bytes is None else need <= device_bytes})
     chosen = next(r for r in rows if (r["zero_stage"], r["offload"]) == (t.zero_stage, t.offload))
     cheapest = next((r for r in rows if r["fits"]), None)
-    return {"params": shape["params"], "precision": dtype,
+    return {"params": shape["params"], "hidden": shape["hidden"], "precision": dtype,
             # PaLM's training FLOPs per token: 6N for the weights, 12*L*H*T for attention over T positions
             "flops_per_token": 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * d.max_length, "device": device,
             "device_gb": None if device_bytes is None else device_bytes / GB, "rows": rows,

@@ -20,6 +20,7 @@ from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import export
 from trainers.loop import train_loop_per_worker
+from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
 from trainers.plan import explain, make_memory_plan
 from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
 from zeray.errors import UserError
@@ -117,6 +118,9 @@ def train(cfg) -> dict:
     plan = make_plan(counts["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     plan["packing"] = report["packing"] if d.prepared else d.packing
     plan["flops_per_token"] = memory["flops_per_token"]
+    # the user's DeepSpeed file, merged and checked for contradictions here, before any worker starts
+    plan["deepspeed"] = load_user_deepspeed(t.deepspeed) if t.deepspeed else None
+    deepspeed_config(t, t.num_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     print(f"plan: {t.num_workers} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "

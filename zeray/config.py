@@ -60,6 +60,8 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
     cfg.data.prepared = _absolute(cfg.data.prepared) if cfg.data.prepared else None
     if _looks_like_path(cfg.model.name_or_path):
         cfg.model.name_or_path = _absolute(cfg.model.name_or_path)
+    if cfg.train.deepspeed:
+        cfg.train.deepspeed = _absolute(cfg.train.deepspeed)
     if check_paths:
         check_local_paths(cfg, path, prep_only)
     return cfg
@@ -76,6 +78,10 @@ def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> N
         from pipelines.sources import resolve_files  # local: keeps config import light
 
         resolve_files(cfg.data.train)  # raises UserError naming the path
+    if cfg.train.deepspeed and not prep_only:
+        from trainers.deepspeed_config import load_user_deepspeed
+
+        load_user_deepspeed(cfg.train.deepspeed)  # raises UserError naming the file
     model = cfg.model.name_or_path
     if _looks_like_path(model):
         if not os.path.isdir(model):

@@ -1,0 +1,56 @@
+"""A user's DeepSpeed JSON merges under zeray's settings: extras stay, contradictions are one-line errors."""
+
+import json
+
+import pytest
+
+from trainers.config import TrainConfig
+from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
+from zeray.errors import UserError
+
+
+def build(user, **train):
+    return deepspeed_config(TrainConfig(deepspeed="ds.json", **train), 2, "fp32", 256, user)
+
+
+def test_users_extra_settings_and_overridable_defaults_are_kept():
+    user = {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": True, "stage": 3,
+                                  "reduce_bucket_size": 123},
+            "activation_checkpointing": {"partition_activations": True}, "steps_per_print": 5,
+            "train_batch_size": 8}  # equal to zeray's: allowed
+    merged = build(user, zero_stage=3, micro_batch_size=4)
+    assert merged["zero_optimization"]["overlap_comm"] is False
+    assert merged["zero_optimization"]["reduce_bucket_size"] == 123  # the user's, over zeray's default
+    assert merged["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * (1 << 20))
+    assert merged["activation_checkpointing"] == {"partition_activations": True}
+    assert merged["steps_per_print"] == 5
+    assert merged["train_batch_size"] == 8 and merged["train_micro_batch_size_per_gpu"] == 4
+
+
+@pytest.mark.parametrize("user, needle", [
+    ({"train_batch_size": 64}, "sets train_batch_size=64 but zeray sets 8 from train.micro_batch_size x "
+                               "train.grad_accum x train.num_workers"),
+    ({"zero_optimization": {"stage": 3}}, "sets zero_optimization.stage=3 but zeray sets 2 from train.zero_stage"),
+    ({"bf16": {"enabled": True}}, "sets bf16.enabled=true but zeray sets false from model.dtype"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, "sets optimizer="),
+])
+def test_contradictions_name_the_setting_and_the_zeray_key(user, needle):
+    with pytest.raises(UserError) as err:
+        build(user, micro_batch_size=4)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert str(err.value).startswith("train.deepspeed: ds.json sets ")
+
+
+def test_file_problems_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_user_deepspeed(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="is not valid JSON"):
+        load_user_deepspeed(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="must hold a JSON object"):
+        load_user_deepspeed(str(bad))
+    bad.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(UserError, match="zeray builds the schedule from train.lr_schedule"):
+        load_user_deepspeed(str(bad))
