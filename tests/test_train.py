@@ -185,3 +185,35 @@ def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(ray_cluster, ar
     assert tested["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
     kept = sorted(p for p in glob.glob(str(run_dir / "checkpoint_*")) if os.path.isdir(p))
     assert len(kept) == 2 and summary["checkpoint"] in kept  # the best one and the latest
+
+
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp_path, stage):
+    """6 steps, then the same run extended to 9 resumes from its step-6 checkpoint; the exported model holds
+    exactly the weights consolidated from the DeepSpeed shards, and loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainers.checkpoints import consolidate
+
+    config = write_config(
+        tmp_path / "stage.yaml", name=f"stage{stage}", storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "max_steps": 6, "micro_batch_size": 4, "lr": 3.0e-3, "zero_stage": stage,
+               "eval_every": 100, "checkpoint_every": 3, "log_every": 3},
+    )
+    assert main(["train", config]) == 0
+    assert main(["train", config, "train.max_steps=9"]) == 0
+    run_dir = tmp_path / "runs" / f"stage{stage}"
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6, 9]  # the second run went on from step 6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["zero_stage"] == stage
+    model, _ = consolidate(summary["checkpoint"])
+    exported = load_file(str(run_dir / "model" / "model.safetensors"))
+    state = model.state_dict()
+    for name, tensor in exported.items():
+        assert (tensor - state[name]).abs().max().item() == 0.0, name
+    loaded = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"), use_safetensors=True)
+    assert all(bool((t == state[k]).all()) for k, t in loaded.state_dict().items())  # tied lm_head included
