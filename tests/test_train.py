@@ -187,8 +187,8 @@ def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(ray_cluster, ar
     assert len(kept) == 2 and summary["checkpoint"] in kept  # the best one and the latest
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp_path, stage):
+@pytest.mark.parametrize("stage, offload", [(0, "none"), (1, "none"), (3, "none"), (3, "cpu")])
+def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp_path, stage, offload):
     """6 steps, then the same run extended to 9 resumes from its step-6 checkpoint; the exported model holds
     exactly the weights consolidated from the DeepSpeed shards, and loads."""
     from safetensors.torch import load_file
@@ -201,7 +201,7 @@ def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": 6, "micro_batch_size": 4, "lr": 3.0e-3, "zero_stage": stage,
-               "eval_every": 100, "checkpoint_every": 3, "log_every": 3},
+               "offload": offload, "eval_every": 100, "checkpoint_every": 3, "log_every": 3},
     )
     assert main(["train", config]) == 0
     assert main(["train", config, "train.max_steps=9"]) == 0
