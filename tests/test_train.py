@@ -217,3 +217,22 @@ def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp
         assert (tensor - state[name]).abs().max().item() == 0.0, name
     loaded = AutoModelForCausalLM.from_pretrained(str(run_dir / "model"), use_safetensors=True)
     assert all(bool((t == state[k]).all()) for k, t in loaded.state_dict().items())  # tied lm_head included
+
+
+def test_one_and_two_workers_give_the_same_loss_curve(ray_cluster, artifacts, tmp_path):
+    """The same data and global batch (1 x 8 rows, or 2 workers x 4) give the same loss at every step."""
+    losses = {}
+    for workers, micro in ((1, 8), (2, 4)):
+        config = write_config(
+            tmp_path / f"w{workers}.yaml", name=f"w{workers}", storage=str(tmp_path / "runs"),
+            data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+            model={"name_or_path": artifacts["model"]},
+            train={"num_workers": workers, "max_steps": 8, "micro_batch_size": micro, "lr": 3.0e-3,
+                   "zero_stage": 2, "eval_every": 100, "checkpoint_every": 100, "log_every": 1},
+        )
+        assert main(["train", config]) == 0
+        rows = [json.loads(line) for line in open(tmp_path / "runs" / f"w{workers}" / "metrics.jsonl")]
+        losses[workers] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[1]) == len(losses[2]) == 8
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    assert losses[1][-1] < losses[1][0]

@@ -1,8 +1,10 @@
-"""The training loop every Ray Train worker runs: a DeepSpeed ZeRO engine fed by this worker's Ray Data shard.
+"""The training loop every Ray Train worker runs: a DeepSpeed ZeRO engine fed by this worker's slice of every
+global micro-batch of the ordered training stream.
 
 setup (model, engine, resume) → train (steps, logging, eval, checkpoints) → final eval, test, and export.
 Every collective (forward under ZeRO-3, all_reduce, save_checkpoint, ray.train.report) is reached by all ranks
-the same number of times: Ray Train splits each dataset into equal shards, so every rank runs the same steps.
+the same number of times: every rank reads the same stream in whole global micro-batches, so every rank runs the
+same steps.
 """
 
 import json
@@ -78,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})")
 
     ga = train.grad_accum
-    train_shard = ray.train.get_dataset_shard("train")
+    train_shard = ray.train.get_dataset_shard("train")  # the whole split: see the epoch loop
     pad_id = plan["pad_token_id"]
     window = Window(first_step=step, flops_per_token=plan["flops_per_token"], world=world,
                     peak_flops=peak_flops(device, dtype))
@@ -99,18 +101,24 @@ def train_loop_per_worker(config: dict) -> None:
                 export_hf_model(model, tokenizer, os.path.join(tmp, HF_DIR), rank, train.zero_stage)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    mb = train.micro_batch_size
+    collate = Collate(pad_id, device, packed)
     while step < total_steps and epoch < train.epochs:
-        batches = train_shard.iter_torch_batches(
-            batch_size=train.micro_batch_size, collate_fn=Collate(pad_id, device, packed), prefetch_batches=2,
-            # the shard arrives globally shuffled (seeded); this buffer varies the order per epoch, reproducibly
-            local_shuffle_buffer_size=train.micro_batch_size * 16, local_shuffle_seed=train.seed + epoch,
+        # Every rank reads the whole (seeded, ordered) training stream in global micro-batches of mb x world rows
+        # and takes its own slice: each optimizer step then sees the same rows whatever the number of workers, so
+        # the loss curve does not depend on it. Reading token ids is cheap next to training on them.
+        batches = train_shard.iter_batches(
+            batch_size=mb * world, batch_format="numpy", prefetch_batches=2, drop_last=True,
+            # a buffer of global micro-batches varies the order per epoch, reproducibly and the same on every rank
+            local_shuffle_buffer_size=mb * world * 16, local_shuffle_seed=train.seed + epoch,
         )
-        used = 0  # micro-batches of this epoch consumed (also the resume position)
+        used = 0  # global micro-batches of this epoch consumed (also the resume position)
         group: list[dict] = []
-        for batch in batches:
+        for rows in batches:
             if used < skip_batches:
                 used += 1
                 continue
+            batch = collate({k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()})
             group.append(batch)
             used += 1
             if len(group) < ga:

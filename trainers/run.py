@@ -28,17 +28,17 @@ from zeray.errors import UserError
 
 def make_plan(train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
               max_steps: int | None) -> dict:
-    """Optimizer steps per epoch and in total. Ray Train gives each worker an equal shard (floor division),
-    and a trailing group of fewer than `grad_accum` micro-batches cannot make a step, so it is not counted."""
-    per_worker = train_rows // workers
-    steps_per_epoch = math.ceil(per_worker / micro_batch) // grad_accum
+    """Optimizer steps per epoch and in total. Each step takes grad_accum global micro-batches of
+    micro_batch x workers rows; the rows that cannot fill a whole step at the end of an epoch wait for the next
+    epoch's order (fewer than one global batch)."""
+    steps_per_epoch = train_rows // (micro_batch * workers) // grad_accum
     if steps_per_epoch == 0:
         raise UserError(
             f"data.train: {train_rows} training rows are too few for train.num_workers={workers} x "
             f"train.micro_batch_size={micro_batch} x train.grad_accum={grad_accum}; add data or lower them"
         )
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": total, "records_per_worker": per_worker}
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total}
 
 
 def worker_resources(cfg) -> tuple[bool, dict[str, float]]:
@@ -132,8 +132,9 @@ def train(cfg) -> dict:
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
         datasets=datasets,
         # the same example order on every run: what exact resume and reproducible curves rest on
-        dataset_config=DataConfig(datasets_to_split=["train"],  # every rank evaluates all of val/test
-                                  execution_options=ExecutionOptions(preserve_order=True)),
+        # nothing is split: every rank reads the ordered train stream and takes its slice of each global
+        # micro-batch (see the loop), and evaluates all of val/test
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(
             name=cfg.name,
             storage_path=cfg.storage,
