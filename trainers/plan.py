@@ -64,10 +64,9 @@ def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str
         dev = (working - grads) * params + grads * params // world + (0 if cpu_offload else sharded * params // world)
         return dev, int(sharded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
     # stage 3, fp32: everything sharded; offload moves all of it to CPU but the layer being computed
-    per_rank = (working + sharded) * params // world
     if cpu_offload:
         return 4 * largest_layer, int((working + sharded) * params * ADDITIONAL_BUFFER)
-    return per_rank + 4 * largest_layer, 0
+    return (working + sharded) * params // world + 4 * largest_layer, 0
 
 
 def activation_bytes(shape: dict, micro_batch: int, seq: int, bytes_per_value: int) -> int:
@@ -117,9 +116,10 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
                      "fits": None if device_bytes is None else need <= device_bytes})
     chosen = next(r for r in rows if (r["zero_stage"], r["offload"]) == (t.zero_stage, t.offload))
     cheapest = next((r for r in rows if r["fits"]), None)
+    # PaLM's training FLOPs per token: 6N for the weights, 12*L*H*T for attention over T positions
+    flops_per_token = 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * d.max_length
     return {"params": shape["params"], "hidden": shape["hidden"], "precision": dtype,
-            # PaLM's training FLOPs per token: 6N for the weights, 12*L*H*T for attention over T positions
-            "flops_per_token": 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * d.max_length, "device": device,
+            "flops_per_token": flops_per_token, "device": device,
             "device_gb": None if device_bytes is None else device_bytes / GB, "rows": rows,
             "chosen": chosen, "cheapest": cheapest,
             "tokens_per_step": t.num_workers * t.micro_batch_size * t.grad_accum * d.max_length}

@@ -4,7 +4,6 @@ Needs a connected Ray (see cluster.local.ray_session); everything heavy runs in 
 """
 
 import json
-import math
 import os
 import time
 
