@@ -66,7 +66,12 @@ def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> 
 
 
 def fit_or_explain(trainer, timeout_s: float):
-    """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang."""
+    """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang.
+
+    The watchdog interrupts the main thread, so it only watches a fit that runs there (a command); a fit inside a
+    Tune trial runs in Tune's thread, and the campaign watches for placement itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
     with PlacementWatchdog(timeout_s) as watchdog:
         try:
             return trainer.fit()
@@ -120,6 +125,15 @@ class PlacementWatchdog:
                     # a real signal, so a main thread blocked in a wait wakes up too
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                     return
+
+
+def capacity() -> dict[str, float]:
+    """What the cluster can hold: the autoscaler's maximum when it can grow, else what it has now."""
+    if _autoscaling():
+        from ray._private.state import state
+
+        return dict(state.get_max_resources_from_cluster_config())
+    return dict(ray.cluster_resources())
 
 
 def _autoscaling() -> bool:

@@ -81,7 +81,7 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
         Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=tokenizer_pool(data.tokenizer_actors)), num_cpus=1,
     ).materialize()
-    ordered = _materialize_in_order(
+    ordered = materialize_in_order(
         tokenized.filter(expr=col("reject") == "")
         .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
         # batch_size=None: one call per sorted block, which holds every copy of its conversations
@@ -98,7 +98,7 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
                                     batch_size=None, batch_format="pyarrow")
         else:
             rows = rows.map_batches(unpacked_batch, batch_size=None, batch_format="pyarrow")
-        out[split] = _materialize_in_order(rows)
+        out[split] = materialize_in_order(rows)
     return Splits(train=out["train"], val=out["val"], test=out["test"], records=records, format=fmt, files=files)
 
 
@@ -129,7 +129,7 @@ def _boundaries(partitions: int) -> list[int]:
     return [-(2**63) + (2**64 * i) // partitions for i in range(1, partitions)]
 
 
-def _materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
+def materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
     """Materialize keeping block order (by default Ray Data keeps blocks in the order tasks finish)."""
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order

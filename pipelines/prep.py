@@ -14,7 +14,7 @@ import ray.data
 from ray.data.expressions import col
 
 from pipelines.config import DataConfig
-from pipelines.dataset import SPLITS, Splits, build_splits, count_records
+from pipelines.dataset import SPLITS, Splits, build_splits, count_records, materialize_in_order
 from zeray.errors import UserError
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "num_tokens")
@@ -106,7 +106,9 @@ def build_report(splits: Splits, out_dir: str, data: DataConfig, model_path: str
 
 
 def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
-    """The datasets and report of a `zeray prep` output folder (`data.prepared`)."""
+    """The datasets and report of a `zeray prep` output folder (`data.prepared`), read once into Ray's object
+    store in file order (as the streamed pipeline leaves its splits): epochs and evaluations then iterate over
+    blocks already there, instead of each re-reading Parquet in tasks that compete with training for CPUs."""
     report_path = os.path.join(path, REPORT)
     if not os.path.isfile(report_path):
         raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
@@ -120,7 +122,7 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
         ds = _read_split(path, split, columns=list(ROW_COLUMNS))
         if ds is None:
             raise UserError(f"data.prepared: {path}/{split} holds no Parquet rows; run `zeray prep` again")
-        datasets[split] = ds
+        datasets[split] = materialize_in_order(ds)
     return datasets, report
 
 

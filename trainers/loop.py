@@ -68,7 +68,9 @@ def train_loop_per_worker(config: dict) -> None:
     )
 
     step, epoch, skip_batches = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
+    own = ray.train.get_checkpoint()  # this run's latest: a restart after a failure, or a re-run command
+    # else, under PBT, the better trial's checkpoint this run continues from
+    checkpoint = own or (ray.train.Checkpoint(plan["init_checkpoint"]) if plan.get("init_checkpoint") else None)
     if checkpoint:
         with checkpoint.as_directory() as path:
             verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
@@ -76,8 +78,11 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(path, STATE_FILE)) as f:
                 state = json.load(f)
         step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        if own is None:  # another run's state: this run's own optimizer settings apply from here on
+            apply_optimizer_settings(scheduler, train.lr, train.weight_decay)
         if rank == 0:
-            say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})")
+            say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})"
+                + ("" if own else f" of {checkpoint.path}"))
 
     ga = train.grad_accum
     train_shard = ray.train.get_dataset_shard("train")  # the whole split: see the epoch loop
@@ -100,6 +105,12 @@ def train_loop_per_worker(config: dict) -> None:
             if export:
                 export_hf_model(model, tokenizer, os.path.join(tmp, HF_DIR), rank, train.zero_stage)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    if checkpoint and own is None:
+        # what this run starts from, evaluated: equal to the source run's validation loss at that step when the
+        # weights were really taken over
+        last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
+        ray.train.report({**last_eval, "epoch": epoch, "started_from": checkpoint.path})
 
     mb = train.micro_batch_size
     collate = Collate(pad_id, device, packed)
@@ -125,6 +136,9 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
             loss_sum, tokens = train_step(engine, group, world)
+            if not math.isfinite(loss_sum):  # the same all-reduced value on every rank: all stop here together
+                ray.train.report({"step": step + 1, "epoch": epoch, "loss": loss_sum / tokens, "diverged": True})
+                return
             window.add(loss_sum, tokens, real_tokens=sum(b["num_tokens"] for b in group))
             group = []
             step += 1
@@ -159,6 +173,17 @@ def train_loop_per_worker(config: dict) -> None:
                   "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})
     save(final, batches_in_epoch=0, export=True)
+
+
+def apply_optimizer_settings(scheduler, lr: float, weight_decay: float) -> None:
+    """Set the peak learning rate and weight decay of a scheduler and optimizer restored from a checkpoint
+    (which carries the values of the run that wrote it), keeping the schedule's position."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = weight_decay
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:

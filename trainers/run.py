@@ -63,24 +63,30 @@ RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every"
                      "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker"}
 
 
-def check_same_run(cfg) -> None:
+def check_same_run(cfg, path: str | None = None, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
     """Resuming with other data, model or training settings would silently mix two runs: refuse, naming them."""
-    path = os.path.join(cfg.run_dir, RUN_CONFIG)
+    path = path or os.path.join(cfg.run_dir, RUN_CONFIG)
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
         before = json.load(f)
     now = cfg.model_dump(mode="json")
     changed = [f"{section}.{key}: {before[section].get(key)!r} -> {value!r}"
-               for section in ("data", "model", "train") for key, value in now[section].items()
+               for section in sections for key, value in now[section].items()
                if before.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES]
     if changed:
         raise UserError(f"{cfg.run_dir} holds run {cfg.name} with other settings ({'; '.join(changed)}); "
                         "change `name`, or remove that folder to start afresh")
 
 
-def train(cfg) -> dict:
-    """Run one fine-tuning job end to end; returns the summary that is also written to summary.json."""
+def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint: str | None = None,
+          prepared: tuple[dict, dict] | None = None) -> dict:
+    """Run one fine-tuning job end to end; returns the summary that is also written to summary.json.
+
+    A tune trial passes its reporting `callbacks`, skips the model export (the campaign exports only its best
+    trial's model), under PBT starts from another trial's checkpoint (`init_checkpoint`) when this run has none
+    of its own yet, and trains on the campaign's data already in the object store (`prepared`: datasets, report).
+    """
     started = time.time()
     run_dir = cfg.run_dir
     if os.path.exists(os.path.join(run_dir, "checkpoint_manager_snapshot.json")):
@@ -97,7 +103,7 @@ def train(cfg) -> dict:
         raise UserError(explain(memory))
 
     if d.prepared:
-        datasets, report = load_prepared(d.prepared)
+        datasets, report = prepared or load_prepared(d.prepared)
         counts = {k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows")}
         print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
     else:
@@ -121,6 +127,7 @@ def train(cfg) -> dict:
     plan["deepspeed"] = load_user_deepspeed(t.deepspeed) if t.deepspeed else None
     deepspeed_config(t, t.num_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
+    plan["init_checkpoint"] = init_checkpoint
     print(f"plan: {t.num_workers} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
           f"steps/epoch, {plan['total_steps']} steps", flush=True)
@@ -141,27 +148,32 @@ def train(cfg) -> dict:
             # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="eval_loss",
                                                checkpoint_score_order="min"),
-            callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE))],
+            callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE)), *callbacks],
             logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
         ),
     )
     result = fit_or_explain(trainer, cfg.cluster.placement_timeout_s)
     if result.error:
         raise result.error
+    if result.metrics.get("diverged"):
+        raise UserError(f"training diverged at step {result.metrics['step']}: the loss became "
+                        f"{result.metrics['loss']} (lower train.lr, raise train.warmup_ratio or train.grad_clip)")
 
-    model_dir = os.path.join(run_dir, MODEL_DIR)
     final = result.metrics
     ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m]
     best, best_metrics = min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked else (result.checkpoint, final)
-    export(run_dir, model_dir, checkpoint=best.path)
-    if best.path == result.checkpoint.path:
-        tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
-    else:  # an earlier checkpoint validated better: that is the model, so the test numbers must be its own
-        from trainers.evaluate import evaluate_model
+    tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
+    tested_step = final["step"]  # whose weights the test numbers describe
+    model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
+    if export_model:
+        export(run_dir, model_dir, checkpoint=best.path)
+        if best.path != result.checkpoint.path:  # an earlier checkpoint validated better: it is the model
+            from trainers.evaluate import evaluate_model
 
-        print(f"model: the checkpoint of step {best_metrics['step']} (validation loss "
-              f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it", flush=True)
-        tested = evaluate_model(cfg, model_dir)
+            print(f"model: the checkpoint of step {best_metrics['step']} (validation loss "
+                  f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
+                  flush=True)
+            tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
     rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "tokens_per_s" in r]
     summary = {
@@ -172,6 +184,7 @@ def train(cfg) -> dict:
         "test_perplexity": tested["test_perplexity"],
         "test_token_accuracy": tested["test_token_accuracy"],
         "model_step": best_metrics["step"],
+        "test_step": tested_step,
         "final_eval_loss": final["eval_loss"],
         "first_loss": train_rows[0]["loss"] if train_rows else None,
         "final_loss": train_rows[-1]["loss"] if train_rows else None,

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from zeray.errors import UserError
+from zeray.errors import UserError, find_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,21 @@ def cmd_train(args) -> int:
     print(f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} "
           f"(first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
           f"model in {summary['model_dir']}", flush=True)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from cluster.local import ray_session
+    from tuning.campaign import run_campaign
+    from zeray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    t = cfg.train
+    # embedded Ray: as many trial slots as the machine has cores (at least one trial), plus the data pipeline's
+    trial_cpus = max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)
+    with ray_session(cfg.cluster, trial_cpus) as where:
+        print(f"zeray tune {cfg.name}: {where}", flush=True)
+        _unwrap_user_errors(run_campaign, cfg, args.resume)
     return 0
 
 
@@ -129,25 +144,10 @@ def _unwrap_user_errors(fn, *args):
     except UserError:
         raise
     except Exception as exc:
-        found = _find_user_error(exc)
+        found = find_user_error(exc)
         if found is not None:
             raise UserError(str(found)) from None
         raise
-
-
-def _find_user_error(exc, depth: int = 0):
-    """Look through Ray's wrappers: task errors (`cause`), Train's per-worker failures, chained exceptions."""
-    if exc is None or depth > 8:
-        return None
-    if isinstance(exc, UserError):
-        return exc
-    inner = [getattr(exc, "cause", None), getattr(exc, "_base_exc", None), exc.__cause__]
-    inner += list((getattr(exc, "worker_failures", None) or {}).values())
-    for candidate in inner:
-        found = _find_user_error(candidate, depth + 1)
-        if found is not None:
-            return found
-    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,6 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="a Ray Tune campaign (tune: section) around the same training run")
+    p.add_argument("config", help="run config YAML with a tune: section")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue the campaign of this config after a stop")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("plan", help="memory per device for each ZeRO stage and offload, and whether the run fits")
     p.add_argument("config")

@@ -67,6 +67,19 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
     return cfg
 
 
+def with_values(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfig:
+    """A copy of `cfg` with dotted keys set to the given values, validated like the file: a bad key or value is a
+    one-line UserError naming `source` (e.g. a tune trial's parameters)."""
+    raw = cfg.model_dump(mode="json")
+    items = [f"{key}={value}" for key, value in values.items()]
+    for key, value in values.items():
+        _set_dotted(raw, key, value, f"{key}={value}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc, source, items)) from None
+
+
 def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> None:
     """A missing data file or model directory is a user error, found before any Ray work starts."""
     if cfg.data.prepared and not prep_only:
@@ -131,6 +144,10 @@ def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
+    _set_dotted(raw, key, parse_value(text), item)
+
+
+def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -140,7 +157,7 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"override {item}: {'.'.join(parts[:depth + 1])} is a value, not a section")
         node = child
-    node[parts[-1]] = parse_value(text)
+    node[parts[-1]] = value
 
 
 def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:

@@ -3,3 +3,19 @@
 
 class UserError(Exception):
     """A bad config, path or data set. The message names the key or file and what would be valid."""
+
+
+def find_user_error(exc: BaseException | None, depth: int = 0) -> UserError | None:
+    """The UserError inside Ray's wrappers, if any: task errors (`cause`), Train's per-worker failures, Tune's
+    trial errors, chained exceptions."""
+    if exc is None or depth > 8:
+        return None
+    if isinstance(exc, UserError):
+        return exc
+    inner = [getattr(exc, "cause", None), getattr(exc, "_base_exc", None), exc.__cause__]
+    inner += list((getattr(exc, "worker_failures", None) or {}).values())
+    for candidate in inner:
+        found = find_user_error(candidate, depth + 1)
+        if found is not None:
+            return found
+    return None

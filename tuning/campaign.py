@@ -1,0 +1,163 @@
+"""`zeray tune`: a Ray Tune campaign whose trials are the training run of `zeray train` with the trial's values.
+
+The data is prepared once for the whole campaign (unless the space searches `data.*`); as many trials run at once
+as the cluster holds beside the data pipeline; each trial keeps only its best checkpoint; at the end the best
+trial's model is exported and the campaign written down (see tuning.results). `--resume` continues a campaign
+that was interrupted or whose driver died, through `Tuner.restore`.
+"""
+
+import json
+import os
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search import ConcurrencyLimiter
+
+from cluster.local import capacity
+from pipelines.prep import REPORT, load_prepared, prepare
+from trainers.run import check_same_run, make_plan, worker_resources
+from tuning.results import write_results
+from tuning.space import parse_space, pbt_mutations
+from tuning.trial import run_trial
+from zeray.config import with_values
+from zeray.errors import UserError
+
+TUNE_DIR = "tune"
+CAMPAIGN_CONFIG = "campaign.json"
+TRIAL_DRIVER_CPU = 0.01  # a trial's own process only waits on its TorchTrainer: it must not hold a whole CPU
+PBT_TUNE_CHECKPOINTS = 4  # per trial, kept while the campaign runs so PBT can clone them
+
+
+def tune_dir(cfg) -> str:
+    return os.path.join(cfg.run_dir, TUNE_DIR)
+
+
+def run_campaign(cfg, resume: bool = False) -> dict:
+    """Run (or, with `resume`, continue) the campaign `cfg.tune` describes; returns what best.json holds."""
+    out = tune_dir(cfg)
+    exists = tune.Tuner.can_restore(out)
+    if resume and not exists:
+        raise UserError(f"--resume: {out} holds no campaign to resume; run without --resume to start it")
+    if exists and not resume:
+        raise UserError(f"{out} already holds campaign {cfg.name}; add --resume to continue it, or change `name`")
+    campaign_file = os.path.join(out, CAMPAIGN_CONFIG)
+    if resume:
+        check_same_run(cfg, campaign_file, sections=("data", "model", "train", "tune"))
+    space = parse_space(cfg)
+    _, per_worker = worker_resources(cfg)  # one trial must fit the cluster: else a clean error here
+    concurrent = trials_at_once(cfg, per_worker)
+    os.makedirs(out, exist_ok=True)
+    with open(campaign_file, "w", encoding="utf-8") as f:
+        json.dump(cfg.model_dump(mode="json"), f, indent=2)
+
+    base = with_values(cfg, {"train.keep_checkpoints": 1}, "tune")  # disk: a trial keeps its best checkpoint
+    total_steps, prepared = None, None
+    if not any(key.startswith("data.") for key in cfg.tune.space):
+        # one preprocessing for every trial, read into the object store once: trials share its blocks
+        base = with_values(base, {"data.prepared": prepare_once(cfg, out)}, "tune")
+        prepared = load_prepared(base.data.prepared)
+        report = prepared[1]
+        t = cfg.train
+        total_steps = make_plan(report["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum,
+                                t.epochs, t.max_steps)["total_steps"]
+
+    t = cfg.tune
+    pbt = t.scheduler == "pbt"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, campaign_dir=out, pbt=pbt,
+                                                          prepared=prepared),
+                                    {"CPU": TRIAL_DRIVER_CPU})
+    if resume:
+        print(f"resuming campaign {cfg.name} in {out}: finished trials are kept, unfinished ones continue from "
+              "their checkpoints", flush=True)
+        tuner = tune.Tuner.restore(out, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        grid = t.search == "grid"
+        print(f"campaign {cfg.name}: " + ("every combination of the grid" if grid else f"{t.num_samples} trials")
+              + f", {t.search} search, {t.scheduler} scheduler, {concurrent} at once, each "
+              f"{cfg.train.num_workers} worker(s) x {_resources(per_worker)}; results in {out}", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=t.metric, mode=t.mode, num_samples=1 if grid else t.num_samples,
+                search_alg=_search(cfg, concurrent), scheduler=_scheduler(cfg, total_steps),
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR, storage_path=cfg.run_dir,
+                # a trial that fails has bad settings (or ran out of memory): record why and go on; worker
+                # crashes are retried inside the trial by Ray Train (train.max_failures)
+                failure_config=tune.FailureConfig(max_failures=0),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=PBT_TUNE_CHECKPOINTS if pbt else None),
+                verbose=1,
+            ),
+        )
+    interrupted = f"continue it with `zeray tune <config> --resume` (its state is in {out})"
+    try:
+        grid_result = tuner.fit()
+    except KeyboardInterrupt:
+        raise UserError(f"campaign {cfg.name} interrupted: {interrupted}") from None
+    unfinished = len(grid_result) - grid_result.num_terminated - grid_result.num_errors
+    if unfinished:  # Ctrl-C: Tune stopped and saved the campaign instead of raising
+        raise UserError(f"campaign {cfg.name} interrupted with {unfinished} trial(s) unfinished: {interrupted}")
+    return write_results(cfg, out, grid_result)
+
+
+def prepare_once(cfg, out: str) -> str:
+    """The campaign's data, preprocessed once for all trials (kept across --resume); returns its folder."""
+    if cfg.data.prepared:
+        return cfg.data.prepared
+    data_dir = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(data_dir, REPORT)):
+        print(f"data: preparing {cfg.data.train} once for every trial, in {data_dir}", flush=True)
+        prepare(cfg.data, cfg.model.name_or_path, data_dir, cfg.model.trust_remote_code)
+    return data_dir
+
+
+def trials_at_once(cfg, per_worker: dict[str, float]) -> int:
+    """How many trials the cluster holds at once: every resource a trial's workers need, after the CPUs kept for
+    the data pipeline (`cluster.data_cpus`), so that trials can never starve the pipeline that feeds them."""
+    have = capacity()
+    workers = cfg.train.num_workers
+    fits = min(int((have.get(name, 0.0) - (cfg.cluster.data_cpus if name == "CPU" else 0.0) + 1e-9)
+                   // (amount * workers)) for name, amount in per_worker.items())
+    fits = max(fits, 1)  # worker_resources() has checked that one trial fits
+    wanted = cfg.tune.max_concurrent
+    if wanted == "auto":
+        return fits
+    if wanted > fits:
+        print(f"tune.max_concurrent={wanted} is more than the cluster holds ({fits} trials of {workers} x "
+              f"{_resources(per_worker)} beside {cfg.cluster.data_cpus:g} CPU for Ray Data); running {fits} at once",
+              flush=True)
+        return fits
+    return wanted
+
+
+def _search(cfg, concurrent: int):
+    t = cfg.tune
+    if t.search != "optuna":
+        return None  # Tune's own random sampling / grid expansion
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.train.seed),
+                              max_concurrent=concurrent)
+
+
+def _scheduler(cfg, total_steps: int | None):
+    t = cfg.tune
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    if t.scheduler == "asha":
+        # rungs at grace x reduction_factor^k optimizer steps; a trial is judged by its evaluations
+        # (a trial that reaches its last step is never stopped there: its final checkpoint is still to come)
+        return ASHAScheduler(time_attr="step", max_t=total_steps or 10**9,
+                             grace_period=t.grace_period or cfg.train.eval_every,
+                             reduction_factor=t.reduction_factor, stop_last_trials=False)
+    # PBT acts at checkpoints (only those can be cloned): every train.checkpoint_every steps
+    return PopulationBasedTraining(time_attr="step", perturbation_interval=cfg.train.checkpoint_every,
+                                   hyperparam_mutations=pbt_mutations(cfg), quantile_fraction=0.5)
+
+
+def _resources(per_worker: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(per_worker.items()))

@@ -1,0 +1,170 @@
+"""What a finished campaign leaves in `<storage>/<name>/tune/`: results.csv, best.json, tune.png and best_model/,
+with every trial pruned to its best checkpoint.
+
+Everything is read from the trials' own run folders (metrics.jsonl of each training run), so the files describe
+exactly the checkpoints and evaluations that exist on disk.
+"""
+
+import csv
+import json
+import os
+import re
+import shutil
+
+from trainers.checkpoints import export
+from trainers.outputs import SUMMARY_FILE, read_metrics
+from tuning.space import flatten
+from tuning.trial import FIRST_RUN
+from zeray.errors import UserError, find_user_error
+
+RESULTS_FILE = "results.csv"
+BEST_FILE = "best.json"
+PLOT_FILE = "tune.png"
+BEST_MODEL = "best_model"
+
+
+def write_results(cfg, out: str, grid) -> dict:
+    t = cfg.tune
+    better = min if t.mode == "min" else max
+    trials = sorted((describe(result, t.metric, better) for result in grid), key=lambda x: x["trial"])
+    for trial in trials:
+        prune(trial)
+    keys = list(cfg.tune.space)
+    with open(os.path.join(out, RESULTS_FILE), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", "status", *keys, t.metric, "step", "steps_trained", "checkpoint", "reason"])
+        for x in trials:
+            writer.writerow([x["trial"], x["status"], *(x["params"].get(k) for k in keys), x["value"], x["step"],
+                             x["steps_trained"], x["checkpoint"] or "", x["reason"]])
+    plot(trials, t.metric, os.path.join(out, PLOT_FILE))
+    print_table(trials, t.metric, t.mode, keys)
+
+    with_model = [x for x in trials if x["checkpoint"]]
+    if not with_model:
+        raise UserError(f"no trial of campaign {cfg.name} reached a checkpoint; the reasons are in "
+                        f"{os.path.join(out, RESULTS_FILE)}")
+    best = better(with_model, key=lambda x: x["checkpoint_value"])
+    model_dir = os.path.join(out, BEST_MODEL)
+    export(best["run_dir"], model_dir, checkpoint=best["checkpoint"])
+    counts = {status: sum(x["status"] == status for x in trials) for status in ("completed", "stopped", "failed")}
+    summary = {
+        "metric": t.metric, "mode": t.mode, "value": best["checkpoint_value"], "trial": best["trial"],
+        "step": best["checkpoint_step"], "config": best["params"], "checkpoint": best["checkpoint"],
+        "model_dir": model_dir, "trials": counts,
+        "steps_trained": sum(x["steps_trained"] for x in trials),
+        "disk_bytes": disk_usage(out),
+    }
+    with open(os.path.join(out, BEST_FILE), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(f"best: trial {best['trial']} {t.metric} {best['checkpoint_value']:.4f} at step {best['checkpoint_step']} "
+          f"({_params(best['params'])}); model in {model_dir}; campaign uses "
+          f"{summary['disk_bytes'] / 2**20:.1f} MiB in {out}", flush=True)
+    return summary
+
+
+def describe(result, metric: str, better) -> dict:
+    """One trial from its Tune result and its training runs' metrics."""
+    trial_dir = result.path
+    runs = sorted((d for d in os.listdir(trial_dir) if re.fullmatch(rf"{FIRST_RUN}(-\d+)?", d)),
+                  key=lambda d: int(d.rpartition("-")[2]) if "-" in d else 1)
+    evals, checkpoints, steps_trained = [], [], 0
+    for run in runs:
+        rows = read_metrics(os.path.join(trial_dir, run))
+        start = next((r["step"] for r in rows if "started_from" in r), 0)
+        steps_trained += max((r["step"] for r in rows), default=start) - start
+        evals += [r for r in rows if metric in r]
+        checkpoints += [(r, os.path.join(trial_dir, run)) for r in rows
+                        if metric in r and r.get("checkpoint") and os.path.isdir(r["checkpoint"])]
+    best_eval = better(evals, key=lambda r: r[metric]) if evals else None
+    best_ckpt, run_dir = better(checkpoints, key=lambda c: c[0][metric]) if checkpoints else (None, None)
+    if result.error is not None:
+        status = "failed"
+    elif runs and os.path.exists(os.path.join(trial_dir, runs[-1], SUMMARY_FILE)):
+        status = "completed"
+    else:
+        status = "stopped"  # by the scheduler, before the end of its training
+    return {
+        "trial": _trial_id(result), "status": status, "params": flatten(result.config or {}), "dir": trial_dir,
+        "value": best_eval[metric] if best_eval else None, "step": best_eval["step"] if best_eval else None,
+        "checkpoint": best_ckpt["checkpoint"] if best_ckpt else None, "run_dir": run_dir,
+        "checkpoint_value": best_ckpt[metric] if best_ckpt else None,
+        "checkpoint_step": best_ckpt["step"] if best_ckpt else None,
+        "steps_trained": steps_trained, "reason": _reason(result.error),
+        "curve": [(r["step"], r[metric]) for r in evals],
+    }
+
+
+def prune(trial: dict) -> None:
+    """Keep the trial's best checkpoint only: other Ray Train checkpoints of its runs, and the copies Tune kept for
+    PBT to clone, are no longer needed once the campaign is over."""
+    for root, dirs, _ in os.walk(trial["dir"]):
+        for d in list(dirs):
+            path = os.path.join(root, d)
+            if (d.startswith("checkpoint_") or re.fullmatch(r"start-\d+", d)) and path != trial["checkpoint"]:
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(d)
+
+
+def plot(trials: list[dict], metric: str, path: str) -> None:
+    """The metric of every trial against the optimizer step; a cross marks where the scheduler stopped a trial."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for x in trials:
+        if not x["curve"]:
+            continue
+        steps, values = zip(*x["curve"])
+        line, = ax.plot(steps, values, "-", marker=".", alpha=0.85, label=f"{x['trial']} {_params(x['params'])}")
+        if x["status"] != "completed":
+            ax.plot(steps[-1], values[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial (x: stopped early or failed)")
+    ax.grid(alpha=0.3)
+    if len(trials) <= 12:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def print_table(trials: list[dict], metric: str, mode: str, keys: list[str], top: int = 5) -> None:
+    ranked = sorted((x for x in trials if x["value"] is not None), key=lambda x: x["value"],
+                    reverse=mode == "max")[:top]
+    print(f"\ntop {len(ranked)} of {len(trials)} trials by {metric}:")
+    print(f"  {'trial':<14}{'status':<11}{metric:>12}{'step':>7}  " + "  ".join(keys))
+    for x in ranked:
+        print(f"  {x['trial']:<14}{x['status']:<11}{x['value']:>12.4f}{x['step']:>7}  "
+              + "  ".join(_fmt(x["params"].get(k)) for k in keys))
+    for x in trials:
+        if x["status"] == "failed":
+            print(f"  {x['trial']} failed: {x['reason']}")
+
+
+def disk_usage(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+               if not os.path.islink(os.path.join(root, f)))
+
+
+def _trial_id(result) -> str:
+    found = re.search(r"_([0-9a-f]{5}_\d{5})", os.path.basename(result.path))
+    return found.group(1) if found else os.path.basename(result.path)
+
+
+def _reason(error) -> str:
+    if error is None:
+        return ""
+    found = find_user_error(error)
+    text = str(found if found is not None else error).strip()
+    return text.splitlines()[-1] if found is None else text.splitlines()[0]
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

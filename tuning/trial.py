@@ -1,0 +1,119 @@
+"""One trial of a campaign, run by Ray Tune in its trial actor (the Train V2 pattern: the trial function builds and
+fits a TorchTrainer): the trial's values applied to the campaign's config, then the same training run as
+`zeray train`, its evaluations reported to Tune.
+
+Folder of one trial (Tune's trial folder):
+    train/         the trial's training run (config.json, metrics.jsonl, summary.json, Ray Train checkpoints)
+    train-2/ ...   under PBT, each continuation from another trial's checkpoint is a new run
+    start-2/ ...   the checkpoint that run started from, copied before the source trial could delete it
+    zeray_run.json which run is current, and what it started from
+"""
+
+import json
+import os
+import shutil
+import threading
+
+import ray.tune
+from ray.train.v2.api.callback import UserCallback
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.util.queue import Queue
+
+from trainers.run import train
+from tuning.space import trial_config
+
+RUN_FILE = "zeray_run.json"
+FIRST_RUN = "train"
+
+
+def run_trial(params: dict, base, campaign_dir: str, pbt: bool, prepared: tuple[dict, dict] | None) -> None:
+    """Tune's trainable: `params` are the trial's sampled values (nested like the config); `prepared` is the
+    campaign's data (datasets, report) when every trial trains on the same."""
+    cfg = trial_config(base, params)
+    # the trial's folder in the campaign's storage (get_trial_dir() is a local staging folder Tune syncs from)
+    trial_dir = os.path.join(campaign_dir, os.path.basename(ray.tune.get_context().get_trial_dir()))
+    name, start_from = current_run(trial_dir, ray.tune.get_checkpoint())
+    cfg.storage, cfg.name = trial_dir, name
+    if pbt:
+        _train_reporting_checkpoints(cfg, start_from, prepared)
+    else:
+        train(cfg, callbacks=[EvalReport(cfg.tune.metric)], export_model=False, prepared=prepared)
+
+
+class EvalReport(TuneReportCallback):
+    """Tune sees the evaluations (each carries the metric and its step); training-progress reports stay in
+    metrics.jsonl."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if self.metric in metrics[0] and "started_from" not in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+class CheckpointsToTune(UserCallback):
+    """PBT: each checkpoint (with the evaluation it carries) goes to the trial, which reports it to Tune as a Tune
+    checkpoint: PBT clones trials from those. Runs in the Train controller; a Ray queue carries the reports."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is not None:
+            self.queue.put((dict(metrics[0]), checkpoint))
+
+
+def _train_reporting_checkpoints(cfg, start_from: str | None, prepared) -> dict:
+    queue = Queue(actor_options={"num_cpus": 0})
+    failed: list[BaseException] = []
+
+    def forward() -> None:
+        while (item := queue.get()) is not None:
+            metrics, checkpoint = item
+            try:
+                ray.tune.report(metrics, checkpoint=checkpoint)
+            except BaseException as exc:  # surfaced by the trial thread below
+                failed.append(exc)
+                return
+
+    reporter = threading.Thread(target=forward, name="zeray-pbt-report", daemon=True)
+    reporter.start()
+    try:
+        summary = train(cfg, callbacks=[CheckpointsToTune(queue)], export_model=False, init_checkpoint=start_from,
+                        prepared=prepared)
+    finally:
+        queue.put(None)
+        reporter.join()
+    if failed:
+        raise failed[0]
+    return summary
+
+
+def current_run(trial_dir: str, checkpoint) -> tuple[str, str | None]:
+    """The training run this trial (re)starts, and the checkpoint it starts from when it has none of its own.
+
+    No checkpoint from Tune, one of this trial's own (a resumed campaign) or the one the current run started from:
+    go on with the current run, which resumes from its own checkpoints. Another trial's checkpoint (a PBT exploit): copy it here at once and start
+    the next run from the copy.
+    """
+    path = os.path.join(trial_dir, RUN_FILE)
+    state = {"run": FIRST_RUN, "from": None}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    own_dir = os.path.abspath(trial_dir) + os.sep
+    if (checkpoint is None or os.path.abspath(checkpoint.path).startswith(own_dir)
+            or checkpoint.path == state.get("source")):  # the exploit this run already started from
+        return state["run"], state["from"]
+    number = int(state["run"].rpartition("-")[2]) + 1 if "-" in state["run"] else 2
+    copy = os.path.join(trial_dir, f"start-{number}")
+    shutil.rmtree(copy, ignore_errors=True)
+    with checkpoint.as_directory() as src:
+        shutil.copytree(src, copy)
+    state = {"run": f"{FIRST_RUN}-{number}", "from": copy, "source": checkpoint.path}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    os.replace(path + ".tmp", path)
+    return state["run"], state["from"]
