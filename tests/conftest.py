@@ -33,7 +33,10 @@ def ray_cluster():
     """One embedded Ray per test session, sized like `zeray train` sizes its own (2 workers + 2 data CPUs)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", configure_logging=True)
+    # with its dashboard (on localhost), as `zeray` starts it: Ray Train's placement-group cleaner watches
+    # controllers through the state API it serves, and a Tune trial stopped early leaves its workers' group to it
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
+             configure_logging=True)
     yield ray
     ray.shutdown()
 

@@ -11,9 +11,8 @@ import os
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-from ray.tune.search import ConcurrencyLimiter
 
-from cluster.local import capacity
+from cluster.local import PlacementWatchdog, capacity
 from pipelines.prep import REPORT, load_prepared, prepare
 from trainers.run import check_same_run, make_plan, worker_resources
 from tuning.results import write_results
@@ -81,7 +80,7 @@ def run_campaign(cfg, resume: bool = False) -> dict:
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=t.metric, mode=t.mode, num_samples=1 if grid else t.num_samples,
-                search_alg=_search(cfg, concurrent), scheduler=_scheduler(cfg, total_steps),
+                search_alg=_search(cfg), scheduler=_scheduler(cfg, total_steps),
                 max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(
@@ -94,12 +93,16 @@ def run_campaign(cfg, resume: bool = False) -> dict:
             ),
         )
     interrupted = f"continue it with `zeray tune <config> --resume` (its state is in {out})"
-    try:
-        grid_result = tuner.fit()
-    except KeyboardInterrupt:
-        raise UserError(f"campaign {cfg.name} interrupted: {interrupted}") from None
-    unfinished = len(grid_result) - grid_result.num_terminated - grid_result.num_errors
-    if unfinished:  # Ctrl-C: Tune stopped and saved the campaign instead of raising
+    # never hang on resources: a trial's workers that stay unplaced stop the campaign (saved, resumable) with why
+    with PlacementWatchdog(cfg.cluster.placement_timeout_s) as watchdog:
+        try:
+            grid_result = tuner.fit()
+        except KeyboardInterrupt:
+            grid_result = None
+    unfinished = len(grid_result) - grid_result.num_terminated - grid_result.num_errors if grid_result else 1
+    if watchdog.message:
+        raise UserError(f"{watchdog.message}; campaign {cfg.name} stopped: {interrupted}")
+    if unfinished:  # Ctrl-C: Tune stops and saves the campaign, and returns
         raise UserError(f"campaign {cfg.name} interrupted with {unfinished} trial(s) unfinished: {interrupted}")
     return write_results(cfg, out, grid_result)
 
@@ -134,14 +137,13 @@ def trials_at_once(cfg, per_worker: dict[str, float]) -> int:
     return wanted
 
 
-def _search(cfg, concurrent: int):
+def _search(cfg):
     t = cfg.tune
     if t.search != "optuna":
         return None  # Tune's own random sampling / grid expansion
     from ray.tune.search.optuna import OptunaSearch
 
-    return ConcurrencyLimiter(OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.train.seed),
-                              max_concurrent=concurrent)
+    return OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.train.seed)  # Tune limits it to max_concurrent
 
 
 def _scheduler(cfg, total_steps: int | None):

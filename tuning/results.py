@@ -150,7 +150,9 @@ def disk_usage(path: str) -> int:
 
 
 def _trial_id(result) -> str:
-    found = re.search(r"_([0-9a-f]{5}_\d{5})", os.path.basename(result.path))
+    # Tune names trial folders run_trial_<id>_<index>_<params>_<date>, the id being 5 hex + 5 digits
+    # (its own sampling) or 8 hex (a search algorithm's)
+    found = re.match(r"run_trial_([0-9a-f]+(?:_\d{5})?)_\d+_", os.path.basename(result.path))
     return found.group(1) if found else os.path.basename(result.path)
 
 
@@ -158,8 +160,9 @@ def _reason(error) -> str:
     if error is None:
         return ""
     found = find_user_error(error)
-    text = str(found if found is not None else error).strip()
-    return text.splitlines()[-1] if found is None else text.splitlines()[0]
+    if found is not None:
+        return str(found).strip().splitlines()[0]
+    return (str(error).strip().splitlines() or [type(error).__name__])[-1]  # a traceback's last line names it
 
 
 def _params(params: dict) -> str:

@@ -141,10 +141,10 @@ def _unwrap_user_errors(fn, *args):
     """A UserError raised inside a Ray task or Train worker arrives wrapped; surface it as the user error it is."""
     try:
         return fn(*args)
-    except UserError:
-        raise
     except Exception as exc:
         found = find_user_error(exc)
+        if found is exc:
+            raise
         if found is not None:
             raise UserError(str(found)) from None
         raise

@@ -10,12 +10,11 @@ def find_user_error(exc: BaseException | None, depth: int = 0) -> UserError | No
     trial errors, chained exceptions."""
     if exc is None or depth > 8:
         return None
-    if isinstance(exc, UserError):
-        return exc
+    # inner errors first: Ray's `RayTaskError(UserError)` is a UserError too, but its text is the whole traceback
     inner = [getattr(exc, "cause", None), getattr(exc, "_base_exc", None), exc.__cause__]
     inner += list((getattr(exc, "worker_failures", None) or {}).values())
     for candidate in inner:
         found = find_user_error(candidate, depth + 1)
         if found is not None:
             return found
-    return None
+    return exc if isinstance(exc, UserError) else None

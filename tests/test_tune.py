@@ -1,0 +1,159 @@
+"""Real `zeray tune` campaigns on the tiny model: Ray Tune trials that each fit a TorchTrainer with DeepSpeed.
+
+In-process on the session's Ray (4 CPUs: two 1-worker trials at once beside Ray Data), except the campaign that is
+killed and resumed, which runs as the real command in its own process group with its own embedded Ray.
+"""
+
+import csv
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, write_config
+from zeray.cli import main
+
+pytestmark = pytest.mark.integration
+
+
+def campaign(root, name, artifacts, tune, **train):
+    settings = {"num_workers": 1, "max_steps": 8, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
+                "eval_every": 2, "checkpoint_every": 4, "log_every": 2, "warmup_ratio": 0.0, **train}
+    return write_config(
+        root / f"{name}.yaml", name=name, storage=str(root / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]}, train=settings, tune=tune,
+    )
+
+
+def results(tune_dir) -> list[dict]:
+    with open(os.path.join(tune_dir, "results.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def trial_dir(tune_dir, trial_id) -> str:
+    (found,) = glob.glob(os.path.join(tune_dir, f"run_trial_{trial_id}_*"))
+    return found
+
+
+def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artifacts, tmp_path):
+    config = campaign(tmp_path, "optuna", artifacts, max_steps=4, tune={
+        "search": "optuna", "scheduler": "fifo", "num_samples": 3,
+        "space": {"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}}})
+    assert main(["tune", config]) == 0
+    out = tmp_path / "runs" / "optuna" / "tune"
+    rows = results(out)
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    lrs = [float(r["train.lr"]) for r in rows]
+    assert len(set(lrs)) == 3 and all(1.0e-4 <= lr <= 3.0e-3 for lr in lrs)
+    assert glob.glob(str(out / "searcher-state-*.pkl"))  # Optuna's study, saved for --resume
+    best = json.loads((out / "best.json").read_text())
+    assert best["value"] == min(float(r["eval_loss"]) for r in rows)
+    assert best["trials"] == {"completed": 3, "stopped": 0, "failed": 0} and best["steps_trained"] == 12
+    assert os.path.isfile(os.path.join(best["model_dir"], "model.safetensors"))
+    # disk: every trial kept exactly its best checkpoint
+    for r in rows:
+        kept = glob.glob(os.path.join(trial_dir(out, r["trial"]), "train", "checkpoint_*", ""))
+        kept = [path.rstrip(os.sep) for path in kept]
+        assert kept == [r["checkpoint"]]
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ray_cluster, artifacts, tmp_path):
+    config = campaign(tmp_path, "failing", artifacts, max_steps=4, tune={
+        "search": "grid", "scheduler": "fifo", "space": {"train.micro_batch_size": {"grid": [8, 4096]}}})
+    assert main(["tune", config]) == 0
+    out = tmp_path / "runs" / "failing" / "tune"
+    rows = {r["train.micro_batch_size"]: r for r in results(out)}
+    assert rows["8"]["status"] == "completed" and rows["8"]["reason"] == ""
+    assert rows["4096"]["status"] == "failed"
+    assert "too few for train.num_workers=1 x train.micro_batch_size=4096" in rows["4096"]["reason"]
+    best = json.loads((out / "best.json").read_text())
+    assert best["config"] == {"train.micro_batch_size": 8} and best["trials"]["failed"] == 1
+
+
+def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, tmp_path):
+    config = campaign(tmp_path, "pbt", artifacts, max_steps=12, eval_every=4, tune={
+        "search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}})
+    assert main(["tune", config]) == 0
+    out = str(tmp_path / "runs" / "pbt" / "tune")
+    exploited = [d for d in glob.glob(os.path.join(out, "run_trial_*")) if os.path.exists(os.path.join(d, "zeray_run.json"))]
+    assert exploited  # the 1e-6 trial falls behind at its first checkpoint and takes over the 3e-3 trial's
+    weak = exploited[0]
+    with open(os.path.join(weak, "zeray_run.json")) as f:
+        run = json.load(f)
+    (strong,) = [d for d in glob.glob(os.path.join(out, "run_trial_*")) if run["source"].startswith(d + os.sep)]
+    assert strong != weak and run["run"].startswith("train-")
+    # the continued run starts at the strong trial's step, and its weights score exactly what the strong
+    # trial's checkpoint scored there: the weights were really taken over
+    start = metrics(os.path.join(weak, run["run"]))[0]
+    assert start["started_from"] == run["from"] and start["step"] > 0
+    scored = [r["eval_loss"] for d in glob.glob(os.path.join(strong, "train*")) for r in metrics(d)
+              if "checkpoint" in r and r["step"] == start["step"]]
+    assert any(start["eval_loss"] == pytest.approx(loss, rel=1e-6) for loss in scored), (start, scored)
+    # and trains on with the rate PBT gave it (its config), on the schedule's position it took over (cosine over
+    # 12 steps, no warmup), not with the rate the checkpoint carried
+    continued = [r for r in metrics(os.path.join(weak, run["run"])) if "loss" in r]
+    with open(os.path.join(weak, run["run"], "config.json")) as f:
+        lr = json.load(f)["train"]["lr"]
+    assert continued and continued[0]["step"] > start["step"]
+    step = continued[0]["step"]
+    assert continued[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / 12)), rel=1e-6)
+
+
+def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, tmp_path):
+    config = campaign(tmp_path, "asha", artifacts, tune={
+        "search": "grid", "scheduler": "asha", "grace_period": 2, "reduction_factor": 2, "max_concurrent": 1,
+        "space": {"train.lr": {"grid": [3.0e-3, 1.0e-3, 1.0e-5, 3.0e-6]}}})
+    out = str(tmp_path / "runs" / "asha" / "tune")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "zeray", "tune", config]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    # kill the whole campaign (driver, its Ray, every trial) once Tune has recorded the first trial as finished
+    deadline = time.monotonic() + 600
+    finished = None
+    while time.monotonic() < deadline and first.poll() is None and finished is None:
+        for path in glob.glob(os.path.join(out, "run_trial_*", "train", "summary.json")):
+            state = "".join(open(p).read() for p in glob.glob(os.path.join(out, "experiment_state-*.json")))
+            if "TERMINATED" in state:
+                finished = os.path.dirname(os.path.dirname(path))
+        time.sleep(0.5)
+    assert finished, open(tmp_path / "first.log").read()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = open(os.path.join(finished, "train", "metrics.jsonl")).read()
+
+    again = subprocess.run(command + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming campaign asha" in again.stdout
+    assert open(os.path.join(finished, "train", "metrics.jsonl")).read() == before  # not run again
+
+    rows = {float(r["train.lr"]): r for r in results(out)}
+    assert len(rows) == 4
+    assert rows[3.0e-3]["status"] == "completed" and int(rows[3.0e-3]["steps_trained"]) == 8
+    stopped = [r for r in rows.values() if r["status"] == "stopped"]
+    assert stopped and all(int(r["steps_trained"]) < 8 for r in stopped)  # ASHA stopped weak trials early
+    best = json.loads(open(os.path.join(out, "best.json")).read())
+    assert best["config"] == {"train.lr": 3.0e-3} and best["step"] == 8
+    assert best["steps_trained"] == sum(int(r["steps_trained"]) for r in rows.values())
+    assert best["disk_bytes"] > 0 and os.path.isfile(os.path.join(out, "tune.png"))
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(best["model_dir"], use_safetensors=True)
+    assert model.num_parameters() > 0
+    # a second `zeray tune` without --resume refuses to overwrite the campaign
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "already holds campaign asha; add --resume" in refused.stderr
