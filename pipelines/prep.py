@@ -140,4 +140,4 @@ def _read_split(root: str, split: str, columns: list[str]):
     folder = os.path.join(root, split)
     if not os.path.isdir(folder) or not any(name.endswith(".parquet") for name in os.listdir(folder)):
         return None
-    return ray.data.read_parquet(folder, columns=columns)
+    return ray.data.read_parquet(folder).select_columns(columns)

@@ -59,6 +59,26 @@ def test_resuming_with_other_settings_is_refused(trained, capsys):
     assert "holds run tiny with other settings (train.micro_batch_size: 8 -> 4; train.lr: 0.003 -> 0.1)" in err
 
 
+def test_a_diverging_loss_stops_the_run_with_its_reason(trained, artifacts, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "poisoned"
+    shutil.copytree(artifacts["model"], model)
+    weights = load_file(model / "model.safetensors")
+    name = next(k for k in sorted(weights) if "layers.0." in k and weights[k].dim() == 2)
+    weights[name][0, 0] = float("nan")  # one bad weight: the first step's loss is NaN
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    # (unpacked: the packing check before training would already refuse a model that computes NaN)
+    assert main(["train", trained["config"], f"model.name_or_path={model}", "data.packing=false",
+                 "name=diverged"]) == 2
+    err = capsys.readouterr().err
+    assert "error: training diverged at step 1: the loss became nan (lower train.lr" in err, err[-2000:]
+    assert not os.path.exists(os.path.join(os.path.dirname(trained["run_dir"]), "diverged", "model"))
+
+
 def test_metrics_jsonl_has_steps_evals_and_checkpoints(trained):
     with open(os.path.join(trained["run_dir"], "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]

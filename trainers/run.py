@@ -155,9 +155,10 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
     result = fit_or_explain(trainer, cfg.cluster.placement_timeout_s)
     if result.error:
         raise result.error
-    if result.metrics.get("diverged"):
-        raise UserError(f"training diverged at step {result.metrics['step']}: the loss became "
-                        f"{result.metrics['loss']} (lower train.lr, raise train.warmup_ratio or train.grad_clip)")
+    rows = read_metrics(run_dir)  # every report (result.metrics holds only the latest checkpoint's)
+    if rows and rows[-1].get("diverged"):
+        raise UserError(f"training diverged at step {rows[-1]['step']}: the loss became {rows[-1]['loss']} "
+                        "(lower train.lr, raise train.warmup_ratio or train.grad_clip)")
 
     final = result.metrics
     ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m]
@@ -174,7 +175,6 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
                   f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
                   flush=True)
             tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
-    rows = read_metrics(run_dir)
     train_rows = [r for r in rows if "tokens_per_s" in r]
     summary = {
         "eval_loss": best_metrics["eval_loss"],
