@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import yaml  # noqa: E402
 
 
-def campaign(root: str, data: str, model: str, scheduler: str, lrs: list[float], steps: int) -> dict:
+def campaign(root: str, data: str, model: str, scheduler: str, lrs: list[float], steps: int, rf: int) -> dict:
     from zeray.cli import main
 
     config = os.path.join(root, f"{scheduler}.yaml")
@@ -33,7 +33,7 @@ def campaign(root: str, data: str, model: str, scheduler: str, lrs: list[float],
             "model": {"name_or_path": model},
             "train": {"num_workers": 1, "max_steps": steps, "micro_batch_size": 8, "zero_stage": 2,
                       "warmup_ratio": 0.0, "eval_every": 5, "checkpoint_every": steps, "log_every": 5},
-            "tune": {"search": "grid", "scheduler": scheduler, "grace_period": 5, "reduction_factor": 3,
+            "tune": {"search": "grid", "scheduler": scheduler, "grace_period": 5, "reduction_factor": rf,
                      "space": {"train.lr": {"grid": lrs}}},
         }, f)
     started = time.perf_counter()
@@ -48,6 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA's: 1/rf of the trials go on at each rung")
     args = parser.parse_args()
 
     import ray
@@ -64,11 +65,11 @@ def main() -> None:
     # one Ray for both campaigns, sized as `zeray tune` sizes its own on 2 cores: 2 trial slots + 2 for Ray Data
     ray.init(num_cpus=4, dashboard_host="127.0.0.1", logging_level="WARNING", configure_logging=True)
     try:
-        fifo = campaign(root, data, model, "fifo", lrs, args.steps)
-        asha = campaign(root, data, model, "asha", lrs, args.steps)
+        fifo = campaign(root, data, model, "fifo", lrs, args.steps, args.reduction_factor)
+        asha = campaign(root, data, model, "asha", lrs, args.steps, args.reduction_factor)
     finally:
         ray.shutdown()
-    print(f"\n{args.trials} trials, learning rates {lrs}, up to {args.steps} steps each")
+    print(f"\n{args.trials} trials, learning rates {lrs}, up to {args.steps} steps each, ASHA reduction factor {args.reduction_factor}")
     for name, r in (("fifo", fifo), ("asha", asha)):
         print(f"{name}: {r['steps']} trial-steps, best eval_loss {r['best']:.4f} (lr {r['lr']:g}), "
               f"{r['wall_s']:.0f}s wall, trials {r['trials']}")

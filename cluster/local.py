@@ -32,7 +32,7 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
     if ray.is_initialized():
         yield "existing"
         return
-    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cluster)
     if address:
         ray.init(address=address, log_to_driver=True)
         where = f"Ray cluster at {address}"
@@ -45,6 +45,20 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
         yield where
     finally:
         ray.shutdown()
+
+
+def cluster_address(cluster: ClusterConfig) -> str | None:
+    """The Ray to connect to: the job's own cluster inside a Ray Job, else `cluster.address`, else RAY_ADDRESS;
+    None for an embedded Ray."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:  # we are a Ray Job's driver: Ray set RAY_ADDRESS for us
+        return os.environ.get("RAY_ADDRESS") or "auto"
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise UserError(f"{address} is a Ray dashboard, where jobs are submitted: run there with "
+                        "`zeray submit CONFIG --address ...`, or drive from here with ray://<head>:10001")
+    return address
 
 
 def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> None:

@@ -12,7 +12,15 @@ from zeray.errors import UserError, find_user_error
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    after = []
+    if "--" in argv:  # `zeray submit CONFIG -- COMMAND`: what follows is the job's command, verbatim
+        at = argv.index("--")
+        argv, after = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    if after and args.command != "submit":
+        parser.error(f"only `zeray submit` takes a command after --, not `zeray {args.command}`")
+    args.job = after
     try:
         return args.func(args) or 0
     except UserError as exc:
@@ -22,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_train(args) -> int:
     from cluster.local import ray_session
+    from cluster.storage import check_storage
     from trainers.run import train
     from zeray.config import load_config
 
@@ -29,6 +38,7 @@ def cmd_train(args) -> int:
     t = cfg.train
     with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
         print(f"zeray train {cfg.name}: {where}, results in {cfg.run_dir}", flush=True)
+        check_storage(cfg)
         summary = _unwrap_user_errors(train, cfg)
     print(f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} "
           f"(first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
@@ -38,6 +48,7 @@ def cmd_train(args) -> int:
 
 def cmd_tune(args) -> int:
     from cluster.local import ray_session
+    from cluster.storage import check_storage
     from tuning.campaign import run_campaign
     from zeray.config import load_config
 
@@ -47,8 +58,15 @@ def cmd_tune(args) -> int:
     trial_cpus = max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)
     with ray_session(cfg.cluster, trial_cpus) as where:
         print(f"zeray tune {cfg.name}: {where}", flush=True)
+        check_storage(cfg)
         _unwrap_user_errors(run_campaign, cfg, args.resume)
     return 0
+
+
+def cmd_submit(args) -> int:
+    from cluster.submit import submit
+
+    return submit(args.config, args.overrides, args.job, args.address, args.follow, args.install)
 
 
 def cmd_plan(args) -> int:
@@ -69,6 +87,7 @@ def cmd_plan(args) -> int:
 
 def cmd_prep(args) -> int:
     from cluster.local import ray_session
+    from cluster.storage import check_storage
     from pipelines.prep import prepare, summary_line
     from zeray.config import load_config
 
@@ -76,6 +95,7 @@ def cmd_prep(args) -> int:
     out_dir = os.path.join(cfg.run_dir, "data")
     with ray_session(cfg.cluster, train_cpus=0) as where:
         print(f"zeray prep {cfg.name}: {where}, writing {out_dir}", flush=True)
+        check_storage(cfg)
         report = _unwrap_user_errors(prepare, cfg.data, cfg.model.name_or_path, out_dir, cfg.model.trust_remote_code)
     print(f"prepared: {summary_line(report)}", flush=True)
     print(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
@@ -86,6 +106,7 @@ def cmd_eval(args) -> int:
     import json
 
     from cluster.local import ray_session
+    from cluster.storage import check_storage
     from trainers.evaluate import evaluate_model
     from zeray.config import load_config
 
@@ -94,6 +115,7 @@ def cmd_eval(args) -> int:
     t = cfg.train
     with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
         print(f"zeray eval {model_dir} on the test split of {args.config}: {where}", flush=True)
+        check_storage(cfg)
         result = _unwrap_user_errors(evaluate_model, cfg, model_dir)
     print(json.dumps(result, indent=2))
     return 0
@@ -164,6 +186,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the campaign of this config after a stop")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("submit", help="run a command of this project on a Ray cluster as a Ray Job",
+                       usage="zeray submit CONFIG [k=v ...] [--address URL] [--follow] [--install] [-- COMMAND ...]")
+    p.add_argument("config", help="run config YAML inside the project (validated here before anything is sent)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, for the validation")
+    p.add_argument("--address", help="the cluster's dashboard, http://<head>:8265 (default: cluster.address, "
+                                     "then RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    p.add_argument("--install", action="store_true",
+                   help="install pyproject.toml's dependencies in the job (runtime_env pip) instead of using the "
+                        "cluster image's")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("plan", help="memory per device for each ZeRO stage and offload, and whether the run fits")
     p.add_argument("config")

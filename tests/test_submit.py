@@ -1,0 +1,163 @@
+"""A real `ray start --head` on loopback with token authentication, and jobs sent to it with `zeray submit` and
+with plain `ray job submit`, as the README shows them."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from tests.conftest import REPO, write_config
+
+TOKEN = "zeray-submit-test-token-5d1f0a4c9e8b7a6f5e4d3c2b1a0f9e8d"
+BIN = os.path.dirname(sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(token: str | None = TOKEN) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = BIN + os.pathsep + env["PATH"]  # the job's `python` is this virtualenv's, as after `activate`
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """`ray start --head --block` with RAY_AUTH_MODE=token, dashboard on 127.0.0.1; SIGTERM stops it and only it.
+
+    Two Ray instances share this machine while it runs (the session's embedded one too). Ray's internal actors
+    that look their cluster up (Train's placement-group cleaner) pick "the latest `ray start`" from
+    /tmp/ray/ray_current_cluster: the head's own --temp-dir keeps that file for the embedded Ray, and RAY_ADDRESS
+    in the head's environment points its own processes at it."""
+    port, dashboard = _free_port(), _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="zr-")  # short: Ray's socket paths live under it
+    env = dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=f"127.0.0.1:{port}")
+    log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
+    proc = subprocess.Popen(
+        [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+         f"--temp-dir={temp_dir}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path_factory.getbasetemp()))
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 90
+    while True:  # up when the jobs API answers an authenticated request
+        probe = subprocess.run([os.path.join(BIN, "ray"), "job", "list", "--address", address],
+                               env=dict(_env(), RAY_AUTH_MODE="token"), capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
+        time.sleep(2)
+    yield address
+    proc.terminate()
+    proc.wait(timeout=60)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _tiny_config(tmp_path, artifacts, name) -> str:
+    return write_config(
+        tmp_path / f"{name}.yaml", name=name, storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 128},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "max_steps": 4, "micro_batch_size": 8, "eval_every": 4, "checkpoint_every": 4,
+               "log_every": 2})
+
+
+def _zeray(*args, env=None, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "zeray", *args], env=env or _env(), cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_zeray_submit_trains_on_the_head_and_returns_the_jobs_status(head, tmp_path, artifacts):
+    config = _tiny_config(tmp_path, artifacts, "submitted")
+    done = _zeray("submit", config, "--address", head, "--follow", "--", "zeray", "train", config)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "submitted job raysubmit_" in done.stdout and "succeeded" in done.stdout
+    summary = json.load(open(tmp_path / "runs" / "submitted" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert os.path.isfile(tmp_path / "runs" / "submitted" / "model" / "model.safetensors")
+
+    # a user error inside the job comes back as the job's exit status 2, with its one-line reason in the log
+    failing = _zeray("submit", config, "--address", head, "--follow", "--", "zeray", "train", config,
+                     "name=too-big", "train.num_workers=64")
+    assert failing.returncode == 2, failing.stdout[-3000:]
+    assert "error: train.num_workers=64 needs" in failing.stdout and "job raysubmit_" in failing.stdout
+
+
+def test_plain_ray_job_submit_runs_zeray_train(head, tmp_path, artifacts):
+    config = _tiny_config(tmp_path, artifacts, "plain")
+    done = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", head, "--working-dir", ".",
+                           "--", "python", "-m", "zeray", "train", config],
+                          env=dict(_env(), RAY_AUTH_MODE="token"), cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    summary = json.load(open(tmp_path / "runs" / "plain" / "summary.json"))
+    assert summary["steps"] == 4 and summary["eval_loss"] < summary["first_loss"]
+
+
+def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
+    project = tmp_path / "project"
+    for part in ("zeray", "cluster", "pipelines", "trainers", "tuning"):
+        shutil.copytree(os.path.join(REPO, part), project / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(REPO, "pyproject.toml"), project)
+    (project / "configs").mkdir()
+    config = write_config(project / "configs" / "x.yaml", name="x", data={"train": "./data.jsonl"})
+    (project / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (project / "configs" / "credentials.json").write_text("{}")
+    (project / "keys").mkdir()
+    (project / "keys" / "deploy.pem").write_text("-----BEGIN-----")
+    (project / "runs" / "old").mkdir(parents=True)
+    (project / "runs" / "old" / "big.bin").write_bytes(b"0" * 1000)
+    check = ("import os, sys, zeray, trainers; left = [p for p in ('pyproject.toml', 'configs/x.yaml') "
+             "if not os.path.exists(p)]; came = [p for p in ('.env', 'configs/credentials.json', 'keys/deploy.pem', "
+             "'runs') if os.path.exists(p)]; print('missing', left, 'uploaded', came); sys.exit(3 if left or came "
+             "else 0)")
+    done = _zeray("submit", "configs/x.yaml", "--address", head, "--follow", "--", "python", "-c", check,
+                  cwd=str(project))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "not uploaded (look like secrets): .env, configs/credentials.json, keys/deploy.pem" in done.stdout
+    assert "missing [] uploaded []" in done.stdout
+    assert os.path.isfile(config)
+
+    # the job's own exit status comes back
+    failed = _zeray("submit", "configs/x.yaml", "--address", head, "--follow", "--", "python", "-c",
+                    "import sys; sys.exit(3)", cwd=str(project))
+    assert failed.returncode == 3 and "failed" in failed.stdout
+
+
+@pytest.mark.parametrize("token", ["not-the-clusters-token-000000000000000000000", None])
+def test_submit_without_the_clusters_token_is_a_clean_error(head, tmp_path, token):
+    config = write_config(tmp_path / "x.yaml", name="x", data={"train": "./data.jsonl"})
+    env = dict(_env(token), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
+    done = _zeray("submit", config, "--address", head, "--", "true", env=env)
+    assert done.returncode == 2 and done.stderr.startswith("error: the cluster at ") and "refused the token" in \
+        done.stderr, done.stderr
+    assert "RAY_AUTH_TOKEN" in done.stderr and (token is None or token not in done.stderr + done.stdout)
+
+
+def test_submit_errors_name_what_is_missing(tmp_path):
+    config = write_config(tmp_path / "x.yaml", name="x", data={"train": "./data.jsonl"})
+    no_cluster = _zeray("submit", config, "--", "true")
+    assert no_cluster.returncode == 2
+    assert "zeray submit needs a cluster: give --address http://<head>:8265" in no_cluster.stderr
+    client_port = _zeray("submit", config, "--address", "ray://127.0.0.1:10001", "--", "true")
+    assert client_port.returncode == 2 and "not to the ray:// client port" in client_port.stderr
+    nobody = _zeray("submit", config, "--address", f"http://127.0.0.1:{_free_port()}", "--", "true")
+    assert nobody.returncode == 2 and "no Ray dashboard answers at" in nobody.stderr, nobody.stderr
+    outside = _zeray("submit", config, "--address", f"http://127.0.0.1:{_free_port()}")
+    assert outside.returncode == 2 and "is outside the project" in outside.stderr
+    not_submit = _zeray("train", config, "--", "true")
+    assert not_submit.returncode == 2 and "only `zeray submit` takes a command after --" in not_submit.stderr
