@@ -1,6 +1,6 @@
 """ASHA against FIFO on the same space and budget, as ratios measured in one run.
 
-    .venv/bin/python bench/tune.py [--trials 8] [--steps 60]
+    .venv/bin/python bench/tune.py [--trials 16] [--steps 60] [--reduction-factor 3]
 
 Both campaigns run the same `--trials` learning rates (log-spaced, in a seeded shuffled order, so neither scheduler
 sees the good ones first by construction) on the same data and model (the demo data, the 0.2M-parameter test model,
@@ -46,7 +46,7 @@ def campaign(root: str, data: str, model: str, scheduler: str, lrs: list[float],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--reduction-factor", type=int, default=3, help="ASHA's: 1/rf of the trials go on at each rung")
     args = parser.parse_args()

@@ -61,21 +61,48 @@ def cluster_address(cluster: ClusterConfig) -> str | None:
     return address
 
 
+def resource_fit(workers: int, per_worker: dict[str, float], data_cpus: float) -> dict:
+    """What the run asks for (workers + Ray Data's CPUs) against what the cluster has now and can grow to."""
+    need = {name: amount * workers + (data_cpus if name == "CPU" else 0) for name, amount in per_worker.items()}
+    now = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    most = autoscaler_maximum()
+    if most:
+        most = {k: v for k, v in most.items() if k in ("CPU", "GPU")}
+
+    def holds(have):
+        return all(amount <= have.get(name, 0.0) + 1e-9 for name, amount in need.items())
+
+    # an autoscaler of unknown reach may hold it: the placement watchdog decides then
+    fits = holds(most) if most else (most == {} or holds(now))
+    return {"need": need, "now": now, "most": most, "fits_now": holds(now), "fits": fits}
+
+
+def describe_fit(workers: int, per_worker: dict[str, float], data_cpus: float) -> str:
+    """One line for `zeray plan`: the request, the cluster now and at the autoscaler's maximum, the verdict."""
+    fit = resource_fit(workers, per_worker, data_cpus)
+    verdict = ("fits now" if fit["fits_now"] else "does not fit" if not fit["fits"]
+               else "fits once the autoscaler adds nodes" if fit["most"] else "fits only if the autoscaler adds nodes")
+    return (f"cluster: the run needs {_fmt(fit['need'])} ({workers} workers x {_fmt(per_worker)} + "
+            f"{data_cpus:g} CPU for Ray Data); the cluster has {_fmt(fit['now'])} now"
+            + (f", up to {_fmt(fit['most'])} with its autoscaler" if fit["most"]
+               else ", and an autoscaler that does not say how far it grows" if fit["most"] == {} else "")
+            + f": {verdict}")
+
+
 def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> None:
-    """Fail at once, naming both sides, when the request exceeds everything the cluster has right now and
-    nothing can grow it (no autoscaler). With an autoscaler, `PlacementWatchdog` decides instead."""
-    total = ray.cluster_resources()
-    if _autoscaling():
+    """Fail at once, naming both sides, when the request exceeds everything the cluster has and can grow to (its
+    autoscaler's maximum). Requests it can hold only later are left to `PlacementWatchdog`."""
+    fit = resource_fit(workers, per_worker, data_cpus)
+    if fit["fits"]:
         return
-    for name, amount in per_worker.items():
-        need = amount * workers + (data_cpus if name == "CPU" else 0)
-        have = total.get(name, 0.0)
-        if need > have + 1e-9:
+    have = fit["most"] or fit["now"]
+    for name, need in fit["need"].items():
+        if need > have.get(name, 0.0) + 1e-9:
             raise UserError(
                 f"train.num_workers={workers} needs {_fmt({name: need})} "
                 f"({workers} x {_fmt(per_worker)}" + (f" + {data_cpus:g} CPU for Ray Data" if name == "CPU" else "")
-                + f") but the cluster has {_fmt({k: v for k, v in total.items() if k in ('CPU', 'GPU')})}; "
-                "lower train.num_workers or train.cpus_per_worker, or raise cluster.num_cpus"
+                + f") but the cluster has {_fmt(have)}" + (" at its autoscaler's maximum" if fit["most"] else "")
+                + "; lower train.num_workers or train.cpus_per_worker, or raise cluster.num_cpus"
             )
 
 
@@ -142,22 +169,50 @@ class PlacementWatchdog:
 
 
 def capacity() -> dict[str, float]:
-    """What the cluster can hold: the autoscaler's maximum when it can grow, else what it has now."""
-    if _autoscaling():
-        from ray._private.state import state
-
-        return dict(state.get_max_resources_from_cluster_config())
-    return dict(ray.cluster_resources())
+    """What the cluster can hold: the autoscaler's maximum when it publishes one, else what it has now."""
+    return autoscaler_maximum() or dict(ray.cluster_resources())
 
 
-def _autoscaling() -> bool:
-    """Whether the cluster declares node types it can scale up to (what Ray Train itself checks)."""
+def autoscaler_maximum() -> dict[str, float] | None:
+    """The resources the cluster can grow to: its autoscaler's published node types (as Ray Train reads them);
+    {} when an autoscaler (v1 or v2) runs without publishing them, so the maximum is unknown here; None when
+    nothing can grow the cluster."""
     from ray._private.state import state
 
     try:
-        return bool(state.get_max_resources_from_cluster_config())
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:
+        most = None
+    if most:
+        return dict(most)
+    return {} if _v1_autoscaler() or _v2_autoscaler() else None
+
+
+def _v2_autoscaler() -> bool:
+    """An autoscaler v2 monitor runs (it marks itself in the GCS; a plain Ray's monitor does not)."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    try:
+        return is_autoscaler_v2(fetch_from_server=True)
     except Exception:
         return False
+
+
+def _v1_autoscaler() -> bool:
+    """An autoscaler v1 monitor with node types of its own. Every Ray runs a monitor, but without an autoscaling
+    config it only mirrors the nodes it has, under Ray's read-only type names."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.autoscaler._private.util import format_readonly_node_type
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    try:
+        status = json.loads(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) or "{}")
+    except Exception:
+        return False
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(node_type != format_readonly_node_type(node_id) for node_id, node_type in mapping.items())
 
 
 def _sum_bundles(bundles: dict) -> dict[str, float]:

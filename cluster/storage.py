@@ -9,7 +9,7 @@ them at the same place (`cluster.shared_storage: true`: NFS, a ReadWriteMany vol
 
 import ray
 
-from cluster.local import _autoscaling
+from cluster.local import autoscaler_maximum
 from zeray.errors import UserError
 
 
@@ -27,7 +27,7 @@ def check_storage(cfg) -> None:
     if cfg.cluster.shared_storage:
         return
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    grows = _autoscaling()
+    grows = autoscaler_maximum() is not None
     if nodes <= 1 and not grows:
         return
     where = f"{nodes} nodes" + (" and an autoscaler that can add more" if grows else "")

@@ -52,6 +52,12 @@ def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster,
     assert "0.2M parameters, fp32" in out and "<- configured" in out
     assert out.count(" yes") == 6 and "cheapest that fits: ZeRO 0, offload none" in out
     assert "tokens per optimizer step (slots): 1024" in out
+    # the request against the session's 4-CPU Ray, which has no autoscaler
+    assert "cluster: the run needs 4 CPU (2 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: " \
+           "fits now" in out
+    assert main(["plan", config, "train.num_workers=3"]) == 0  # plan says it; train refuses it
+    assert "needs 5 CPU (3 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: does not fit" in \
+        capsys.readouterr().out
 
     assert main(["train", config, "train.micro_batch_size=4096", "data.max_length=8192"]) == 2
     err = capsys.readouterr().err.strip()

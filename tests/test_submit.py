@@ -161,3 +161,29 @@ def test_submit_errors_name_what_is_missing(tmp_path):
     assert outside.returncode == 2 and "is outside the project" in outside.stderr
     not_submit = _zeray("train", config, "--", "true")
     assert not_submit.returncode == 2 and "only `zeray submit` takes a command after --" in not_submit.stderr
+
+
+def test_job_command_and_runtime_env(tmp_path):
+    from cluster.submit import dependencies, job_command, runtime_env
+
+    assert job_command([], "configs/x.yaml") == "python -m zeray train configs/x.yaml"
+    assert job_command(["zeray", "tune", "c y.yaml", "--resume"], "ignored") == \
+        "python -m zeray tune 'c y.yaml' --resume"
+    assert job_command(["bash", "-c", "echo hi"], "ignored") == "bash -c 'echo hi'"
+
+    env = runtime_env(REPO, os.path.join(REPO, "runs-elsewhere"), install=False)
+    assert env["working_dir"] == REPO and "pip" not in env
+    assert {".venv", ".git", "runs", ".env", "*.pem", "credentials*", "runs-elsewhere"} <= set(env["excludes"])
+    assert "outside" not in " ".join(runtime_env(REPO, "/outside/runs", install=False)["excludes"])
+    installed = runtime_env(REPO, "s3://bucket/runs", install=True)
+    assert installed["pip"] == dependencies(REPO) and any(d.startswith("ray[") for d in installed["pip"])
+
+
+def test_uri_storage_is_refused_with_the_alternative(tmp_path):
+    from cluster.storage import check_storage
+    from zeray.config import RunConfig
+    from zeray.errors import UserError
+
+    with pytest.raises(UserError, match=r"storage: s3://bucket/runs: zeray writes runs to a filesystem path.*"
+                                        r"cluster.shared_storage: true"):
+        check_storage(RunConfig(storage="s3://bucket/runs"))

@@ -32,6 +32,9 @@ class TrainConfig(Section):
     """One GPU per worker: `auto` uses GPUs when the cluster has them."""
     cpus_per_worker: float = Field(1.0, gt=0, le=512)
     """Logical CPUs each training worker reserves (and torch threads it uses on CPU)."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    """Where Ray places the workers: PACK on as few nodes as possible (fast collectives), SPREAD across nodes
+    where it can, STRICT_SPREAD one per node (or not at all)."""
     epochs: int = Field(1, ge=1, le=100_000)
     """Passes over the training split."""
     max_steps: int | None = Field(None, ge=1)

@@ -169,7 +169,9 @@ def train_loop_per_worker(config: dict) -> None:
         last_eval = evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed)
     final = dict(last_eval)
     test = evaluate(engine, "test", train.micro_batch_size, pad_id, device, packed)
-    final.update({"test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
+    nodes = [None] * world  # how many machines the workers ran on, the last time they started
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    final.update({"nodes": len(set(nodes)), "test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
                   "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})
     save(final, batches_in_epoch=0, export=True)

@@ -86,12 +86,16 @@ def device_memory(use_gpu: bool, workers: int) -> tuple[int | None, str]:
             props = torch.cuda.get_device_properties(0)
             return props.total_memory, props.name
 
+        ref = gpu_memory.remote()
         try:
-            total, name = ray.get(gpu_memory.remote(), timeout=60)
+            total, name = ray.get(ref, timeout=60)
             return total, f"GPU {name}"
         except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)  # or it waits on, holding a GPU node up
             return None, "a GPU (none was free within 60 s to measure)"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not nodes:  # an autoscaling cluster before its worker nodes come up
+        return None, "CPU (no worker node is up yet to measure)"
     memory = min(n["Resources"].get("memory", 0) for n in nodes)
     per_node = math.ceil(workers / len(nodes))
     return int(memory / per_node), f"CPU: {per_node} worker(s) sharing a node's {memory / GB:.1f} GB"

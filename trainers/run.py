@@ -7,14 +7,13 @@ import json
 import os
 import time
 
-import ray
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.local import check_fits, fit_or_explain
+from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import export
@@ -42,18 +41,21 @@ def make_plan(train_rows: int, workers: int, micro_batch: int, grad_accum: int, 
 
 def worker_resources(cfg) -> tuple[bool, dict[str, float]]:
     """Whether workers get a GPU, and what each reserves; a request the cluster can never hold fails here."""
-    gpu = use_gpu(cfg.train.use_gpu, ray.cluster_resources())
+    gpu = use_gpu(cfg.train.use_gpu, capacity(), autoscaler_maximum() == {})  # an autoscaler may add GPU nodes
     per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
     check_fits(cfg.train.num_workers, per_worker, cfg.cluster.data_cpus)
     return gpu, per_worker
 
 
-def use_gpu(setting, resources: dict) -> bool:
+def use_gpu(setting, resources: dict, unknown_reach: bool = False) -> bool:
+    """`auto`: GPUs if the cluster has or can get some; `true` on a cluster that can never have one is an error
+    (unless its autoscaler does not say what it can add)."""
     gpus = resources.get("GPU", 0)
     if setting == "auto":
         return gpus > 0
-    if setting and gpus == 0:
-        raise UserError("train.use_gpu: true but the Ray cluster has no GPUs; set train.use_gpu: auto or false")
+    if setting and gpus == 0 and not unknown_reach:
+        raise UserError("train.use_gpu: true but the Ray cluster has no GPUs (nor can its autoscaler add any); "
+                        "set train.use_gpu: auto or false")
     return bool(setting)
 
 
@@ -135,7 +137,8 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg, "plan": plan},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker,
+                                     placement_strategy=t.placement_strategy),
         datasets=datasets,
         # the same example order on every run: what exact resume and reproducible curves rest on
         # nothing is split: every rank reads the ordered train stream and takes its slice of each global
@@ -194,6 +197,7 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
         "steps": final["step"],
         "wall_s": time.time() - started,
         "world_size": t.num_workers,
+        "nodes": final["nodes"],
         "zero_stage": t.zero_stage,
         "records": counts,
         "model_dir": model_dir,

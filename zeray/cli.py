@@ -70,9 +70,9 @@ def cmd_submit(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from cluster.local import ray_session
+    from cluster.local import autoscaler_maximum, capacity, describe_fit, ray_session
     from trainers.plan import format_plan, make_memory_plan
-    from trainers.run import worker_resources
+    from trainers.run import use_gpu
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -80,7 +80,9 @@ def cmd_plan(args) -> int:
     with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
         print(f"zeray plan {cfg.name}: {where}; {t.num_workers} workers x micro-batch {t.micro_batch_size} x "
               f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens", flush=True)
-        gpu, _ = worker_resources(cfg)
+        gpu = use_gpu(t.use_gpu, capacity(), autoscaler_maximum() == {})
+        per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
+        print(describe_fit(t.num_workers, per_worker, cfg.cluster.data_cpus), flush=True)
         print(format_plan(make_memory_plan(cfg, gpu)), flush=True)
     return 0
 
