@@ -18,5 +18,6 @@ class ClusterConfig(Section):
     volume, one machine. Required for local paths on a multi-node or autoscaling cluster."""
     dashboard_host: str = "127.0.0.1"
     """Interface the embedded Ray dashboard binds to; localhost unless you mean to expose it."""
-    placement_timeout_s: float = Field(120.0, gt=0)
-    """Give up, naming what was asked and what the cluster has, if the workers cannot be placed in this time."""
+    placement_timeout_s: float | None = Field(None, gt=0)
+    """Give up, naming what was asked and what the cluster has, if the workers cannot be placed in this time.
+    Default: 120 s on a cluster of fixed size, 900 s when an autoscaler can add nodes (GPU nodes take minutes)."""

@@ -106,6 +106,17 @@ def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> 
             )
 
 
+FIXED_PLACEMENT_TIMEOUT_S = 120.0
+AUTOSCALING_PLACEMENT_TIMEOUT_S = 900.0
+
+
+def placement_timeout(cluster: ClusterConfig) -> float:
+    """`cluster.placement_timeout_s`, or a default that leaves an autoscaler time to bring nodes up."""
+    if cluster.placement_timeout_s:
+        return cluster.placement_timeout_s
+    return AUTOSCALING_PLACEMENT_TIMEOUT_S if autoscaler_maximum() is not None else FIXED_PLACEMENT_TIMEOUT_S
+
+
 def fit_or_explain(trainer, timeout_s: float):
     """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang.
 

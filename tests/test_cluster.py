@@ -45,3 +45,16 @@ def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
         assert "the cluster has 4 CPU" in dog.message
     finally:
         remove_placement_group(pg)
+
+
+def test_placement_timeout_waits_longer_for_an_autoscaler(monkeypatch):
+    import cluster.local as local
+    from cluster.local import placement_timeout
+
+    monkeypatch.setattr(local, "autoscaler_maximum", lambda: None)
+    assert placement_timeout(ClusterConfig()) == 120
+    monkeypatch.setattr(local, "autoscaler_maximum", lambda: {})  # an autoscaler of unknown reach
+    assert placement_timeout(ClusterConfig()) == 900
+    monkeypatch.setattr(local, "autoscaler_maximum", lambda: {"CPU": 64.0, "GPU": 8.0})
+    assert placement_timeout(ClusterConfig()) == 900
+    assert placement_timeout(ClusterConfig(placement_timeout_s=30)) == 30

@@ -15,7 +15,7 @@ from ray.train import ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.local import fit_or_explain
+from cluster.local import fit_or_explain, placement_timeout
 from pipelines.dataset import build_splits, load_tokenizer
 from trainers.run import worker_resources
 from zeray.errors import UserError
@@ -64,7 +64,7 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         datasets={"test": splits.test},
         run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=cfg.storage),
     )
-    metrics = fit_or_explain(trainer, cfg.cluster.placement_timeout_s).metrics
+    metrics = fit_or_explain(trainer, placement_timeout(cfg.cluster)).metrics
     return {"test_loss": metrics["eval_loss"], "test_perplexity": metrics["eval_perplexity"],
             "test_token_accuracy": metrics["eval_token_accuracy"], "test_tokens": metrics["eval_tokens"],
             "model": model_dir}

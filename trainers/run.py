@@ -13,7 +13,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain
+from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain, placement_timeout
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import export
@@ -155,7 +155,7 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
             logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
         ),
     )
-    result = fit_or_explain(trainer, cfg.cluster.placement_timeout_s)
+    result = fit_or_explain(trainer, placement_timeout(cfg.cluster))
     if result.error:
         raise result.error
     rows = read_metrics(run_dir)  # every report (result.metrics holds only the latest checkpoint's)

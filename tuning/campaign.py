@@ -12,7 +12,7 @@ import os
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-from cluster.local import PlacementWatchdog, capacity
+from cluster.local import PlacementWatchdog, capacity, placement_timeout
 from pipelines.prep import REPORT, load_prepared, prepare
 from trainers.run import check_same_run, make_plan, worker_resources
 from tuning.results import write_results
@@ -94,7 +94,7 @@ def run_campaign(cfg, resume: bool = False) -> dict:
         )
     interrupted = f"continue it with `zeray tune <config> --resume` (its state is in {out})"
     # never hang on resources: a trial's workers that stay unplaced stop the campaign (saved, resumable) with why
-    with PlacementWatchdog(cfg.cluster.placement_timeout_s) as watchdog:
+    with PlacementWatchdog(placement_timeout(cfg.cluster)) as watchdog:
         try:
             grid_result = tuner.fit()
         except KeyboardInterrupt:
