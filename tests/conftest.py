@@ -41,6 +41,15 @@ def ray_cluster():
     ray.shutdown()
 
 
+def free_port() -> int:
+    """A TCP port free on loopback right now, for the extra Ray heads some tests start."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_config(path, **sections) -> str:
     import yaml
 

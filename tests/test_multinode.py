@@ -10,7 +10,6 @@ their own GCS, and `ray start` heads write their address file into their own --t
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import write_config
+from tests.conftest import free_port, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -30,11 +29,6 @@ STEPS = 24
 # the autoscaling head is a `ray start` of its own: token auth on with a token of its own, passed to its clients
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "zeray-multinode-test-token-8c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_ip() -> str:
@@ -70,7 +64,7 @@ def three_nodes(monkeypatch):
     """A head and two worker nodes of 2 CPUs each."""
     from ray.cluster_utils import Cluster
 
-    port = _free_port()
+    port = free_port()
     address = f"{_node_ip()}:{port}"
     monkeypatch.setenv("RAY_ADDRESS", address)  # inherited by every process of this cluster
     cluster = Cluster(initialize_head=True, connect=False,
@@ -166,7 +160,7 @@ def autoscaling_head(tmp_path_factory):
     the autoscaler as the provider's defaults too (tests/fake_provider: the wheel lacks that file)."""
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
 
-    port = _free_port()
+    port = free_port()
     gcs = f"{_node_ip()}:{port}"
     config = {
         "cluster_name": "zeray-fake", "max_workers": 3, "upscaling_speed": 1.0, "idle_timeout_minutes": 0.1,
@@ -201,8 +195,8 @@ def autoscaling_head(tmp_path_factory):
     head = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
          f"--autoscaling-config={root / 'cluster.yaml'}", f"--temp-dir={temp_dir}",
-         f"--dashboard-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+         f"--dashboard-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 90

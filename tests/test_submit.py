@@ -4,7 +4,6 @@ with plain `ray job submit`, as the README shows them."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,16 +11,11 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, write_config
+from tests.conftest import REPO, free_port, write_config
 
 TOKEN = "zeray-submit-test-token-5d1f0a4c9e8b7a6f5e4d3c2b1a0f9e8d"
 BIN = os.path.dirname(sys.executable)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(token: str | None = TOKEN) -> dict:
@@ -40,15 +34,15 @@ def head(tmp_path_factory):
     that look their cluster up (Train's placement-group cleaner) pick "the latest `ray start`" from
     /tmp/ray/ray_current_cluster: the head's own --temp-dir keeps that file for the embedded Ray, and RAY_ADDRESS
     in the head's environment points its own processes at it."""
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="zr-")  # short: Ray's socket paths live under it
     env = dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=f"127.0.0.1:{port}")
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          f"--temp-dir={temp_dir}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path_factory.getbasetemp()))
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 90
@@ -155,9 +149,9 @@ def test_submit_errors_name_what_is_missing(tmp_path):
     assert "zeray submit needs a cluster: give --address http://<head>:8265" in no_cluster.stderr
     client_port = _zeray("submit", config, "--address", "ray://127.0.0.1:10001", "--", "true")
     assert client_port.returncode == 2 and "not to the ray:// client port" in client_port.stderr
-    nobody = _zeray("submit", config, "--address", f"http://127.0.0.1:{_free_port()}", "--", "true")
+    nobody = _zeray("submit", config, "--address", f"http://127.0.0.1:{free_port()}", "--", "true")
     assert nobody.returncode == 2 and "no Ray dashboard answers at" in nobody.stderr, nobody.stderr
-    outside = _zeray("submit", config, "--address", f"http://127.0.0.1:{_free_port()}")
+    outside = _zeray("submit", config, "--address", f"http://127.0.0.1:{free_port()}")
     assert outside.returncode == 2 and "is outside the project" in outside.stderr
     not_submit = _zeray("train", config, "--", "true")
     assert not_submit.returncode == 2 and "only `zeray submit` takes a command after --" in not_submit.stderr
