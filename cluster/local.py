@@ -121,26 +121,36 @@ def fit_or_explain(trainer, timeout_s: float):
     """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang.
 
     The watchdog interrupts the main thread, so it only watches a fit that runs there (a command); a fit inside a
-    Tune trial runs in Tune's thread, and the campaign watches for placement itself."""
+    Tune trial runs in Tune's thread, and the campaign watches for placement itself. During the fit, Ray Train's
+    own SIGINT handler aborts its controller (and the pending group) and exits; whatever that surfaces as, the
+    watchdog's explanation replaces it. Ray Train leaves its handler installed: the caller's is put back."""
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
+    handler = signal.getsignal(signal.SIGINT)
     with PlacementWatchdog(timeout_s) as watchdog:
         try:
             return trainer.fit()
-        except KeyboardInterrupt:
+        except BaseException:
             if watchdog.message:
                 raise UserError(watchdog.message) from None
             raise
+        finally:
+            signal.signal(signal.SIGINT, handler)
 
 
 class PlacementWatchdog:
-    """Never hang on resources: if a placement group stays pending past the timeout, interrupt the command and
-    explain what was asked for and what the cluster has."""
+    """Never hang on resources: if a placement group of this job (not another job's on a shared cluster) stays
+    pending past the timeout, interrupt the command and explain what was asked for and what the cluster has.
 
-    def __init__(self, timeout_s: float, poll_s: float = 1.0):
+    The interrupt is SIGINT to the main thread, repeated every `resend_s` until the command leaves the watched
+    block: Ray Train's handler acts on the first and exits at the third."""
+
+    def __init__(self, timeout_s: float, poll_s: float = 1.0, resend_s: float = 10.0):
         self.timeout_s = timeout_s
         self.poll_s = poll_s
+        self.resend_s = resend_s
         self.message: str | None = None
+        self.error: str | None = None  # the last failure to read the placement groups, for a stuck watchdog
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="zeray-placement-watchdog", daemon=True)
 
@@ -153,30 +163,34 @@ class PlacementWatchdog:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
+        job = ray.get_runtime_context().get_job_id()  # a placement group's id ends with its job's
         first_seen: dict[str, float] = {}
-        while not self._stop.wait(self.poll_s):
+        while self.message is None and not self._stop.wait(self.poll_s):
             try:
                 table = ray.util.placement_group_table()
-            except Exception:  # the GCS going away at shutdown is not our business
+            except Exception as exc:  # the GCS going away at shutdown is not our business
+                self.error = repr(exc)
                 continue
             now = time.monotonic()
             for pg_id, info in table.items():
-                if info.get("state") != "PENDING":
+                if info.get("state") != "PENDING" or not pg_id.endswith(job):
                     first_seen.pop(pg_id, None)
                     continue
-                since = first_seen.setdefault(pg_id, now)
-                if now - since > self.timeout_s:
-                    asked = _sum_bundles(info.get("bundles", {}))
-                    have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
-                    free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-                    self.message = (
-                        f"the training workers could not be placed within cluster.placement_timeout_s="
-                        f"{self.timeout_s:g}s: asked for {_fmt(asked)} in {len(info.get('bundles', {}))} bundles, "
-                        f"the cluster has {_fmt(have)} in total and {_fmt(free)} free"
-                    )
-                    # a real signal, so a main thread blocked in a wait wakes up too
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                    return
+                if now - first_seen.setdefault(pg_id, now) > self.timeout_s:
+                    self.message = self._explain(info.get("bundles", {}))
+                    break
+        while self.message is not None:
+            # a real signal, so a main thread blocked in a wait wakes up too
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            if self._stop.wait(self.resend_s):
+                return
+
+    def _explain(self, bundles: dict) -> str:
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        return (f"the training workers could not be placed within cluster.placement_timeout_s={self.timeout_s:g}s: "
+                f"asked for {_fmt(_sum_bundles(bundles))} in {len(bundles)} bundles, the cluster has {_fmt(have)} "
+                f"in total and {_fmt(free)} free")
 
 
 def capacity() -> dict[str, float]:

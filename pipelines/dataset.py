@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import ray
 import ray.data
+from ray.data.exceptions import ExecutionTimeoutError
 from ray.data.expressions import col
 
 from pipelines.chat import check_tokenizer, tokenize_batch, TemplateError
@@ -55,7 +56,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = False,
-                 splits: tuple[str, ...] = SPLITS) -> Splits:
+                 splits: tuple[str, ...] = SPLITS, wait_s: float | None = None) -> Splits:
     """Read, parse, clean and tokenize every record once; then one sort by a seeded hash of the conversation
     deduplicates (copies sort next to each other) and orders every split; then pack the requested splits.
     Intermediate results live in Ray's object store (spilling to disk when large).
@@ -74,13 +75,25 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
                 raise UserError(f"model.name_or_path: {exc}") from None
     tokenizer_args = dict(name_or_path=model_path, trust_remote_code=trust_remote_code,
                           max_length=data.max_length, loss_on=data.loss_on, overlong=data.overlong)
-    tokenized = ray.data.read_datasource(RecordSource(files)).map_batches(
-        parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
-        batch_size=data.batch_size, batch_format="pyarrow",
-    ).map_batches(
-        Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=tokenizer_pool(data.tokenizer_actors)), num_cpus=1,
-    ).materialize()
+    source = ray.data.read_datasource(RecordSource(files))
+    if wait_s:
+        # the stage that needs CPUs beside the training workers' (a pool of actors + read tasks): Ray Data's stall
+        # guard lets it wait for them as long as the workers may wait for theirs, then explain instead of hanging
+        source.context.execution_no_progress_timeout_s = wait_s
+    actors = tokenizer_pool(data.tokenizer_actors)
+    try:
+        tokenized = source.map_batches(
+            parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
+            batch_size=data.batch_size, batch_format="pyarrow",
+        ).map_batches(
+            Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        ).materialize()
+    except ExecutionTimeoutError:
+        raise UserError(stalled(actors, wait_s or source.context.execution_no_progress_timeout_s)) from None
+    # later stages and the training stream (idle while the workers evaluate) keep Ray Data's own patience
+    defaults = ray.data.DataContext.get_current()
+    tokenized.context.execution_no_progress_timeout_s = defaults.execution_no_progress_timeout_s
     ordered = materialize_in_order(
         tokenized.filter(expr=col("reject") == "")
         .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
@@ -103,19 +116,29 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
 
 
 def tokenizer_pool(setting: int | str) -> int:
-    """Size of the tokenizer pool: at most the cluster's CPUs less one, which the read and parse tasks keep
-    (actors holding every CPU would wait forever for blocks those tasks could then never produce); `auto` on a
-    single machine also stops at its cores, since Ray's logical CPUs there may outnumber them."""
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    """Size of the tokenizer pool: at most the cluster's free CPUs less one, which the read and parse tasks keep
+    (actors holding every CPU would wait forever for blocks those tasks could then never produce; CPUs other work
+    holds are not ours to count on); `auto` on a single machine also stops at its cores, since Ray's logical
+    CPUs there may outnumber them."""
+    cpus = int(min(ray.cluster_resources().get("CPU", 1), ray.available_resources().get("CPU", 0)))
     most = max(1, cpus - 1)
     if setting == "auto":
         alive = [n for n in ray.nodes() if n.get("Alive")]
         return min(most, os.cpu_count() or 1) if len(alive) <= 1 else most
     if setting > most:
-        print(f"data.tokenizer_actors={setting} capped to {most}: the cluster has {cpus} CPUs and reading and "
-              "parsing need one", flush=True)
+        print(f"data.tokenizer_actors={setting} capped to {most}: the cluster has {cpus} CPUs free and reading "
+              "and parsing need one", flush=True)
         return most
     return setting
+
+
+def stalled(actors: int, wait_s: float) -> str:
+    """Why preprocessing stopped: what it needs against what the cluster has and has free right now."""
+    total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
+    return (f"data: preprocessing could not go on for {wait_s:g}s (cluster.placement_timeout_s): it needs 1 CPU "
+            f"to read and {actors} for its tokenizer actors (data.tokenizer_actors), and the cluster has {total:g} "
+            f"CPU in total, {free:g} free now; wait for the work holding them to finish, lower "
+            "data.tokenizer_actors, or add CPUs")
 
 
 def _partitions(files: list[str]) -> int:

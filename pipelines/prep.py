@@ -23,9 +23,11 @@ REJECTS = "rejects.jsonl"
 HISTOGRAM_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1 << 20]
 
 
-def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: bool = False) -> dict:
-    """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json`; returns the report."""
-    splits = build_splits(data, model_path, trust_remote_code)
+def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: bool = False,
+            wait_s: float | None = None) -> dict:
+    """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json`; returns the report.
+    `wait_s`: how long the pipeline may wait for CPUs before it explains and stops."""
+    splits = build_splits(data, model_path, trust_remote_code, wait_s=wait_s)
     tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -50,7 +50,8 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
     t = cfg.train
     gpu, per_worker = worker_resources(cfg)
-    splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",))
+    splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",),
+                          wait_s=placement_timeout(cfg.cluster))
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={

@@ -109,7 +109,8 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
         counts = {k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows")}
         print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
     else:
-        splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code)
+        splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code,
+                              wait_s=placement_timeout(cfg.cluster))
         datasets = {"train": splits.train, "val": splits.val, "test": splits.test}
         counts = count_records(splits.records)
         counts["rows"] = {split: ds.count() for split, ds in datasets.items()}  # materialized: free to count

@@ -93,8 +93,9 @@ def run_campaign(cfg, resume: bool = False) -> dict:
             ),
         )
     interrupted = f"continue it with `zeray tune <config> --resume` (its state is in {out})"
-    # never hang on resources: a trial's workers that stay unplaced stop the campaign (saved, resumable) with why
-    with PlacementWatchdog(placement_timeout(cfg.cluster)) as watchdog:
+    # never hang on resources: a trial's workers that stay unplaced stop the campaign (saved, resumable) with why;
+    # Tune's handler saves the campaign on the first SIGINT and skips that on the next: leave it a minute
+    with PlacementWatchdog(placement_timeout(cfg.cluster), resend_s=60) as watchdog:
         try:
             grid_result = tuner.fit()
         except KeyboardInterrupt:
@@ -114,7 +115,8 @@ def prepare_once(cfg, out: str) -> str:
     data_dir = os.path.join(out, "data")
     if not os.path.isfile(os.path.join(data_dir, REPORT)):
         print(f"data: preparing {cfg.data.train} once for every trial, in {data_dir}", flush=True)
-        prepare(cfg.data, cfg.model.name_or_path, data_dir, cfg.model.trust_remote_code)
+        prepare(cfg.data, cfg.model.name_or_path, data_dir, cfg.model.trust_remote_code,
+                wait_s=placement_timeout(cfg.cluster))
     return data_dir
 
 

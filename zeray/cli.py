@@ -88,7 +88,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_prep(args) -> int:
-    from cluster.local import ray_session
+    from cluster.local import placement_timeout, ray_session
     from cluster.storage import check_storage
     from pipelines.prep import prepare, summary_line
     from zeray.config import load_config
@@ -98,7 +98,8 @@ def cmd_prep(args) -> int:
     with ray_session(cfg.cluster, train_cpus=0) as where:
         print(f"zeray prep {cfg.name}: {where}, writing {out_dir}", flush=True)
         check_storage(cfg)
-        report = _unwrap_user_errors(prepare, cfg.data, cfg.model.name_or_path, out_dir, cfg.model.trust_remote_code)
+        report = _unwrap_user_errors(prepare, cfg.data, cfg.model.name_or_path, out_dir, cfg.model.trust_remote_code,
+                                     placement_timeout(cfg.cluster))
     print(f"prepared: {summary_line(report)}", flush=True)
     print(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
     return 0
