@@ -91,7 +91,17 @@ class RecordSource(FileBasedDatasource):
 
 
 def read_records(f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
-    """Blocks of `{source, line, raw}` from one open (already decompressed) file, by its extension."""
+    """Blocks of `{source, line, raw}` from one open (already decompressed) file, by its extension. A file that
+    cannot be decoded at all (a corrupt or truncated archive, a broken Parquet footer) holds no records we could
+    account for: refused, naming it."""
+    try:
+        yield from _records(f, path)
+    except (OSError, pa.ArrowException, csv.Error, EOFError) as exc:
+        raise UserError(f"data.train: {path} cannot be read ({type(exc).__name__}: {exc}); repair or remove "
+                        "it") from None
+
+
+def _records(f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
     base = path[: -len(ext)] if (ext := next((c for c in COMPRESSION if path.endswith(c)), "")) else path
     if base.endswith(".jsonl"):
         return _jsonl(f, path)
