@@ -79,3 +79,48 @@ def test_killed_worker_resumes_to_identical_weights(ray_cluster, artifacts, tmp_
     assert sorted(a) == sorted(b)
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluster, artifacts, tmp_path, capfd):
+    """A run re-run after its newest checkpoints were cut short on disk (a file truncated, as a dead node mid-copy
+    or a full disk leaves it) resumes from the intact one before them, says so, and ends with the same weights."""
+    import glob
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config = write_config(
+        tmp_path / "cut.yaml", name="cut", storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "max_steps": 8, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
+               "eval_every": 4, "checkpoint_every": 4, "log_every": 2, "keep_checkpoints": 3},
+    )
+    assert main(["train", config]) == 0
+    run = tmp_path / "runs" / "cut"
+    first = load_file(str(run / "model" / "model.safetensors"))
+    shutil.rmtree(run / "model")
+
+    def step(checkpoint):
+        return json.loads((checkpoint / "zeray_state.json").read_text())["step"]
+
+    checkpoints = list(run.glob("checkpoint_*"))
+    assert sorted({step(c) for c in checkpoints}) == [4, 8]
+    for checkpoint in checkpoints:
+        if step(checkpoint) == 8:  # every step-8 checkpoint: a rank's optimizer shard loses its second half
+            (shard,) = glob.glob(str(checkpoint / "ds" / "*rank_1*optim_states.pt"))
+            with open(shard, "r+b") as f:
+                f.truncate(os.path.getsize(shard) // 2)
+    capfd.readouterr()
+    assert main(["train", config]) == 0
+    out = ""
+    for _ in range(20):  # the workers' lines reach the driver through Ray's log forwarding
+        out += capfd.readouterr().out
+        if "resumed from checkpoint" in out:
+            break
+        time.sleep(0.5)
+    assert "is damaged (ds/" in out and "of its" in out and "resuming from" in out, out
+    assert "resumed from checkpoint at step 4" in out, out
+    again = load_file(str(run / "model" / "model.safetensors"))
+    for key in first:  # steps 5-8 trained again from step 4: the same weights
+        assert (first[key] - again[key]).abs().max().item() <= 1e-6, key

@@ -4,12 +4,15 @@ consolidation of a (ZeRO-sharded) DeepSpeed checkpoint into a Hugging Face model
 Layout of one checkpoint (Ray Train merges what every rank wrote):
     ds/               DeepSpeed's own files: every rank's ZeRO shard, rank 0's module states
     latest            DeepSpeed's pointer to the tag `ds`
-    zeray_state.json  the loop's position (step, epoch, micro-batches consumed in the epoch)
+    zeray_state.json  the loop's position (step, epoch, micro-batches consumed in the epoch) and world size
     hf_config/        the model's config and tokenizer, so the checkpoint alone can become a model
     hf_model/         only in the final checkpoint: the exported model
+    zeray_files.rank<r>.json  every file rank r wrote and its size, written last: a checkpoint cut short on disk
+                      (a dead node mid-copy, a full disk, a truncated file) is told apart from a whole one
 """
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -20,6 +23,66 @@ CKPT_TAG = "ds"
 STATE_FILE = "zeray_state.json"
 HF_CONFIG_DIR = "hf_config"
 HF_DIR = "hf_model"
+
+
+MANIFEST = "zeray_files.rank{rank}.json"
+
+
+def write_manifest(directory: str, rank: int) -> None:
+    """List the files this rank wrote into its checkpoint folder, with their sizes (the last file it writes)."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if not name.startswith("zeray_files."):
+                files[os.path.relpath(path, directory)] = os.path.getsize(path)
+    with open(os.path.join(directory, MANIFEST.format(rank=rank)), "w", encoding="utf-8") as f:
+        json.dump(files, f)
+
+
+def damage(checkpoint: str) -> str | None:
+    """What is missing or cut short in a checkpoint on disk, or None when every rank's files are there in full.
+    (Checkpoints of zeray versions before manifests are taken as they are.)"""
+    try:
+        with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
+            world = json.load(f).get("world")
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} unreadable: {exc.__class__.__name__}"
+    manifests = sorted(glob.glob(os.path.join(checkpoint, MANIFEST.format(rank="*"))))
+    if not manifests:
+        return None if world is None else "no rank's file list"
+    if world is not None and len(manifests) != world:
+        return f"the files of {len(manifests)} of its {world} ranks"
+    for manifest in manifests:
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                files = json.load(f)
+        except (OSError, ValueError):
+            return f"{os.path.basename(manifest)} unreadable"
+        for name, size in sorted(files.items()):
+            path = os.path.join(checkpoint, name)
+            if not os.path.isfile(path):
+                return f"{name} missing"
+            if os.path.getsize(path) != size:
+                return f"{name} has {os.path.getsize(path)} of its {size} bytes"
+    return None
+
+
+def intact_checkpoint(latest: str) -> tuple[str, str | None]:
+    """The checkpoint to resume from: `latest` when it is whole, else the newest intact one beside it (by step);
+    returns it and what was wrong with `latest`. None intact: a UserError naming the damage."""
+    problem = damage(latest)
+    if problem is None:
+        return latest, None
+    candidates = []
+    for other in glob.glob(os.path.join(os.path.dirname(latest.rstrip(os.sep)), "checkpoint_*")):
+        if os.path.abspath(other) != os.path.abspath(latest) and damage(other) is None:
+            with open(os.path.join(other, STATE_FILE), encoding="utf-8") as f:
+                candidates.append((json.load(f)["step"], os.path.basename(other), other))
+    if not candidates:
+        raise UserError(f"checkpoint {latest} is damaged ({problem}) and the run has no intact one before it; "
+                        "remove the run's folder (or change `name`) to start afresh")
+    return max(candidates)[2], problem
 
 
 def safe_globals() -> list:
@@ -56,11 +119,13 @@ def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
     if checkpoint:
         if not os.path.isdir(os.path.join(checkpoint, CKPT_TAG)):
             raise UserError(f"--checkpoint {checkpoint} is not a zeray checkpoint (no {CKPT_TAG}/ inside)")
+        if problem := damage(checkpoint):
+            raise UserError(f"--checkpoint {checkpoint} is damaged ({problem}); choose another of the run's")
         return checkpoint
     found = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(os.path.join(p, CKPT_TAG)))
     if not found:
         raise UserError(f"{run_dir} holds no checkpoint_*/ folders; give a run directory of `zeray train`")
-    return found[-1]  # Ray Train names them by time
+    return intact_checkpoint(found[-1])[0]  # Ray Train names them by time
 
 
 def consolidate(checkpoint: str):

@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipelines.chat import IGNORE
-from trainers.checkpoints import CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, verify_weights_only
+from trainers.checkpoints import (CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, intact_checkpoint, verify_weights_only,
+                                 write_manifest)
 from zeray.errors import UserError
 
 
@@ -73,6 +74,10 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = own or (ray.train.Checkpoint(plan["init_checkpoint"]) if plan.get("init_checkpoint") else None)
     if checkpoint:
         with checkpoint.as_directory() as path:
+            if own is not None:  # one cut short on disk: the newest intact one before it, with a warning
+                path, problem = intact_checkpoint(path)
+                if problem and rank == 0:
+                    say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
             verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
             engine.load_checkpoint(path, tag=CKPT_TAG)
             with open(os.path.join(path, STATE_FILE)) as f:
@@ -98,12 +103,13 @@ def train_loop_per_worker(config: dict) -> None:
             engine.save_checkpoint(tmp, tag=CKPT_TAG)
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                    json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch}, f)
+                    json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world": world}, f)
                 # config + tokenizer make every checkpoint exportable on its own (`zeray export`)
                 model.config.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
                 tokenizer.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
             if export:
                 export_hf_model(model, tokenizer, os.path.join(tmp, HF_DIR), rank, train.zero_stage)
+            write_manifest(tmp, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     if checkpoint and own is None:

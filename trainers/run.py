@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain, placement_timeout
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
-from trainers.checkpoints import export
+from trainers.checkpoints import damage, export
 from trainers.loop import train_loop_per_worker
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
 from trainers.plan import explain, make_memory_plan
@@ -165,7 +165,8 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
                         "(lower train.lr, raise train.warmup_ratio or train.grad_clip)")
 
     final = result.metrics
-    ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m]
+    # (an earlier checkpoint damaged on disk, which this run resumed around, is no candidate)
+    ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m and damage(c.path) is None]
     best, best_metrics = min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked else (result.checkpoint, final)
     tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
     tested_step = final["step"]  # whose weights the test numbers describe
