@@ -2,6 +2,7 @@
 # The two things a newcomer runs; each sets up what it needs first (a .venv here, installed from pyproject.toml).
 #   ./run.sh demo    fine-tune the demo chat model end to end on an embedded local Ray, then ask it something
 #   ./run.sh test    run the test suite (extra arguments go to pytest)
+#   ./run.sh reliability   run the fault and bad-input tests and rewrite RELIABILITY.md with what they survived
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,5 +31,6 @@ demo() {
 case "${1:-}" in
   demo) shift; setup; demo "$@" ;;
   test) shift; setup; .venv/bin/python -m pytest "$@" ;;
-  *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args]" >&2; exit 2 ;;
+  reliability) shift; setup; .venv/bin/python -m pytest -m reliability --reliability-report RELIABILITY.md "$@" ;;
+  *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args] | ./run.sh reliability" >&2; exit 2 ;;
 esac

@@ -4,6 +4,9 @@ import os
 
 import pytest
 
+from reliability_report import (pytest_addoption, pytest_configure, pytest_runtest_makereport,  # noqa: F401
+                                pytest_sessionfinish)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -18,6 +18,7 @@ def test_embedded_ray_leaves_room_for_the_data_pipeline():
     assert embedded_cpus(ClusterConfig(num_cpus=6), train_cpus=2) == 6
 
 
+@pytest.mark.reliability("bad input", "more workers than the cluster can ever hold")
 def test_too_many_workers_is_a_clear_error(ray_cluster):
     with pytest.raises(UserError) as err:
         check_fits(8, {"CPU": 1.0}, data_cpus=2)
@@ -26,11 +27,13 @@ def test_too_many_workers_is_a_clear_error(ray_cluster):
     check_fits(2, {"CPU": 1.0}, data_cpus=2)  # the session's own sizing fits
 
 
+@pytest.mark.reliability("bad input", "GPUs asked of a CPU-only cluster")
 def test_gpu_request_on_cpu_cluster(ray_cluster):
     with pytest.raises(UserError, match="needs 2 GPU .* the cluster has 4 CPU"):
         check_fits(2, {"CPU": 1.0, "GPU": 1.0}, data_cpus=2)
 
 
+@pytest.mark.reliability("fault", "a placement group that can never be placed, under the watchdog")
 def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -96,6 +99,7 @@ def without_logging_errors(err: str) -> str:
     return re.sub(r"--- Logging error ---.*?\nArguments:[^\n]*\n", "", err, flags=re.S)
 
 
+@pytest.mark.reliability("fault", "`zeray train` whose workers cannot be placed (another job holds the CPUs)")
 def test_train_whose_workers_cannot_be_placed_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path,
                                                                            capsys):
     import signal
@@ -114,6 +118,7 @@ def test_train_whose_workers_cannot_be_placed_exits_2_with_the_explanation(ray_c
     # leaves its own handler behind)
 
 
+@pytest.mark.reliability("fault", "preprocessing starved of CPUs by another job")
 def test_data_pipeline_starved_of_cpus_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path, capsys):
     capsys.readouterr()
     code, took = pending_run(tmp_path, artifacts, held_cpus=3)  # 1 CPU left: its tokenizer actor or its reads

@@ -64,6 +64,7 @@ def _refused_in_one_line(path: str, overrides: list[str] = ()) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=config_documents(), overrides=st.lists(st.text(string.printable, max_size=30), max_size=3))
+@pytest.mark.reliability("bad input", "random configs: real and unknown keys, random types and values, random `k=v` overrides")
 def test_random_configs_are_accepted_or_refused_in_one_line(tmp_path, doc, overrides):
     path = tmp_path / "fuzz.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
@@ -74,12 +75,14 @@ def test_random_configs_are_accepted_or_refused_in_one_line(tmp_path, doc, overr
 @given(content=st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
                          st.sampled_from([b"train: [", b"data: {train: x", b"\t- a", b"a: b: c", b"--- !!python/object:os.system ls",
                                           b"\xff\xfe", b"key: &a [*a]", b"? [a]\n: b"])))
+@pytest.mark.reliability("bad input", "broken YAML: random bytes and text, unclosed brackets, tabs, python tags, recursive anchors")
 def test_broken_yaml_is_refused_in_one_line(tmp_path, content):
     path = tmp_path / "broken.yaml"
     path.write_bytes(content)
     _refused_in_one_line(str(path))
 
 
+@pytest.mark.reliability("bad input", "a bad config given to every command")
 def test_the_cli_answers_a_bad_config_with_exit_2(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("data: {train: [1, 2]}\ntrain: {zero_stage: 7}\n")
@@ -143,6 +146,7 @@ def _accounted(rows: list[dict]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(lines=jsonl_lines(), fmt=st.sampled_from(sorted(FORMATS)), gz=st.booleans())
+@pytest.mark.reliability("bad input", "random JSONL (plain and gzip): truncated JSON, raw bytes, huge lines, Latin-1, blank lines, every format")
 def test_every_jsonl_line_is_kept_or_rejected_once(lines, fmt, gz):
     content = b"\n".join(lines) + b"\n"
     path = "fuzz.jsonl.gz" if gz else "fuzz.jsonl"
@@ -155,6 +159,7 @@ def test_every_jsonl_line_is_kept_or_rejected_once(lines, fmt, gz):
 @settings(max_examples=200, deadline=None)
 @given(records=st.lists(record, max_size=8), mangle=st.sampled_from(["none", "truncate", "bytes", "object"]),
        fmt=st.sampled_from(sorted(FORMATS)), data=st.data())
+@pytest.mark.reliability("bad input", "random .json files: lists, objects, truncated, raw bytes")
 def test_a_json_file_is_its_records_or_one_reject(records, mangle, fmt, data):
     content = json.dumps(records).encode()
     if mangle == "truncate":
@@ -179,6 +184,7 @@ def test_a_json_file_is_its_records_or_one_reject(records, mangle, fmt, data):
                        min_size=1, max_size=4),
        cells=st.lists(st.lists(st.text(max_size=15), min_size=0, max_size=5), max_size=6),
        fmt=st.sampled_from(sorted(FORMATS)), tail=st.binary(max_size=20))
+@pytest.mark.reliability("bad input", "random CSV: any header, ragged rows, trailing raw bytes")
 def test_every_csv_row_is_kept_or_rejected_once(header, cells, fmt, tail):
     import csv
 
@@ -232,6 +238,7 @@ def _loads(line: bytes):
 
 
 @pytest.mark.integration
+@pytest.mark.reliability("bad input", "`zeray prep` on a directory mixing every file type and format with bad records")
 def test_prep_on_adversarial_files_exits_0_and_accounts_for_every_record(ray_cluster, artifacts, tmp_path):
     from conftest import write_config
 
@@ -257,6 +264,7 @@ def test_prep_on_adversarial_files_exits_0_and_accounts_for_every_record(ray_clu
 
 
 @pytest.mark.integration
+@pytest.mark.reliability("bad input", "a truncated .jsonl.gz beside good data")
 def test_a_corrupt_compressed_file_is_refused_naming_it(ray_cluster, artifacts, tmp_path, capsys):
     from conftest import write_config
 

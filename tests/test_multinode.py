@@ -119,6 +119,7 @@ def _remove_a_training_node_when(cluster, nodes, run_dir, min_step, done: dict):
         time.sleep(0.05)
 
 
+@pytest.mark.reliability("fault", "a worker node removed from a 3-node cluster mid-run")
 def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nodes, tmp_path, artifacts):
     from safetensors.torch import load_file
 

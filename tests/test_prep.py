@@ -13,6 +13,7 @@ from zeray.cli import main
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.reliability("bad input", "a dirty JSONL with one of each defect (unparsable, shapes, roles, empty, duplicate, too long, invalid UTF-8)")
 def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifacts, tmp_path):
     unique = {}
     for line in open(artifacts["data"], encoding="utf-8"):  # chatterbot repeats itself: keep distinct ones

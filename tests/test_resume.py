@@ -3,6 +3,7 @@ resumes from its last checkpoint, and ends with the same weights and the same lo
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -53,11 +54,32 @@ def kill_a_worker_when(run_dir, min_step, done: dict):
         time.sleep(0.05)
 
 
-def test_killed_worker_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path):
+@pytest.fixture(scope="module")
+def straight(ray_cluster, artifacts, tmp_path_factory):
+    """The uninterrupted run the interrupted ones must end up equal to."""
+    root = tmp_path_factory.mktemp("straight")
+    assert main(["train", run_config(root, "straight", artifacts)]) == 0
+    return root / "runs" / "straight"
+
+
+def assert_same_run(interrupted, straight) -> None:
+    """Every step the interrupted run logged (before and after its restart) has the uninterrupted run's loss, and
+    its model the same weights."""
     from safetensors.torch import load_file
 
-    assert main(["train", run_config(tmp_path, "straight", artifacts)]) == 0
+    losses = {r["step"]: r["loss"] for r in metrics(str(straight)) if "loss" in r}
+    for row in metrics(str(interrupted)):
+        if "loss" in row:
+            assert row["loss"] == pytest.approx(losses[row["step"]], abs=1e-5), row["step"]
+    a = load_file(str(straight / "model" / "model.safetensors"))
+    b = load_file(str(interrupted / "model" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
+
+@pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run) SIGKILLed at step 12 or later of 40")
+def test_killed_worker_resumes_to_identical_weights(straight, artifacts, tmp_path):
     interrupted = tmp_path / "runs" / "killed"
     done: dict = {}
     killer = threading.Thread(target=kill_a_worker_when, args=(str(interrupted), 12, done), daemon=True)
@@ -67,20 +89,47 @@ def test_killed_worker_resumes_to_identical_weights(ray_cluster, artifacts, tmp_
     assert "pid" in done, "no worker was killed: the run finished before the killer saw step 12"
     assert done["step"] < STEPS
 
-    rows = [r for r in metrics(str(interrupted)) if "loss" in r]
-    steps = [r["step"] for r in rows]
+    steps = [r["step"] for r in metrics(str(interrupted)) if "loss" in r]
     assert len(steps) > len(set(steps)), "no step was repeated, so the run did not restart from a checkpoint"
-    straight = {r["step"]: r["loss"] for r in metrics(str(tmp_path / "runs" / "straight")) if "loss" in r}
-    for row in rows:  # before and after the kill, every step's loss is the uninterrupted run's
-        assert row["loss"] == pytest.approx(straight[row["step"]], abs=1e-5), row["step"]
-
-    a = load_file(str(tmp_path / "runs" / "straight" / "model" / "model.safetensors"))
-    b = load_file(str(interrupted / "model" / "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+    assert_same_run(interrupted, straight)
 
 
+@pytest.mark.reliability("fault", "the driver SIGKILLed with its embedded Ray and workers mid-run, then the same command run again")
+def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straight, artifacts, tmp_path):
+    """The driver itself dies (SIGKILL to the command, its embedded Ray and its workers); the same command run
+    again finds the run's checkpoints in its storage and finishes it as if nothing had happened."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    config = run_config(tmp_path, "driver", artifacts)
+    run = tmp_path / "runs" / "driver"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "zeray", "train", config]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    deadline = time.monotonic() + 600
+    checkpointed = 0
+    while time.monotonic() < deadline and first.poll() is None and checkpointed < 16:
+        if (run / "metrics.jsonl").exists():
+            checkpointed = max([r["step"] for r in metrics(str(run)) if "checkpoint" in r] or [0])
+        time.sleep(0.2)
+    assert first.poll() is None and checkpointed >= 16, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (run / "summary.json").exists()
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming run driver from its checkpoints" in again.stdout
+    resumed = re.search(r"resumed from checkpoint at step (\d+)", again.stdout)
+    assert resumed and int(resumed.group(1)) >= checkpointed, again.stdout[-3000:]
+    assert_same_run(run, straight)
+
+
+@pytest.mark.reliability("fault", "the newest checkpoints truncated on disk (a rank's optimizer shard cut in half), then the run re-run")
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluster, artifacts, tmp_path, capfd):
     """A run re-run after its newest checkpoints were cut short on disk (a file truncated, as a dead node mid-copy
     or a full disk leaves it) resumes from the intact one before them, says so, and ends with the same weights."""

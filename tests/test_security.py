@@ -10,6 +10,7 @@ from cluster.local import ray_session
 from zeray.config import load_config
 
 
+@pytest.mark.reliability("bad input", "a model that needs remote code, without `trust_remote_code`")
 def test_remote_code_is_off_unless_the_config_says_so(artifacts, tmp_path):
     from conftest import write_config
 

@@ -102,6 +102,7 @@ def test_plain_ray_job_submit_runs_zeray_train(head, tmp_path, artifacts):
     assert summary["steps"] == 4 and summary["eval_loss"] < summary["first_loss"]
 
 
+@pytest.mark.reliability("bad input", "a project holding `.env`, credentials and keys, submitted")
 def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
     project = tmp_path / "project"
     for part in ("zeray", "cluster", "pipelines", "trainers", "tuning"):
@@ -133,6 +134,7 @@ def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
 
 
 @pytest.mark.parametrize("token", ["not-the-clusters-token-000000000000000000000", None])
+@pytest.mark.reliability("bad input", "a submit with a wrong or missing cluster token")
 def test_submit_without_the_clusters_token_is_a_clean_error(head, tmp_path, token):
     config = write_config(tmp_path / "x.yaml", name="x", data={"train": "./data.jsonl"})
     env = dict(_env(token), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on

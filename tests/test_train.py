@@ -43,6 +43,7 @@ def test_train_exits_0_and_loss_goes_down(trained):
     assert summary["mfu"] is None and 0.2 < summary["peak_memory_gb"] < 8
 
 
+@pytest.mark.reliability("bad input", "a DeepSpeed JSON contradicting the config")
 def test_contradicting_deepspeed_file_is_refused_before_workers_start(trained, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"gradient_accumulation_steps": 4}))
@@ -52,6 +53,7 @@ def test_contradicting_deepspeed_file_is_refused_before_workers_start(trained, t
     assert "sets gradient_accumulation_steps=4 but zeray sets 1 from train.grad_accum" in err
 
 
+@pytest.mark.reliability("bad input", "resuming a run with other settings")
 def test_resuming_with_other_settings_is_refused(trained, capsys):
     capsys.readouterr()
     assert main(["train", trained["config"], "train.micro_batch_size=4", "train.lr=0.1"]) == 2
@@ -59,6 +61,7 @@ def test_resuming_with_other_settings_is_refused(trained, capsys):
     assert "holds run tiny with other settings (train.micro_batch_size: 8 -> 4; train.lr: 0.003 -> 0.1)" in err
 
 
+@pytest.mark.reliability("bad input", "a learning rate that makes the loss diverge")
 def test_a_diverging_loss_stops_the_run_with_its_reason(trained, artifacts, tmp_path, capsys):
     import shutil
 
@@ -141,6 +144,7 @@ def test_export_any_checkpoint_from_its_zero_shards(trained, tmp_path):
         assert torch.equal(state[key], value), key
 
 
+@pytest.mark.reliability("bad input", "a checkpoint holding a pickled object")
 def test_export_refuses_a_checkpoint_that_fails_the_weights_only_check(trained, tmp_path):
     import shutil
 

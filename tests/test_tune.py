@@ -69,6 +69,7 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
         assert kept == [r["checkpoint"]]
 
 
+@pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ray_cluster, artifacts, tmp_path):
     config = campaign(tmp_path, "failing", artifacts, max_steps=4, tune={
         "search": "grid", "scheduler": "fifo", "space": {"train.micro_batch_size": {"grid": [8, 4096]}}})
@@ -111,6 +112,7 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
     assert continued[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / 12)), rel=1e-6)
 
 
+@pytest.mark.reliability("fault", "a Tune campaign SIGKILLed (driver, Ray, trials), then `--resume`")
 def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, tmp_path):
     config = campaign(tmp_path, "asha", artifacts, tune={
         "search": "grid", "scheduler": "asha", "grace_period": 2, "reduction_factor": 2, "max_concurrent": 1,
