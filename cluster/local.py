@@ -127,6 +127,9 @@ def fit_or_explain(trainer, timeout_s: float):
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
     handler = signal.getsignal(signal.SIGINT)
+    # Python's own Ctrl-C until Ray Train installs its handler: a handler another library left behind might
+    # swallow the interrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with PlacementWatchdog(timeout_s) as watchdog:
         try:
             return trainer.fit()

@@ -1,6 +1,7 @@
 """Never hang on resources: impossible requests fail at once, unplaceable ones after the timeout, both explained."""
 
 import re
+import signal
 import time
 
 import pytest
@@ -39,6 +40,8 @@ def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
 
     pg = placement_group([{"CPU": 3}, {"CPU": 3}], strategy="PACK")  # 6 CPUs on a 4-CPU Ray: never placed
     started = time.monotonic()
+    # Python's own Ctrl-C, whatever an earlier test's library left installed (fit_or_explain does the same)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with PlacementWatchdog(timeout_s=2, poll_s=0.2) as dog:
             try:
@@ -52,6 +55,7 @@ def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
         assert "asked for 6 CPU in 2 bundles" in dog.message
         assert "the cluster has 4 CPU" in dog.message
     finally:
+        signal.signal(signal.SIGINT, handler)
         remove_placement_group(pg)
 
 
@@ -102,8 +106,6 @@ def without_logging_errors(err: str) -> str:
 @pytest.mark.reliability("fault", "`zeray train` whose workers cannot be placed (another job holds the CPUs)")
 def test_train_whose_workers_cannot_be_placed_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path,
                                                                            capsys):
-    import signal
-
     handler = signal.getsignal(signal.SIGINT)
     capsys.readouterr()
     # 2 x 1.5 CPU + 1 for Ray Data fit the cluster on paper; with 2 CPUs held, the data pipeline runs (1 actor +

@@ -76,7 +76,7 @@ def intact_checkpoint(latest: str) -> tuple[str, str | None]:
         return latest, None
     candidates = []
     for other in glob.glob(os.path.join(os.path.dirname(latest.rstrip(os.sep)), "checkpoint_*")):
-        if os.path.abspath(other) != os.path.abspath(latest) and damage(other) is None:
+        if os.path.isdir(other) and os.path.abspath(other) != os.path.abspath(latest) and damage(other) is None:
             with open(os.path.join(other, STATE_FILE), encoding="utf-8") as f:
                 candidates.append((json.load(f)["step"], os.path.basename(other), other))
     if not candidates:
