@@ -117,28 +117,34 @@ def placement_timeout(cluster: ClusterConfig) -> float:
     return AUTOSCALING_PLACEMENT_TIMEOUT_S if autoscaler_maximum() is not None else FIXED_PLACEMENT_TIMEOUT_S
 
 
+@contextmanager
+def python_sigint():
+    """Python's own Ctrl-C (KeyboardInterrupt) for the block, and the caller's handler back after it: Ray Train
+    leaves its handler installed after every fit, Tune after a campaign, and a handler left behind may swallow
+    the watchdog's interrupt."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def fit_or_explain(trainer, timeout_s: float):
     """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang.
 
     The watchdog interrupts the main thread, so it only watches a fit that runs there (a command); a fit inside a
     Tune trial runs in Tune's thread, and the campaign watches for placement itself. During the fit, Ray Train's
     own SIGINT handler aborts its controller (and the pending group) and exits; whatever that surfaces as, the
-    watchdog's explanation replaces it. Ray Train leaves its handler installed: the caller's is put back."""
+    watchdog's explanation replaces it."""
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
-    handler = signal.getsignal(signal.SIGINT)
-    # Python's own Ctrl-C until Ray Train installs its handler: a handler another library left behind might
-    # swallow the interrupt
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    with PlacementWatchdog(timeout_s) as watchdog:
+    with python_sigint(), PlacementWatchdog(timeout_s) as watchdog:
         try:
             return trainer.fit()
         except BaseException:
             if watchdog.message:
                 raise UserError(watchdog.message) from None
             raise
-        finally:
-            signal.signal(signal.SIGINT, handler)
 
 
 class PlacementWatchdog:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.local import PlacementWatchdog, check_fits, embedded_cpus
+from cluster.local import PlacementWatchdog, check_fits, embedded_cpus, python_sigint
 from zeray.errors import UserError
 
 pytestmark = pytest.mark.integration
@@ -40,10 +40,8 @@ def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
 
     pg = placement_group([{"CPU": 3}, {"CPU": 3}], strategy="PACK")  # 6 CPUs on a 4-CPU Ray: never placed
     started = time.monotonic()
-    # Python's own Ctrl-C, whatever an earlier test's library left installed (fit_or_explain does the same)
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with PlacementWatchdog(timeout_s=2, poll_s=0.2) as dog:
+    try:  # Python's own Ctrl-C, whatever an earlier test's library left installed (as fit_or_explain has it)
+        with python_sigint(), PlacementWatchdog(timeout_s=2, poll_s=0.2) as dog:
             try:
                 time.sleep(30)
                 interrupted = False
@@ -55,7 +53,6 @@ def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
         assert "asked for 6 CPU in 2 bundles" in dog.message
         assert "the cluster has 4 CPU" in dog.message
     finally:
-        signal.signal(signal.SIGINT, handler)
         remove_placement_group(pg)
 
 

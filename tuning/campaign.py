@@ -8,12 +8,11 @@ that was interrupted or whose driver died, through `Tuner.restore`.
 
 import json
 import os
-import signal
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-from cluster.local import PlacementWatchdog, capacity, placement_timeout
+from cluster.local import PlacementWatchdog, capacity, placement_timeout, python_sigint
 from pipelines.prep import REPORT, load_prepared, prepare
 from trainers.run import check_same_run, make_plan, worker_resources
 from tuning.results import write_results
@@ -96,14 +95,11 @@ def run_campaign(cfg, resume: bool = False) -> dict:
     interrupted = f"continue it with `zeray tune <config> --resume` (its state is in {out})"
     # never hang on resources: a trial's workers that stay unplaced stop the campaign (saved, resumable) with why;
     # Tune's handler saves the campaign on the first SIGINT and skips that on the next: leave it a minute
-    handler = signal.getsignal(signal.SIGINT)
-    with PlacementWatchdog(placement_timeout(cfg.cluster), resend_s=60) as watchdog:
+    with python_sigint(), PlacementWatchdog(placement_timeout(cfg.cluster), resend_s=60) as watchdog:
         try:
             grid_result = tuner.fit()
         except KeyboardInterrupt:
             grid_result = None
-        finally:
-            signal.signal(signal.SIGINT, handler)  # Tune leaves its handler installed after a campaign
     unfinished = len(grid_result) - grid_result.num_terminated - grid_result.num_errors if grid_result else 1
     if watchdog.message:
         raise UserError(f"{watchdog.message}; campaign {cfg.name} stopped: {interrupted}")
