@@ -2,11 +2,13 @@
 report — so that training (`data.prepared`) and people can reuse and inspect it.
 
 The output is written to a temporary folder beside the destination and moved into place at the end, so an
-interrupted prep leaves the previous result (or nothing), never half a dataset.
+interrupted prep leaves the previous result (or nothing), never half a dataset; what a killed prep left beside it
+is removed by the next one.
 """
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -28,8 +30,9 @@ def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: 
     """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json`; returns the report.
     `wait_s`: how long the pipeline may wait for CPUs before it explains and stops."""
     splits = build_splits(data, model_path, trust_remote_code, wait_s=wait_s)
-    tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    out_dir = out_dir.rstrip("/")
+    remove_leftovers(out_dir)
+    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
     os.makedirs(tmp)
     try:
         for split in SPLITS:
@@ -39,11 +42,39 @@ def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: 
         report = build_report(splits, tmp, data, model_path)
         with open(os.path.join(tmp, REPORT), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2, sort_keys=True)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if os.path.exists(out_dir):
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return report
+
+
+def remove_leftovers(out_dir: str) -> None:
+    """The temporary and replaced folders of preps into `out_dir` that were killed (their process is gone); a
+    prep still running elsewhere on this machine keeps its own."""
+    parent, name = os.path.split(out_dir)
+    parent = parent or "."
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        match = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+        if not match:
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or not _alive(pid):  # our own pid on it: an earlier process's, reused
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_rejects(splits: Splits, path: str) -> None:

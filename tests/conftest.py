@@ -44,6 +44,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+SECRETS = {  # credentials users keep in their environment, with distinctive values: finding one is a leak
+    "HF_TOKEN": "hf_zeraySecretHuggingFace1234567890",
+    "WANDB_API_KEY": "zeraysecretwandb0123456789abcdef01234567",
+    "AWS_ACCESS_KEY_ID": "AKIAZERAYSECRETKEYID",
+    "AWS_SECRET_ACCESS_KEY": "zeraySecretAwsAccessKey/0123456789abcdefgh",
+    "AWS_SESSION_TOKEN": "zeraySecretAwsSessionToken0123456789",
+    "RAY_AUTH_TOKEN": "zeraysecretraytoken0123456789abcdef0123456789abcdef",
+}
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now, for the extra Ray heads some tests start."""
     import socket

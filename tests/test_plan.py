@@ -64,3 +64,32 @@ def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster,
     assert err.startswith("error: train.zero_stage=3 train.offload=none needs") and "\n" not in err
     assert "no ZeRO stage or offload fits; lower train.micro_batch_size" in err
     assert not (tmp_path / "runs" / "plan" / "metrics.jsonl").exists()  # nothing started
+
+
+def test_lora_counts_adapters_as_trainable_and_the_base_as_frozen_weights(artifacts):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import LoraConfig
+    from trainers.plan import model_shape, shape_states_bytes
+
+    full = model_shape(artifacts["model"], False)
+    assert full["trainable"] == full["params"]
+    lora = model_shape(artifacts["model"], False, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    base = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=torch.float32)
+    adapted = [m for name, m in base.named_modules() if name.endswith(("q_proj", "v_proj"))]
+    assert len(adapted) == 2 * base.config.num_hidden_layers
+    # an adapter on Linear(in, out) is A (r x in) and B (out x r)
+    assert lora["trainable"] == sum(4 * (m.in_features + m.out_features) for m in adapted)
+    assert lora["params"] == full["params"] + lora["trainable"]
+
+    for stage, offload in ((0, "none"), (2, "none"), (3, "none"), (3, "cpu")):
+        assert shape_states_bytes(full, stage, offload, 2, mixed=True) == model_states_bytes(
+            full["params"], full["largest_layer_params"], stage, offload, 2, mixed=True)
+        dev, cpu = shape_states_bytes(lora, stage, offload, 2, mixed=True)
+        adapters = model_states_bytes(lora["trainable"], lora["largest_layer_params"], stage, offload, 2, True)
+        frozen = 2 * full["params"]  # 16-bit working weights, nothing else
+        assert (dev, cpu) == ((adapters[0], adapters[1] + frozen) if offload == "cpu" else
+                              (adapters[0] + (frozen // 2 if stage == 3 else frozen), adapters[1]))
+        full_dev, full_cpu = shape_states_bytes(full, stage, offload, 2, mixed=True)
+        assert dev <= full_dev and dev + cpu < full_dev + full_cpu  # at stage 3 + offload only a layer is on device

@@ -85,3 +85,50 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     assert main(["train", config, f"data.prepared={out}", "data.train=null"]) == 0
     summary = json.loads((tmp_path / "runs" / "prep" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["records"]["rows"]["train"] == report["rows"]["train"]
+
+
+@pytest.mark.reliability("fault", "`zeray prep` SIGKILLed while writing its output, then run again")
+def test_prep_killed_while_writing_then_run_again_writes_it_once(ray_cluster, artifacts, tmp_path):
+    """A prep killed mid-write (its process group, embedded Ray and all) leaves no `data/` at all, only its
+    temporary folder; running it again removes that and writes the same output as any other complete prep: every
+    record once, no row twice."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    config = write_config(
+        tmp_path / "kill.yaml", name="kill", storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+    )
+    run = tmp_path / "runs" / "kill"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen([sys.executable, "-m", "zeray", "prep", config], cwd=REPO, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    writing = []
+    while time.monotonic() < deadline and first.poll() is None and not writing:
+        writing = [p for p in run.glob("data.tmp-*/train/*.parquet")] if run.exists() else []
+        time.sleep(0.01)
+    assert writing and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (run / "data").exists() and [p.name for p in run.iterdir()] == [f"data.tmp-{first.pid}"]
+
+    def tables():
+        report = json.loads((run / "data" / "report.json").read_text())
+        return report, {s: pq.read_table(run / "data" / s).to_pylist() for s in ("train", "val", "test")}
+
+    assert main(["prep", config]) == 0
+    assert [p.name for p in run.iterdir()] == ["data"]  # the killed prep's folder is gone
+    report, rows = tables()
+    assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
+    for split, table in rows.items():
+        assert len(table) == report["rows"][split] > 0
+        assert len({json.dumps(r["input_ids"]) for r in table}) == len(table), f"a {split} row written twice"
+    assert main(["prep", config]) == 0  # and again over it: the very same output
+    assert tables() == (report, rows)

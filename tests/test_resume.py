@@ -3,6 +3,7 @@ resumes from its last checkpoint, and ends with the same weights and the same lo
 
 import json
 import os
+import random
 import re
 import signal
 import threading
@@ -19,13 +20,13 @@ pytestmark = pytest.mark.integration
 STEPS = 40
 
 
-def run_config(root, name, artifacts):
+def run_config(root, name, artifacts, max_failures=2):
     return write_config(
         root / f"{name}.yaml", name=name, storage=str(root / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": STEPS, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 3,
-               "eval_every": 1000, "checkpoint_every": 8, "log_every": 2, "max_failures": 2},
+               "eval_every": 1000, "checkpoint_every": 8, "log_every": 2, "max_failures": max_failures},
     )
 
 
@@ -34,23 +35,29 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
-def kill_a_worker_when(run_dir, min_step, done: dict):
-    """SIGKILL one Ray Train worker process once the run has logged `min_step`."""
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and "pid" not in done:
-        try:
-            steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
-        except (FileNotFoundError, json.JSONDecodeError):
-            steps = []
-        if steps and steps[-1] >= min_step:
-            workers = [p for p in psutil.process_iter(["cmdline"])
-                       if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+def logged_steps(run_dir) -> list[int]:
+    try:
+        return [r["step"] for r in metrics(run_dir) if "loss" in r]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def kill_workers_at(run_dir, targets: list[int], done: list, rng: random.Random):
+    """SIGKILL one Ray Train worker process each time the run logs a step at or past the next target (counting
+    only steps logged since the last kill, so after a restart from a checkpoint); `done` gets (step, pid)."""
+    deadline = time.monotonic() + 900
+    seen = 0  # steps logged before the last kill
+    while time.monotonic() < deadline and len(done) < len(targets):
+        steps = logged_steps(run_dir)[seen:]
+        if steps and steps[-1] >= targets[len(done)]:
+            killed = {pid for _, pid in done}
+            workers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in killed
+                       and any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
             if workers:
-                victim = workers[-1]
-                done["step"] = steps[-1]
-                done["pid"] = victim.pid
+                victim = rng.choice(workers)
+                done.append((steps[-1], victim.pid))
+                seen += len(steps)
                 os.kill(victim.pid, signal.SIGKILL)
-                return
         time.sleep(0.05)
 
 
@@ -78,19 +85,27 @@ def assert_same_run(interrupted, straight) -> None:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
 
-@pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run) SIGKILLed at step 12 or later of 40")
-def test_killed_worker_resumes_to_identical_weights(straight, artifacts, tmp_path):
+@pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run of 40 steps) SIGKILLed at three random steps",
+                         runs=3)
+def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path):
+    seed = int(os.environ.get("ZERAY_TEST_SEED", time.time_ns() % 10**6))
+    rng = random.Random(seed)
+    # one step in each third of the run (steps are logged every 2): before, at and after checkpoints
+    targets = [rng.randrange(lo, hi, 2) for lo, hi in ((2, 14), (14, 26), (26, STEPS - 4))]
+    why = f"ZERAY_TEST_SEED={seed}: kills at steps {targets}"
     interrupted = tmp_path / "runs" / "killed"
-    done: dict = {}
-    killer = threading.Thread(target=kill_a_worker_when, args=(str(interrupted), 12, done), daemon=True)
+    done: list = []
+    killer = threading.Thread(target=kill_workers_at, args=(str(interrupted), targets, done, rng), daemon=True)
     killer.start()
-    assert main(["train", run_config(tmp_path, "killed", artifacts)]) == 0
+    assert main(["train", run_config(tmp_path, "killed", artifacts, max_failures=3)]) == 0, why
     killer.join(timeout=5)
-    assert "pid" in done, "no worker was killed: the run finished before the killer saw step 12"
-    assert done["step"] < STEPS
+    assert len(done) == 3, f"{why}; killed only {done}: the run finished first"
+    assert all(step >= target for (step, _), target in zip(done, targets)), (why, done)
 
-    steps = [r["step"] for r in metrics(str(interrupted)) if "loss" in r]
-    assert len(steps) > len(set(steps)), "no step was repeated, so the run did not restart from a checkpoint"
+    steps = logged_steps(str(interrupted))
+    replays = sum(1 for a, b in zip(steps, steps[1:]) if b <= a)  # a restart went back to its last checkpoint
+    between_checkpoints = sum(1 for step, _ in done if step % 8)  # kills that left steps to do again
+    assert replays >= between_checkpoints, (why, done, steps)
     assert_same_run(interrupted, straight)
 
 

@@ -3,6 +3,7 @@ with plain `ray job submit`, as the README shows them."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, free_port, write_config
+from tests.conftest import REPO, SECRETS, free_port, write_config
 
 TOKEN = "zeray-submit-test-token-5d1f0a4c9e8b7a6f5e4d3c2b1a0f9e8d"
 BIN = os.path.dirname(sys.executable)
@@ -120,11 +121,19 @@ def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
              "if not os.path.exists(p)]; came = [p for p in ('.env', 'configs/credentials.json', 'keys/deploy.pem', "
              "'runs') if os.path.exists(p)]; print('missing', left, 'uploaded', came); sys.exit(3 if left or came "
              "else 0)")
+    # the submitter's environment holds credentials: none of them travels with the job
     done = _zeray("submit", "configs/x.yaml", "--address", head, "--follow", "--", "python", "-c", check,
-                  cwd=str(project))
+                  env=dict(_env(), **{k: v for k, v in SECRETS.items() if k != "RAY_AUTH_TOKEN"}), cwd=str(project))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "not uploaded (look like secrets): .env, configs/credentials.json, keys/deploy.pem" in done.stdout
     assert "missing [] uploaded []" in done.stdout
+    job_id = re.search(r"submitted job (\S+) ", done.stdout).group(1)
+    stored = subprocess.run(  # what the cluster keeps of the job, its runtime_env included
+        [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
+         "print(C(sys.argv[1]).get_job_info(sys.argv[2]).__dict__)", head, job_id],
+        env=dict(_env(), RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
+    assert "working_dir" in stored.stdout, stored.stderr[-3000:]
+    assert [k for k, v in SECRETS.items() if v in stored.stdout] == []
     assert os.path.isfile(config)
 
     # the job's own exit status comes back

@@ -24,10 +24,57 @@ def trained(ray_cluster, artifacts, tmp_path_factory):
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": 16, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
                "eval_every": 8, "checkpoint_every": 8, "log_every": 4, "warmup_ratio": 0.0,
-               "deepspeed": str(root / "ds.json")},
+               "deepspeed": str(root / "ds.json"),
+               # and the experiment trackers: TensorBoard files and an MLflow run (a local database here)
+               "tensorboard": True, "mlflow_uri": f"sqlite:///{root}/mlflow.db", "mlflow_experiment": "tests"},
     )
     code = main(["train", config])
-    return {"code": code, "run_dir": str(root / "runs" / "tiny"), "config": config}
+    return {"code": code, "run_dir": str(root / "runs" / "tiny"), "config": config,
+            "mlflow": f"sqlite:///{root}/mlflow.db"}
+
+
+def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of `folder` (TFRecord framing: length, its CRC, the event
+    protobuf, its CRC), by tag."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_every_logged_metric_reaches_tensorboard_and_mlflow(trained):
+    from mlflow import MlflowClient
+
+    rows = [json.loads(line) for line in open(os.path.join(trained["run_dir"], "metrics.jsonl"))]
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    assert [s for s, _ in losses] == [4, 8, 12, 16] and {s for s, _ in evals} == {8, 16}  # (the end reports twice)
+
+    scalars = tensorboard_scalars(os.path.join(trained["run_dir"], "tensorboard"))
+    assert [(s, pytest.approx(v)) for s, v in scalars["train/loss"]] == losses
+    assert [(s, pytest.approx(v)) for s, v in scalars["eval/eval_loss"]] == evals
+    assert {"train/lr", "train/tokens_per_s", "eval/eval_perplexity"} <= set(scalars)
+
+    client = MlflowClient(tracking_uri=trained["mlflow"])
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    (run,) = [r for r in client.search_runs([experiment]) if r.info.run_name == "tiny"]
+    run_id = json.load(open(os.path.join(trained["run_dir"], "mlflow_run.json")))["run_id"]
+    assert run.info.run_id == run_id and run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (s, pytest.approx(v)) for s, v in losses]
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.name_or_path"].endswith("tiny-test")
+    summary = json.load(open(os.path.join(trained["run_dir"], "summary.json")))
+    assert run.data.metrics["final/test_loss"] == pytest.approx(summary["test_loss"])
 
 
 def test_train_exits_0_and_loss_goes_down(trained):

@@ -4,7 +4,8 @@ import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
 from tuning.config import TuneConfig
-from tuning.space import flatten, parse_space, pbt_mutations, trial_config
+from tuning.space import parse_space, pbt_mutations, trial_config
+from zeray.config import flatten
 from zeray.config import RunConfig
 from zeray.errors import UserError
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 
+from trainers.outputs import RUN_CONFIG
 from zeray.errors import UserError
 
 CKPT_TAG = "ds"
@@ -128,26 +129,41 @@ def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
     return intact_checkpoint(found[-1])[0]  # Ray Train names them by time
 
 
+def checkpoint_state(checkpoint: str) -> dict:
+    """The full fp32 state dict of a checkpoint of any ZeRO stage: rank 0's module states (whole at stages 0-2,
+    frozen LoRA base weights included), overlaid with DeepSpeed's own consolidation of the fp32 master weights
+    from the ZeRO shards (stages 1-3; at stage 3 also the frozen weights' fragments)."""
+    import torch
+
+    verify_weights_only(os.path.join(checkpoint, CKPT_TAG))
+    state = {}
+    module_file = os.path.join(checkpoint, CKPT_TAG, "mp_rank_00_model_states.pt")  # (ZeRO-3 names it per rank)
+    if os.path.isfile(module_file):
+        with torch.serialization.safe_globals(safe_globals()):
+            module = torch.load(module_file, map_location="cpu", weights_only=True)["module"]
+        state = {k: v.float() for k, v in module.items()}
+    if glob.glob(os.path.join(checkpoint, CKPT_TAG, "*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state.update(get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=CKPT_TAG))
+    return state
+
+
+def config_dir(checkpoint: str) -> str:
+    path = os.path.join(checkpoint, HF_CONFIG_DIR)
+    if not os.path.isdir(path):
+        raise UserError(f"{checkpoint} has no {HF_CONFIG_DIR}/; it was not written by this version of zeray")
+    return path
+
+
 def consolidate(checkpoint: str):
-    """The full fp32 model of a checkpoint of any ZeRO stage, built from its shards; returns (model, tokenizer)."""
+    """The full fp32 model of a (full-model, not LoRA) checkpoint of any ZeRO stage; returns (model, tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config_dir = os.path.join(checkpoint, HF_CONFIG_DIR)
-    if not os.path.isdir(config_dir):
-        raise UserError(f"{checkpoint} has no {HF_CONFIG_DIR}/; it was not written by this version of zeray")
-    verify_weights_only(os.path.join(checkpoint, CKPT_TAG))
-    shards = glob.glob(os.path.join(checkpoint, CKPT_TAG, "*optim_states.pt"))
-    if shards:  # ZeRO 1-3: DeepSpeed's own consolidation of the fp32 master weights
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=CKPT_TAG)
-    else:  # ZeRO 0: rank 0 saved the whole module
-        module_file = os.path.join(checkpoint, CKPT_TAG, "mp_rank_00_model_states.pt")
-        with torch.serialization.safe_globals(safe_globals()):
-            state = torch.load(module_file, map_location="cpu", weights_only=True)["module"]
-    config = AutoConfig.from_pretrained(config_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    configs = config_dir(checkpoint)
+    state = checkpoint_state(checkpoint)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(configs), dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
@@ -155,16 +171,28 @@ def consolidate(checkpoint: str):
         raise UserError(f"checkpoint {checkpoint} does not match its model config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    return model, AutoTokenizer.from_pretrained(config_dir)
+    return model, AutoTokenizer.from_pretrained(configs)
 
 
-def export(run_dir: str, out_dir: str, checkpoint: str | None = None) -> str:
-    """Write a Hugging Face model directory (safetensors + tokenizer) from a run's checkpoint; returns its path."""
+def export(run_dir: str, out_dir: str, checkpoint: str | None = None, lora: str | None = None) -> str:
+    """Write a Hugging Face model directory (safetensors + tokenizer) from a run's checkpoint; returns its path.
+    A LoRA checkpoint becomes the merged model or the adapters alone (`lora`: merged | adapter; default: what
+    the run's config chose)."""
+    from transformers import AutoTokenizer
+
+    from trainers.lora import holds_adapters, save_lora_model
+
     chosen = find_checkpoint(run_dir, checkpoint)
+    adapters = holds_adapters(os.path.join(chosen, HF_CONFIG_DIR))
+    lora = (lora or run_lora_export(run_dir)) if adapters else None
+    exported = os.path.join(chosen, HF_DIR)  # the final checkpoint's own export, in the run's choice of form
     tmp = f"{out_dir.rstrip('/')}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.isdir(os.path.join(chosen, HF_DIR)):
-        shutil.copytree(os.path.join(chosen, HF_DIR), tmp)
+    if os.path.isdir(exported) and (lora == "adapter") == holds_adapters(exported):
+        shutil.copytree(exported, tmp)
+    elif adapters:
+        save_lora_model(checkpoint_state(chosen), config_dir(chosen), tmp, lora)
+        AutoTokenizer.from_pretrained(config_dir(chosen)).save_pretrained(tmp)
     else:
         model, tokenizer = consolidate(chosen)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -172,3 +200,12 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None) -> str:
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return chosen
+
+
+def run_lora_export(run_dir: str) -> str:
+    """`model.lora.export` of the run's config (its config.json), merged when it is not known."""
+    try:
+        with open(os.path.join(run_dir, RUN_CONFIG), encoding="utf-8") as f:
+            return ((json.load(f).get("model") or {}).get("lora") or {}).get("export") or "merged"
+    except (OSError, ValueError):
+        return "merged"

@@ -1,10 +1,26 @@
 """The `model:` and `train:` sections of a run config."""
 
-from typing import Any, Literal
+from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
 from zeray.section import Section
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, le=65_536)
+    """Rank of the adapter matrices."""
+    alpha: float = Field(16.0, gt=0)
+    """Scaling numerator: the adapters' update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names (or suffixes) that get adapters, `all-linear`, or null for peft's default for the
+    architecture (the attention projections of the common ones)."""
+    export: Literal["merged", "adapter"] = "merged"
+    """What `model/` (and `zeray export`) holds: the base model with the adapters merged into its weights, or
+    only the adapters (with `adapter_config.json` naming the base model)."""
 
 
 class ModelConfig(Section):
@@ -14,15 +30,9 @@ class ModelConfig(Section):
     """Training precision: `auto` is bf16 on a GPU that supports it and fp32 on CPU."""
     trust_remote_code: bool = False
     """Run Python code shipped inside the model directory. Off unless you trust that code."""
-    lora: dict[str, Any] | None = None
-    """LoRA adapters ({r, alpha, dropout, target_modules}); not available in this version, keep it null."""
-
-    @field_validator("lora")
-    @classmethod
-    def _no_lora_yet(cls, value):
-        if value is not None:
-            raise ValueError("LoRA training is not available in this version of zeray; set model.lora: null")
-        return value
+    lora: LoraConfig | None = None
+    """Train LoRA adapters (peft) instead of every weight: {r, alpha, dropout, target_modules, export}; null
+    trains the full model."""
 
 
 class TrainConfig(Section):
@@ -73,3 +83,21 @@ class TrainConfig(Section):
     """Worker-group restarts Ray Train attempts after a failure (-1: unlimited)."""
     seed: int = 42
     """Seed for weight init of new heads, data order and dropout."""
+    tensorboard: bool = False
+    """Also write every logged metric as TensorBoard event files to `<run>/tensorboard/` (tensorboardX)."""
+    mlflow_uri: str | None = None
+    """Also log the run to MLflow at this tracking URI (http(s)://..., databricks, sqlite:///...); credentials
+    only from MLflow's environment variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD)."""
+    mlflow_experiment: str = "zeray"
+    """The MLflow experiment the run goes into (created if missing)."""
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, value):
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.username is not None or parts.password is not None:
+                raise ValueError("credentials do not belong in the config (it is saved with the run): give the URI "
+                                 "without them and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+                                 "MLFLOW_TRACKING_TOKEN")
+        return value

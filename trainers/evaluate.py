@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from cluster.local import fit_or_explain, placement_timeout
 from pipelines.dataset import build_splits, load_tokenizer
+from trainers.lora import holds_adapters
 from trainers.run import worker_resources
 from zeray.errors import UserError
 
@@ -46,8 +47,9 @@ def eval_loop_per_worker(config: dict) -> None:
 
 
 def evaluate_model(cfg, model_dir: str) -> dict:
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")) and not holds_adapters(model_dir):
+        raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json, nor "
+                        "adapter_config.json)")
     t = cfg.train
     gpu, per_worker = worker_resources(cfg)
     splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",),

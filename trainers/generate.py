@@ -2,6 +2,7 @@
 
 import os
 
+from trainers.lora import holds_adapters
 from zeray.errors import UserError
 
 
@@ -10,9 +11,9 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 64, temperature:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json); "
-                        "give the model/ folder of a run")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")) and not holds_adapters(model_dir):
+        raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json, nor "
+                        "adapter_config.json); give the model/ folder of a run")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pipelines.chat import IGNORE
 from trainers.checkpoints import (CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, intact_checkpoint, verify_weights_only,
                                  write_manifest)
+from trainers.lora import save_lora_model, with_adapters
 from zeray.errors import UserError
 
 
@@ -46,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
-    seed_everything(train.seed + rank)
+    seed_everything(train.seed)  # weights zeray creates (LoRA adapters, new heads): the same on every rank
 
     dtype = precision(model_cfg, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     # fp32 master weights; DeepSpeed casts for bf16/fp16 itself
@@ -58,6 +59,8 @@ def train_loop_per_worker(config: dict) -> None:
     packed = plan["packing"]
     if packed:
         check_packing_isolation(model, model_cfg.name_or_path)
+    if model_cfg.lora:
+        model = with_adapters(model, model_cfg.lora, model_cfg.name_or_path)
     total_steps = plan["total_steps"]
     warmup = int(train.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
@@ -68,6 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
     )
 
+    seed_everything(rng_seed(train.seed, rank, 0))  # dropout: each rank its own stream
     step, epoch, skip_batches = 0, 0, 0
     own = ray.train.get_checkpoint()  # this run's latest: a restart after a failure, or a re-run command
     # else, under PBT, the better trial's checkpoint this run continues from
@@ -83,6 +87,7 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(path, STATE_FILE)) as f:
                 state = json.load(f)
         step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        seed_everything(rng_seed(train.seed, rank, step))  # the streams the run drew from after that checkpoint
         if own is None:  # another run's state: this run's own optimizer settings apply from here on
             apply_optimizer_settings(scheduler, train.lr, train.weight_decay)
         if rank == 0:
@@ -107,8 +112,10 @@ def train_loop_per_worker(config: dict) -> None:
                 # config + tokenizer make every checkpoint exportable on its own (`zeray export`)
                 model.config.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
                 tokenizer.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
+                if model_cfg.lora:
+                    model.peft_config["default"].save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
             if export:
-                export_hf_model(model, tokenizer, os.path.join(tmp, HF_DIR), rank, train.zero_stage)
+                export_hf_model(model, tokenizer, tmp, rank, train.zero_stage, model_cfg.lora)
             write_manifest(tmp, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -161,6 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
                           f"perplexity {last_eval['eval_perplexity']:.2f}")
             if checkpoint_now:
                 save(metrics, used)
+                seed_everything(rng_seed(train.seed, rank, step))  # as a run resumed from here does
             elif metrics is not None:
                 ray.train.report(metrics)
             if step >= total_steps:
@@ -248,19 +256,33 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device, packed: b
             "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0), "eval_tokens": int(sums[1].item())}
 
 
-def export_hf_model(model, tokenizer, out_dir: str, rank: int, zero_stage: int) -> None:
-    """Rank 0 writes the full model (safetensors) and tokenizer; under ZeRO-3 all ranks gather the shards first."""
+def export_hf_model(model, tokenizer, checkpoint_dir: str, rank: int, zero_stage: int, lora) -> None:
+    """Rank 0 writes the full model (safetensors) and tokenizer into the checkpoint's HF_DIR — for LoRA the merged
+    model or the adapters, as `model.lora.export` says; under ZeRO-3 all ranks gather the shards first."""
     import contextlib
 
     import deepspeed
 
+    out_dir = os.path.join(checkpoint_dir, HF_DIR)
     gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
               if zero_stage == 3 else contextlib.nullcontext())
+    state = None
     with gather:  # under ZeRO-3 every rank takes part in gathering; rank 0 writes the full weights
-        if rank == 0:
+        if rank == 0 and lora:
+            state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        elif rank == 0:
             model.save_pretrained(out_dir, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
+    if rank == 0:
+        if lora:  # merged into a fresh copy: the trained module stays as it is
+            save_lora_model(state, os.path.join(checkpoint_dir, HF_CONFIG_DIR), out_dir, lora.export)
+        tokenizer.save_pretrained(out_dir)
     dist.barrier()
+
+
+def rng_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank's random streams from `step` on: reseeding at every checkpoint makes a run resumed from
+    one draw the same dropout as the run that wrote it."""
+    return seed + rank + 1_000_003 * step
 
 
 class Collate(NumpyBatchCollateFn):

@@ -1,4 +1,4 @@
-"""What a run leaves beside Ray Train's own folder: metrics.jsonl, summary.json, report.png, model/."""
+"""What a run leaves beside Ray Train's own folder: config.json, metrics.jsonl, summary.json, report.png, model/."""
 
 import json
 import os
@@ -9,6 +9,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
 MODEL_DIR = "model"
+RUN_CONFIG = "config.json"  # the run's settings, checked when it resumes
 
 
 class MetricsLog(UserCallback):

@@ -4,7 +4,8 @@ Model states (parameters, gradients, optimizer states) follow DeepSpeed's accoun
 mixed-precision ZeRO-2 and ZeRO-3 (`estimate_zero{2,3}_model_states_mem_needs`), and the same per-parameter
 bytes for the stages it has no estimator for (0 and 1) and for fp32 training. Activations are estimated for one
 micro-batch at `max_length` (Korthikanti et al. 2022, no recomputation) plus the logits. The device is a GPU's
-memory, or on CPU the node's memory shared by the workers placed on it.
+memory, or on CPU the node's memory shared by the workers placed on it. With LoRA that accounting covers the
+adapters, and the frozen base adds only its working copy (sharded at stage 3).
 """
 
 import math
@@ -18,18 +19,24 @@ ADDITIONAL_BUFFER = 1.5  # DeepSpeed's default factor for CPU-side buffers
 CHOICES = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu"), (3, "cpu")]  # cheapest first
 
 
-def model_shape(name_or_path: str, trust_remote_code: bool) -> dict:
-    """Parameter counts and dimensions of the model, built on the meta device (no weights are loaded)."""
+def model_shape(name_or_path: str, trust_remote_code: bool, lora=None) -> dict:
+    """Parameter counts and dimensions of the model (with its LoRA adapters, if any: `trainable` counts those),
+    built on the meta device (no weights are loaded)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        if lora:
+            from trainers.lora import with_adapters
+
+            model = with_adapters(model, lora, name_or_path)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     text = config.get_text_config()
     return {
         "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "largest_layer_params": largest,
         "layers": text.num_hidden_layers, "hidden": text.hidden_size,
         "heads": text.num_attention_heads, "vocab": text.vocab_size,
@@ -69,6 +76,16 @@ def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str
     return (working + sharded) * params // world + 4 * largest_layer, 0
 
 
+def shape_states_bytes(shape: dict, stage: int, offload: str, world: int, mixed: bool) -> tuple[int, int]:
+    """`model_states_bytes` for the trainable parameters, plus the working copy of the frozen ones (a LoRA base),
+    sharded at stage 3 and offloaded with the parameters there."""
+    dev, cpu = model_states_bytes(shape["trainable"], shape["largest_layer_params"], stage, offload, world, mixed)
+    frozen = (shape["params"] - shape["trainable"]) * (2 if mixed else 4)
+    if stage == 3 and offload == "cpu":
+        return dev, cpu + frozen
+    return dev + (frozen // world if stage == 3 else frozen), cpu
+
+
 def activation_bytes(shape: dict, micro_batch: int, seq: int, bytes_per_value: int) -> int:
     """Activations kept for backward in one micro-batch, plus the logits and their gradient in fp32."""
     b, s, h, a = micro_batch, seq, shape["hidden"], shape["heads"]
@@ -104,15 +121,14 @@ def device_memory(use_gpu: bool, workers: int) -> tuple[int | None, str]:
 def make_memory_plan(cfg, use_gpu: bool) -> dict:
     """Every stage/offload choice with its memory per device, whether it fits, and the cheapest that does."""
     t, d = cfg.train, cfg.data
-    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.lora)
     dtype = precision(cfg.model, use_gpu, use_gpu)  # bf16 support is checked again on the workers
     mixed = dtype != "fp32"
     device_bytes, device = device_memory(use_gpu, t.num_workers)
     act = activation_bytes(shape, t.micro_batch_size, d.max_length, 2 if mixed else 4)
     rows = []
     for stage, offload in CHOICES:
-        states, cpu = model_states_bytes(shape["params"], shape["largest_layer_params"], stage, offload,
-                                         t.num_workers, mixed)
+        states, cpu = shape_states_bytes(shape, stage, offload, t.num_workers, mixed)
         # on CPU the "device" is the node's memory, which also holds what is offloaded
         need = states + act + (0 if use_gpu else cpu // max(1, t.num_workers))
         rows.append({"zero_stage": stage, "offload": offload, "model_states_gb": states / GB,

@@ -20,7 +20,9 @@ from trainers.checkpoints import damage, export
 from trainers.loop import train_loop_per_worker
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
 from trainers.plan import explain, make_memory_plan
-from trainers.outputs import MODEL_DIR, METRICS_FILE, MetricsLog, plot_report, read_metrics, write_summary
+from trainers.tracking import Tracking
+from trainers.outputs import (MODEL_DIR, METRICS_FILE, RUN_CONFIG, MetricsLog, plot_report, read_metrics,
+                              write_summary)
 from zeray.errors import UserError
 
 
@@ -59,10 +61,10 @@ def use_gpu(setting, resources: dict, unknown_reach: bool = False) -> bool:
     return bool(setting)
 
 
-RUN_CONFIG = "config.json"
 # keys a resumed run may change: they do not alter what the checkpoints mean or where the data stream stands
 RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker"}
+                     "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker",
+                     "train.tensorboard", "train.mlflow_uri", "train.mlflow_experiment"}
 
 
 def check_same_run(cfg, path: str | None = None, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
@@ -135,77 +137,80 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
           f"steps/epoch, {plan['total_steps']} steps", flush=True)
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"run": cfg, "plan": plan},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker,
-                                     placement_strategy=t.placement_strategy),
-        datasets=datasets,
-        # the same example order on every run: what exact resume and reproducible curves rest on
-        # nothing is split: every rank reads the ordered train stream and takes its slice of each global
-        # micro-batch (see the loop), and evaluates all of val/test
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=TrainRunConfig(
-            name=cfg.name,
-            storage_path=cfg.storage,
-            failure_config=FailureConfig(max_failures=t.max_failures),
-            # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="eval_loss",
-                                               checkpoint_score_order="min"),
-            callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE)), *callbacks],
-            logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
-        ),
-    )
-    result = fit_or_explain(trainer, placement_timeout(cfg.cluster))
-    if result.error:
-        raise result.error
-    rows = read_metrics(run_dir)  # every report (result.metrics holds only the latest checkpoint's)
-    if rows and rows[-1].get("diverged"):
-        raise UserError(f"training diverged at step {rows[-1]['step']}: the loss became {rows[-1]['loss']} "
-                        "(lower train.lr, raise train.warmup_ratio or train.grad_clip)")
+    with Tracking(cfg) as tracking:  # TensorBoard / MLflow, if asked for
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"run": cfg, "plan": plan},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker,
+                                         placement_strategy=t.placement_strategy),
+            datasets=datasets,
+            # the same example order on every run: what exact resume and reproducible curves rest on
+            # nothing is split: every rank reads the ordered train stream and takes its slice of each global
+            # micro-batch (see the loop), and evaluates all of val/test
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+            run_config=TrainRunConfig(
+                name=cfg.name,
+                storage_path=cfg.storage,
+                failure_config=FailureConfig(max_failures=t.max_failures),
+                # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                                   checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"),
+                callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE)), *tracking.callbacks, *callbacks],
+                logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
+            ),
+        )
+        result = fit_or_explain(trainer, placement_timeout(cfg.cluster))
+        if result.error:
+            raise result.error
+        rows = read_metrics(run_dir)  # every report (result.metrics holds only the latest checkpoint's)
+        if rows and rows[-1].get("diverged"):
+            raise UserError(f"training diverged at step {rows[-1]['step']}: the loss became {rows[-1]['loss']} "
+                            "(lower train.lr, raise train.warmup_ratio or train.grad_clip)")
 
-    final = result.metrics
-    # (an earlier checkpoint damaged on disk, which this run resumed around, is no candidate)
-    ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m and damage(c.path) is None]
-    best, best_metrics = min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked else (result.checkpoint, final)
-    tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
-    tested_step = final["step"]  # whose weights the test numbers describe
-    model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
-    if export_model:
-        export(run_dir, model_dir, checkpoint=best.path)
-        if best.path != result.checkpoint.path:  # an earlier checkpoint validated better: it is the model
-            from trainers.evaluate import evaluate_model
+        final = result.metrics
+        # (an earlier checkpoint damaged on disk, which this run resumed around, is no candidate)
+        ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m and damage(c.path) is None]
+        best, best_metrics = (min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked
+                              else (result.checkpoint, final))
+        tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
+        tested_step = final["step"]  # whose weights the test numbers describe
+        model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
+        if export_model:
+            export(run_dir, model_dir, checkpoint=best.path)
+            if best.path != result.checkpoint.path:  # an earlier checkpoint validated better: it is the model
+                from trainers.evaluate import evaluate_model
 
-            print(f"model: the checkpoint of step {best_metrics['step']} (validation loss "
-                  f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
-                  flush=True)
-            tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
-    train_rows = [r for r in rows if "tokens_per_s" in r]
-    summary = {
-        "eval_loss": best_metrics["eval_loss"],
-        "eval_perplexity": best_metrics["eval_perplexity"],
-        "eval_token_accuracy": best_metrics["eval_token_accuracy"],
-        "test_loss": tested["test_loss"],
-        "test_perplexity": tested["test_perplexity"],
-        "test_token_accuracy": tested["test_token_accuracy"],
-        "model_step": best_metrics["step"],
-        "test_step": tested_step,
-        "final_eval_loss": final["eval_loss"],
-        "first_loss": train_rows[0]["loss"] if train_rows else None,
-        "final_loss": train_rows[-1]["loss"] if train_rows else None,
-        "tokens_per_s": _steady_tokens_per_s(train_rows),
-        "mfu": _mean([r.get("mfu") for r in train_rows[1:] or train_rows]),
-        "peak_memory_gb": max((r["peak_memory_gb"] for r in train_rows), default=None),
-        "steps": final["step"],
-        "wall_s": time.time() - started,
-        "world_size": t.num_workers,
-        "nodes": final["nodes"],
-        "zero_stage": t.zero_stage,
-        "records": counts,
-        "model_dir": model_dir,
-        "checkpoint": best.path,
-    }
-    write_summary(run_dir, summary)
+                print(f"model: the checkpoint of step {best_metrics['step']} (validation loss "
+                      f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
+                      flush=True)
+                tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
+        train_rows = [r for r in rows if "tokens_per_s" in r]
+        summary = {
+            "eval_loss": best_metrics["eval_loss"],
+            "eval_perplexity": best_metrics["eval_perplexity"],
+            "eval_token_accuracy": best_metrics["eval_token_accuracy"],
+            "test_loss": tested["test_loss"],
+            "test_perplexity": tested["test_perplexity"],
+            "test_token_accuracy": tested["test_token_accuracy"],
+            "model_step": best_metrics["step"],
+            "test_step": tested_step,
+            "final_eval_loss": final["eval_loss"],
+            "first_loss": train_rows[0]["loss"] if train_rows else None,
+            "final_loss": train_rows[-1]["loss"] if train_rows else None,
+            "tokens_per_s": _steady_tokens_per_s(train_rows),
+            "mfu": _mean([r.get("mfu") for r in train_rows[1:] or train_rows]),
+            "peak_memory_gb": max((r["peak_memory_gb"] for r in train_rows), default=None),
+            "steps": final["step"],
+            "wall_s": time.time() - started,
+            "world_size": t.num_workers,
+            "nodes": final["nodes"],
+            "zero_stage": t.zero_stage,
+            "records": counts,
+            "model_dir": model_dir,
+            "checkpoint": best.path,
+        }
+        write_summary(run_dir, summary)
+        tracking.summary = summary
     plot_report(run_dir, rows)
     return summary
 

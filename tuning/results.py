@@ -13,8 +13,8 @@ import shutil
 
 from trainers.checkpoints import export
 from trainers.outputs import SUMMARY_FILE, read_metrics
-from tuning.space import flatten
 from tuning.trial import FIRST_RUN
+from zeray.config import flatten
 from zeray.errors import UserError, find_user_error
 
 RESULTS_FILE = "results.csv"

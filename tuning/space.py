@@ -5,7 +5,7 @@ from typing import Any
 
 from ray import tune
 
-from zeray.config import RunConfig, with_values
+from zeray.config import RunConfig, flatten, with_values
 from zeray.errors import UserError
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -86,16 +86,6 @@ def _domain(where: str, kind: str, args: Any):
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """A trial's nested parameters as dotted keys: `{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}`."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def trial_config(base: RunConfig, params: dict) -> RunConfig:

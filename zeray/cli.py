@@ -129,7 +129,7 @@ def cmd_export(args) -> int:
 
     if not os.path.isdir(args.run_dir):
         raise UserError(f"run directory {args.run_dir} does not exist")
-    chosen = export(args.run_dir, args.out, args.checkpoint)
+    chosen = export(args.run_dir, args.out, args.checkpoint, args.lora)
     print(f"exported {chosen} to {args.out}")
     return 0
 
@@ -222,6 +222,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="<storage>/<name> of a run")
     p.add_argument("--checkpoint", help="a checkpoint_* folder of that run (default: the newest)")
     p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--lora", choices=["merged", "adapter"],
+                   help="for a LoRA run: the base model with the adapters merged in, or the adapters alone "
+                        "(default: the run's model.lora.export)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="reply from an exported model, using its chat template")

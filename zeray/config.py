@@ -67,6 +67,17 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
     return cfg
 
 
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: `{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}`."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def with_values(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfig:
     """A copy of `cfg` with dotted keys set to the given values, validated like the file: a bad key or value is a
     one-line UserError naming `source` (e.g. a tune trial's parameters)."""
@@ -160,6 +171,9 @@ def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
     node[parts[-1]] = value
 
 
+NEVER_SHOWN = {"train.mlflow_uri", "cluster.address"}  # values that may carry credentials: not echoed in errors
+
+
 def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
     """One line for the first problem pydantic found."""
     errors = exc.errors()
@@ -176,7 +190,7 @@ def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
     msgs = [e["msg"] for e in errors if _field_loc(e["loc"]) == loc]
     msg = " or ".join(dict.fromkeys(m[len("Value error, "):] if m.startswith("Value error, ") else m for m in msgs))
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or key in NEVER_SHOWN else f" (got {got!r})"
     return f"invalid value for {key} in {source}: {msg}{shown}"
 
 
@@ -192,7 +206,7 @@ def _source_of(key: str, path: str, overrides: list[str]) -> str:
     for item in overrides:
         name = item.partition("=")[0]
         if key == name or key.startswith(name + ".") or name.startswith(key + "."):
-            return f"{path} (override {item})"
+            return f"{path} (override {name}=...)" if key in NEVER_SHOWN else f"{path} (override {item})"
     return path
 
 
