@@ -17,7 +17,7 @@ from zeray.cli import main
 
 pytestmark = pytest.mark.integration
 
-STEPS = 40
+STEPS = 40  # a cap: one epoch of the test data is 27 steps (447 packed rows in global micro-batches of 16)
 
 
 def run_config(root, name, artifacts, max_failures=2):
@@ -85,13 +85,13 @@ def assert_same_run(interrupted, straight) -> None:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
 
-@pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run of 40 steps) SIGKILLed at three random steps",
+@pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run of 27 steps) SIGKILLed at three random steps",
                          runs=3)
 def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path):
     seed = int(os.environ.get("ZERAY_TEST_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
-    # one step in each third of the run (steps are logged every 2): before, at and after checkpoints
-    targets = [rng.randrange(lo, hi, 2) for lo, hi in ((2, 14), (14, 26), (26, STEPS - 4))]
+    # one step in each third of the 27-step run (steps are logged every 2), on and between checkpoints
+    targets = [rng.randrange(lo, hi, 2) for lo, hi in ((2, 10), (10, 18), (18, 26))]
     why = f"ZERAY_TEST_SEED={seed}: kills at steps {targets}"
     interrupted = tmp_path / "runs" / "killed"
     done: list = []

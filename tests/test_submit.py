@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import pytest
 
@@ -27,6 +28,11 @@ def _env(token: str | None = TOKEN) -> dict:
     return env
 
 
+class Head(NamedTuple):
+    jobs: str  # the dashboard, where jobs are submitted
+    client: str  # the Ray Client server, which drives the cluster from here
+
+
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """`ray start --head --block` with RAY_AUTH_MODE=token, dashboard on 127.0.0.1; SIGTERM stops it and only it.
@@ -35,14 +41,14 @@ def head(tmp_path_factory):
     that look their cluster up (Train's placement-group cleaner) pick "the latest `ray start`" from
     /tmp/ray/ray_current_cluster: the head's own --temp-dir keeps that file for the embedded Ray, and RAY_ADDRESS
     in the head's environment points its own processes at it."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard, client = free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="zr-")  # short: Ray's socket paths live under it
     env = dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=f"127.0.0.1:{port}")
     log = open(tmp_path_factory.mktemp("head") / "head.log", "w")
     proc = subprocess.Popen(
         [os.path.join(BIN, "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
          f"--temp-dir={temp_dir}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={free_port()}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
          f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path_factory.getbasetemp()))
     address = f"http://127.0.0.1:{dashboard}"
@@ -54,7 +60,7 @@ def head(tmp_path_factory):
             break
         assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
         time.sleep(2)
-    yield address
+    yield Head(jobs=address, client=f"ray://127.0.0.1:{client}")
     proc.terminate()
     proc.wait(timeout=60)
     log.close()
@@ -77,7 +83,7 @@ def _zeray(*args, env=None, cwd=REPO):
 
 def test_zeray_submit_trains_on_the_head_and_returns_the_jobs_status(head, tmp_path, artifacts):
     config = _tiny_config(tmp_path, artifacts, "submitted")
-    done = _zeray("submit", config, "--address", head, "--follow", "--", "zeray", "train", config)
+    done = _zeray("submit", config, "--address", head.jobs, "--follow", "--", "zeray", "train", config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted job raysubmit_" in done.stdout and "succeeded" in done.stdout
     summary = json.load(open(tmp_path / "runs" / "submitted" / "summary.json"))
@@ -85,7 +91,7 @@ def test_zeray_submit_trains_on_the_head_and_returns_the_jobs_status(head, tmp_p
     assert os.path.isfile(tmp_path / "runs" / "submitted" / "model" / "model.safetensors")
 
     # a user error inside the job comes back as the job's exit status 2, with its one-line reason in the log
-    failing = _zeray("submit", config, "--address", head, "--follow", "--", "zeray", "train", config,
+    failing = _zeray("submit", config, "--address", head.jobs, "--follow", "--", "zeray", "train", config,
                      "name=too-big", "train.num_workers=64")
     assert failing.returncode == 2, failing.stdout[-3000:]
     assert "error: train.num_workers=64 needs" in failing.stdout and "job raysubmit_" in failing.stdout
@@ -93,7 +99,7 @@ def test_zeray_submit_trains_on_the_head_and_returns_the_jobs_status(head, tmp_p
 
 def test_plain_ray_job_submit_runs_zeray_train(head, tmp_path, artifacts):
     config = _tiny_config(tmp_path, artifacts, "plain")
-    done = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", head, "--working-dir", ".",
+    done = subprocess.run([os.path.join(BIN, "ray"), "job", "submit", "--address", head.jobs, "--working-dir", ".",
                            "--", "python", "-m", "zeray", "train", config],
                           env=dict(_env(), RAY_AUTH_MODE="token"), cwd=REPO, capture_output=True, text=True,
                           timeout=900)
@@ -101,6 +107,39 @@ def test_plain_ray_job_submit_runs_zeray_train(head, tmp_path, artifacts):
     assert "succeeded" in done.stdout
     summary = json.load(open(tmp_path / "runs" / "plain" / "summary.json"))
     assert summary["steps"] == 4 and summary["eval_loss"] < summary["first_loss"]
+
+
+def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, artifacts):
+    """RAY_ADDRESS=ray://<head>:10001 zeray train ...: the driver runs here, Ray Data and Ray Train on the cluster."""
+    config = _tiny_config(tmp_path, artifacts, "client")
+    done = _zeray("train", config, env=dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=head.client))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"zeray train: driving the cluster at {head.client}; the command runs there" in done.stdout
+    assert "done in" in done.stdout  # the command's last line made it here
+    summary = json.load(open(tmp_path / "runs" / "client" / "summary.json"))
+    assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["eval_loss"] < summary["first_loss"]
+
+    # a user error on the cluster comes back as exit status 2, with its one-line reason
+    refused = _zeray("train", config, "name=too-big", "train.num_workers=64",
+                     env=dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=head.client))
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert "error: train.num_workers=64 needs" in refused.stderr
+
+    # workers that cannot be placed (another client holds the CPUs they need) stop the run with the reason
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, ray; from ray.util.placement_group import placement_group; "
+         "ray.init(sys.argv[1]); pg = placement_group([{'CPU': 2}]); ray.get(pg.ready()); print('held', flush=True); "
+         "time.sleep(600)", head.client],
+        env=dict(_env(), RAY_AUTH_MODE="token"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        pending = _zeray("train", config, "name=pending", "train.cpus_per_worker=1.5", "cluster.data_cpus=1",
+                         "cluster.placement_timeout_s=5", env=dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=head.client))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert pending.returncode == 2, pending.stdout[-3000:] + pending.stderr[-3000:]
+    assert "error: the training workers could not be placed within cluster.placement_timeout_s=5s" in pending.stderr
 
 
 @pytest.mark.reliability("bad input", "a project holding `.env`, credentials and keys, submitted")
@@ -122,7 +161,7 @@ def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
              "'runs') if os.path.exists(p)]; print('missing', left, 'uploaded', came); sys.exit(3 if left or came "
              "else 0)")
     # the submitter's environment holds credentials: none of them travels with the job
-    done = _zeray("submit", "configs/x.yaml", "--address", head, "--follow", "--", "python", "-c", check,
+    done = _zeray("submit", "configs/x.yaml", "--address", head.jobs, "--follow", "--", "python", "-c", check,
                   env=dict(_env(), **{k: v for k, v in SECRETS.items() if k != "RAY_AUTH_TOKEN"}), cwd=str(project))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "not uploaded (look like secrets): .env, configs/credentials.json, keys/deploy.pem" in done.stdout
@@ -130,14 +169,14 @@ def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
     job_id = re.search(r"submitted job (\S+) ", done.stdout).group(1)
     stored = subprocess.run(  # what the cluster keeps of the job, its runtime_env included
         [sys.executable, "-c", "import sys; from ray.job_submission import JobSubmissionClient as C; "
-         "print(C(sys.argv[1]).get_job_info(sys.argv[2]).__dict__)", head, job_id],
+         "print(C(sys.argv[1]).get_job_info(sys.argv[2]).__dict__)", head.jobs, job_id],
         env=dict(_env(), RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
     assert "working_dir" in stored.stdout, stored.stderr[-3000:]
     assert [k for k, v in SECRETS.items() if v in stored.stdout] == []
     assert os.path.isfile(config)
 
     # the job's own exit status comes back
-    failed = _zeray("submit", "configs/x.yaml", "--address", head, "--follow", "--", "python", "-c",
+    failed = _zeray("submit", "configs/x.yaml", "--address", head.jobs, "--follow", "--", "python", "-c",
                     "import sys; sys.exit(3)", cwd=str(project))
     assert failed.returncode == 3 and "failed" in failed.stdout
 
@@ -147,7 +186,7 @@ def test_submit_uploads_the_project_but_not_its_secrets(head, tmp_path):
 def test_submit_without_the_clusters_token_is_a_clean_error(head, tmp_path, token):
     config = write_config(tmp_path / "x.yaml", name="x", data={"train": "./data.jsonl"})
     env = dict(_env(token), HOME=str(tmp_path))  # no ~/.ray/auth_token to fall back on
-    done = _zeray("submit", config, "--address", head, "--", "true", env=env)
+    done = _zeray("submit", config, "--address", head.jobs, "--", "true", env=env)
     assert done.returncode == 2 and done.stderr.startswith("error: the cluster at ") and "refused the token" in \
         done.stderr, done.stderr
     assert "RAY_AUTH_TOKEN" in done.stderr and (token is None or token not in done.stderr + done.stdout)

@@ -11,8 +11,16 @@ from zeray.errors import UserError, find_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+def run(argv: list[str]) -> int:
+    """The command's exit code; a user error is raised as UserError."""
     parser = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
     after = []
     if "--" in argv:  # `zeray submit CONFIG -- COMMAND`: what follows is the job's command, verbatim
         at = argv.index("--")
@@ -21,11 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     if after and args.command != "submit":
         parser.error(f"only `zeray submit` takes a command after --, not `zeray {args.command}`")
     args.job = after
-    try:
-        return args.func(args) or 0
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    if args.command in {"train", "prep", "tune", "eval", "plan"}:
+        from cluster.client import client_address, run_through_client
+        from zeray.config import load_config
+
+        cfg = load_config(args.config, args.overrides, check_paths=False)  # the paths are the cluster's
+        if address := client_address(cfg):  # a ray:// cluster: the command runs there
+            return run_through_client(address, argv, cfg, watch_placement=args.command in ("train", "eval"))
+    return args.func(args) or 0
 
 
 def cmd_train(args) -> int:
