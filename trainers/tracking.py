@@ -110,7 +110,11 @@ class Trackers(UserCallback):
                 self._writer = SummaryWriter(self.tensorboard_dir)
             for key, value in numbers.items():
                 self._writer.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, step)
-            self._writer.flush()
+            if row.get("final"):  # the controller ends right after this: write out the queue (flush does not)
+                self._writer.close()
+                self._writer = None
+            else:
+                self._writer.flush()
         if self.mlflow_run:
             from mlflow.entities import Metric
 
