@@ -31,6 +31,6 @@ demo() {
 case "${1:-}" in
   demo) shift; setup; demo "$@" ;;
   test) shift; setup; .venv/bin/python -m pytest "$@" ;;
-  reliability) shift; setup; .venv/bin/python -m pytest -m reliability --reliability-report RELIABILITY.md "$@" ;;
+  reliability) shift; setup; .venv/bin/python -m pytest -m reliability --reliability-report=RELIABILITY.md "$@" ;;
   *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args] | ./run.sh reliability" >&2; exit 2 ;;
 esac
