@@ -1,29 +1,89 @@
-"""Storage a run can use on this cluster, checked before any worker starts.
+"""Where a run's files live, and whether this cluster can use that place (checked before any worker starts).
 
-On one node every path is shared. With several nodes (or an autoscaler that can add them) each node writes its
+`storage` is a local path or a URI (s3://, gs://, abfs://, hdfs://). Ray Train writes checkpoints straight into
+it through pyarrow's filesystem, Ray Data writes the prepared Parquet there, and zeray's own outputs (config.json,
+metrics.jsonl, summary.json, report.png, model/, tensorboard/) are written to a local folder on the driver's node
+and copied up as they change (`RunStore`). An object store is shared by every node by nature.
+
+On one node every local path is shared. With several nodes (or an autoscaler that can add them) each node writes its
 checkpoint shards, Ray Data's Parquet and the metrics into `storage` and reads the data and the model from their
 paths: a node-local path would scatter the run over disks no other node sees, and the export at the end would
 find a fraction of the shards. Local paths are then allowed only when the config declares that every node mounts
 them at the same place (`cluster.shared_storage: true`: NFS, a ReadWriteMany volume, the same machine).
 """
 
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pyarrow.fs as pafs
 import ray
 
 from cluster.local import autoscaler_maximum
 from zeray.errors import UserError
+from zeray.fs import display, download, exists, is_local, is_uri, resolve, upload
+
+PULLED = ("config.json", "metrics.jsonl", "mlflow_run.json")  # what a re-run of an object-store run continues
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
+@dataclass
+class RunStore:
+    """A run folder `<storage>/<name>` in its filesystem (`fs`, `path`), and `local`: the folder on this node
+    where zeray writes the run's own files — the run folder itself on a local disk, a staging folder mirrored to
+    the object store otherwise (`push`)."""
+
+    fs: pafs.FileSystem
+    path: str
+    local: str
+
+    @property
+    def mirrored(self) -> bool:
+        return not is_local(self.fs)
+
+    def exists(self, name: str) -> bool:
+        return exists(self.fs, f"{self.path}/{name}")
+
+    def location(self, path: str) -> str:
+        """A path in this store as the user names it (the URI on an object store)."""
+        return display(self.fs, path)
+
+    def push(self, name: str) -> None:
+        """Copy `local/name` (a file or a folder) up to the store; nothing to do on a local disk."""
+        if self.mirrored and os.path.exists(os.path.join(self.local, name)):
+            upload(os.path.join(self.local, name), self.fs, f"{self.path}/{name}")
+
+
+@contextmanager
+def run_store(run_dir: str, key: str = "storage"):
+    """The `RunStore` of a run folder. For an object store: a staging folder holding what a re-run continues
+    (PULLED), every file of it copied up when the block ends, however it ends, and then removed."""
+    fs, path = resolve(run_dir, key)
+    if is_local(fs):
+        os.makedirs(path, exist_ok=True)
+        yield RunStore(fs, path, path)
+        return
+    staging = tempfile.mkdtemp(prefix="zeray-run-")
+    store = RunStore(fs, path, staging)
+    try:
+        for name in PULLED:
+            if store.exists(name):
+                download(fs, f"{path}/{name}", os.path.join(staging, name))
+        yield store
+    finally:
+        try:
+            for name in sorted(os.listdir(staging)):
+                store.push(name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_storage(cfg) -> None:
     """A UserError naming the path and the fix when a multi-node cluster would write to or read from node-local
-    paths."""
-    if is_uri(cfg.storage):
-        raise UserError(f"storage: {cfg.storage}: zeray writes runs to a filesystem path; on a multi-node cluster "
-                        "use a directory every node mounts (NFS, a ReadWriteMany volume) with "
-                        "cluster.shared_storage: true")
+    paths (an object-store URI is fine everywhere; one pyarrow cannot open fails here)."""
+    if is_uri(cfg.storage) and not is_local(resolve(cfg.storage, "storage")[0]):
+        return
     if cfg.cluster.shared_storage:
         return
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
@@ -33,5 +93,6 @@ def check_storage(cfg) -> None:
     where = f"{nodes} nodes" + (" and an autoscaler that can add more" if grows else "")
     raise UserError(
         f"storage: {cfg.storage} is a path on this node, but the cluster has {where}: checkpoints, data and "
-        "metrics written on the other nodes would land on their own disks. Point storage (and data.train, "
-        "model.name_or_path) at a directory every node mounts and set cluster.shared_storage: true")
+        "metrics written on the other nodes would land on their own disks. Point storage at an object store "
+        "(s3://, gs://, abfs://) or at a directory every node mounts (and data.train, model.name_or_path there "
+        "too) and set cluster.shared_storage: true")

@@ -16,6 +16,7 @@ import time
 import tomllib
 
 from zeray.errors import UserError
+from zeray.fs import is_uri
 
 # never uploaded: the environment, history, outputs, caches
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"]
@@ -62,7 +63,7 @@ def _is_secret(name: str, rel: str, found: list[str]) -> bool:
 def runtime_env(root: str, storage: str, install: bool) -> dict:
     """working_dir = the project without environment, outputs and secrets; pip from pyproject.toml if asked."""
     excludes = EXCLUDES + SECRET_PATTERNS  # gitignore syntax: a pattern without "/" matches at any depth
-    if storage and not _is_uri(storage):
+    if storage and not is_uri(storage):
         rel = os.path.relpath(os.path.abspath(storage), root)
         if not rel.startswith(".."):
             excludes.append(rel)  # the config's storage inside the project: outputs never travel
@@ -158,7 +159,3 @@ def _use_token_if_present() -> None:
 
     if AUTH_MODE_ENV_VAR not in os.environ and AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         _enable_token_auth()
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path

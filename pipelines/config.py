@@ -27,7 +27,8 @@ class DataConfig(Section):
     """Conversation data: a .jsonl/.json/.parquet/.csv file (.gz/.zst too), a glob, a directory of them, or a
     directory saved by Hugging Face `datasets` (`save_to_disk`; of a DatasetDict, its `train` split)."""
     prepared: str | None = None
-    """The data/ folder `zeray prep` wrote: `zeray train` reads its Parquet splits instead of running the pipeline."""
+    """The data/ folder `zeray prep` wrote (a path or a URI such as s3://bucket/runs/x/data): `zeray train` reads
+    its Parquet splits instead of running the pipeline."""
     format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"
     """Record format; `auto` detects it from the first valid record and says which it chose."""
     split: SplitConfig = Field(default_factory=SplitConfig)

@@ -8,16 +8,19 @@ is removed by the next one.
 
 import json
 import os
+import posixpath
 import re
-import shutil
+import socket
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.data
 from ray.data.expressions import col
 
 from pipelines.config import DataConfig
 from pipelines.dataset import SPLITS, Splits, build_splits, count_records, materialize_in_order
 from zeray.errors import UserError
+from zeray.fs import entries, exists, files, is_local, kind, read_bytes, resolve, write_bytes
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "num_tokens")
 REPORT = "report.json"
@@ -27,44 +30,57 @@ HISTOGRAM_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 
 
 def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: bool = False,
             wait_s: float | None = None) -> dict:
-    """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json`; returns the report.
-    `wait_s`: how long the pipeline may wait for CPUs before it explains and stops."""
+    """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json` (`out_dir`: a path or a URI);
+    returns the report. `wait_s`: how long the pipeline may wait for CPUs before it explains and stops."""
     splits = build_splits(data, model_path, trust_remote_code, wait_s=wait_s)
-    out_dir = out_dir.rstrip("/")
-    remove_leftovers(out_dir)
-    tmp, old = f"{out_dir}.tmp-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
-    os.makedirs(tmp)
+    fs, out = resolve(out_dir, "storage")
+    remove_leftovers(fs, out)
+    tag = str(os.getpid()) if is_local(fs) else f"{socket.gethostname()}-{os.getpid()}"
+    tmp, old = f"{out}.tmp-{tag}", f"{out}.old-{tag}"
+    fs.create_dir(tmp)
     try:
         for split in SPLITS:
-            os.makedirs(os.path.join(tmp, split))
-            getattr(splits, split).write_parquet(os.path.join(tmp, split))
-        write_rejects(splits, os.path.join(tmp, REJECTS))
-        report = build_report(splits, tmp, data, model_path)
-        with open(os.path.join(tmp, REPORT), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+            fs.create_dir(f"{tmp}/{split}")
+            getattr(splits, split).write_parquet(f"{tmp}/{split}", filesystem=fs)
+        write_rejects(splits, fs, f"{tmp}/{REJECTS}")
+        report = build_report(splits, fs, tmp, data, model_path)
+        write_bytes(fs, f"{tmp}/{REPORT}", json.dumps(report, indent=2, sort_keys=True).encode())
+        if exists(fs, out):
+            _move(fs, out, old)
+        _move(fs, tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        for leftover in (tmp, old):
+            if exists(fs, leftover):
+                fs.delete_dir(leftover)
     return report
 
 
-def remove_leftovers(out_dir: str) -> None:
-    """The temporary and replaced folders of preps into `out_dir` that were killed (their process is gone); a
-    prep still running elsewhere on this machine keeps its own."""
-    parent, name = os.path.split(out_dir)
-    parent = parent or "."
-    if not os.path.isdir(parent):
+def _move(fs, src: str, dst: str) -> None:
+    """Rename a folder: one rename on a local disk; on an object store (no folders to rename) file by file, the
+    report last, since a data/ folder without report.json is never read."""
+    if is_local(fs):
+        os.replace(src, dst)
         return
-    for entry in os.listdir(parent):
-        match = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
-        if not match:
+    names = sorted(files(fs, src), key=lambda name: name == REPORT)
+    for name in names:
+        fs.move(f"{src}/{name}", f"{dst}/{name}")
+    fs.delete_dir(src)
+
+
+LEFTOVER = r"\.(tmp|old)-(?:(?P<host>.+)-)?(?P<pid>\d+)"
+
+
+def remove_leftovers(fs, out_dir: str) -> None:
+    """The temporary and replaced folders of preps into `out_dir` that were killed (their process, on this machine,
+    is gone); a prep still running keeps its own, and so does one of another machine (on an object store)."""
+    parent, name = posixpath.split(out_dir)
+    for entry in entries(fs, parent):
+        match = re.fullmatch(re.escape(name) + LEFTOVER, entry.base_name)
+        if not match or (match["host"] or socket.gethostname()) != socket.gethostname():
             continue
-        pid = int(match.group(2))
+        pid = int(match["pid"])
         if pid == os.getpid() or not _alive(pid):  # our own pid on it: an earlier process's, reused
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            fs.delete_dir(entry.path)
 
 
 def _alive(pid: int) -> bool:
@@ -77,17 +93,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_rejects(splits: Splits, path: str) -> None:
+def write_rejects(splits: Splits, fs, path: str) -> None:
     """One JSON line per rejected record: source, line, reason, detail, and the original text to fix."""
     rejects = splits.records.filter(expr=col("reject") != "").select_columns(
         ["source", "line", "reject", "detail", "record"])
-    with open(path, "w", encoding="utf-8") as f:
+    with fs.open_output_stream(path) as f:
         for row in rejects.iter_rows():
-            f.write(json.dumps({"source": row["source"], "line": row["line"], "reason": row["reject"],
-                                "detail": row["detail"], "record": row["record"]}, ensure_ascii=False) + "\n")
+            f.write((json.dumps({"source": row["source"], "line": row["line"], "reason": row["reject"],
+                                 "detail": row["detail"], "record": row["record"]}, ensure_ascii=False)
+                     + "\n").encode())
 
 
-def build_report(splits: Splits, out_dir: str, data: DataConfig, model_path: str) -> dict:
+def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path: str) -> dict:
     """Counts from what was written (not from what was planned), with both accounting identities checked:
     every record is out or rejected, and every token of an accepted record is in its split's rows."""
     counts = count_records(splits.records)
@@ -99,7 +116,7 @@ def build_report(splits: Splits, out_dir: str, data: DataConfig, model_path: str
     histogram = np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
     for split in SPLITS:
         rows[split] = tokens[split] = 0
-        ds = _read_split(out_dir, split, columns=["num_tokens"])
+        ds = _read_split(fs, out_dir, split, columns=["num_tokens"])
         if ds is None:
             continue
         for batch in ds.iter_batches(batch_format="numpy", batch_size=65536):
@@ -111,7 +128,7 @@ def build_report(splits: Splits, out_dir: str, data: DataConfig, model_path: str
             histogram += np.bincount(bins, minlength=len(histogram))[: len(histogram)]
     records_out = sum(counts["records"].values())
     rejected = sum(counts["rejected"].values())
-    lines = sum(1 for _ in open(os.path.join(out_dir, REJECTS), encoding="utf-8"))
+    lines = _count_lines(fs, f"{out_dir}/{REJECTS}")
     if counts["records_in"] != records_out + rejected or lines != rejected or tokens != expected_tokens:
         raise RuntimeError(f"accounting failed: {counts['records_in']} records in, {records_out} out + {rejected} "
                            f"rejected ({lines} lines in {REJECTS}); tokens written {tokens}, expected "
@@ -142,17 +159,16 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
     """The datasets and report of a `zeray prep` output folder (`data.prepared`), read once into Ray's object
     store in file order (as the streamed pipeline leaves its splits): epochs and evaluations then iterate over
     blocks already there, instead of each re-reading Parquet in tasks that compete with training for CPUs."""
-    report_path = os.path.join(path, REPORT)
-    if not os.path.isfile(report_path):
+    fs, root = resolve(path, "data.prepared")
+    if kind(fs, f"{root}/{REPORT}") != pafs.FileType.File:
         raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
-    with open(report_path, encoding="utf-8") as f:
-        report = json.load(f)
+    report = json.loads(read_bytes(fs, f"{root}/{REPORT}"))
     if "packing" not in report:
         raise UserError(f"data.prepared: {path} was written by an older zeray (no packing fields); "
                         "run `zeray prep` again")
     datasets = {}
     for split in SPLITS:
-        ds = _read_split(path, split, columns=list(ROW_COLUMNS))
+        ds = _read_split(fs, root, split, columns=list(ROW_COLUMNS))
         if ds is None:
             raise UserError(f"data.prepared: {path}/{split} holds no Parquet rows; run `zeray prep` again")
         datasets[split] = materialize_in_order(ds)
@@ -169,8 +185,16 @@ def summary_line(report: dict) -> str:
             f"train {rows['train']} rows, {tokens['train']} tokens{packed}")
 
 
-def _read_split(root: str, split: str, columns: list[str]):
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder) or not any(name.endswith(".parquet") for name in os.listdir(folder)):
+def _read_split(fs, root: str, split: str, columns: list[str]):
+    folder = f"{root}/{split}"
+    if not any(name.endswith(".parquet") for name in files(fs, folder)):
         return None
-    return ray.data.read_parquet(folder).select_columns(columns)
+    return ray.data.read_parquet(folder, filesystem=fs).select_columns(columns)
+
+
+def _count_lines(fs, path: str) -> int:
+    lines = 0
+    with fs.open_input_stream(path) as f:
+        while chunk := f.read(1 << 20):
+            lines += chunk.count(b"\n")
+    return lines

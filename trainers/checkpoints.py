@@ -14,11 +14,16 @@ Layout of one checkpoint (Ray Train merges what every rank wrote):
 import glob
 import json
 import os
+import posixpath
 import re
 import shutil
+import tempfile
+
+import pyarrow.fs as pafs
 
 from trainers.outputs import RUN_CONFIG
 from zeray.errors import UserError
+from zeray.fs import display, download, entries, exists, files, is_local, kind, read_bytes, resolve, upload
 
 CKPT_TAG = "ds"
 STATE_FILE = "zeray_state.json"
@@ -27,6 +32,7 @@ HF_DIR = "hf_model"
 
 
 MANIFEST = "zeray_files.rank{rank}.json"
+MANIFEST_NAME = re.compile(r"zeray_files\.rank\d+\.json")
 
 
 def write_manifest(directory: str, rank: int) -> None:
@@ -41,48 +47,50 @@ def write_manifest(directory: str, rank: int) -> None:
         json.dump(files, f)
 
 
-def damage(checkpoint: str) -> str | None:
-    """What is missing or cut short in a checkpoint on disk, or None when every rank's files are there in full.
-    (Checkpoints of zeray versions before manifests are taken as they are.)"""
+def damage(checkpoint: str, fs: pafs.FileSystem | None = None) -> str | None:
+    """What is missing or cut short in a checkpoint (on a local disk, or in `fs`), or None when every rank's files
+    are there in full. (Checkpoints of zeray versions before manifests are taken as they are.)"""
+    fs = fs or pafs.LocalFileSystem()
     try:
-        with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as f:
-            world = json.load(f).get("world")
+        world = json.loads(read_bytes(fs, f"{checkpoint}/{STATE_FILE}")).get("world")
     except (OSError, ValueError) as exc:
         return f"{STATE_FILE} unreadable: {exc.__class__.__name__}"
-    manifests = sorted(glob.glob(os.path.join(checkpoint, MANIFEST.format(rank="*"))))
+    present = files(fs, checkpoint)  # one listing: sizes of everything there
+    manifests = sorted(name for name in present if MANIFEST_NAME.fullmatch(name))
     if not manifests:
         return None if world is None else "no rank's file list"
     if world is not None and len(manifests) != world:
         return f"the files of {len(manifests)} of its {world} ranks"
     for manifest in manifests:
         try:
-            with open(manifest, encoding="utf-8") as f:
-                files = json.load(f)
+            listed = json.loads(read_bytes(fs, f"{checkpoint}/{manifest}"))
         except (OSError, ValueError):
-            return f"{os.path.basename(manifest)} unreadable"
-        for name, size in sorted(files.items()):
-            path = os.path.join(checkpoint, name)
-            if not os.path.isfile(path):
+            return f"{manifest} unreadable"
+        for name, size in sorted(listed.items()):
+            if name not in present:
                 return f"{name} missing"
-            if os.path.getsize(path) != size:
-                return f"{name} has {os.path.getsize(path)} of its {size} bytes"
+            if present[name] != size:
+                return f"{name} has {present[name]} of its {size} bytes"
     return None
 
 
-def intact_checkpoint(latest: str) -> tuple[str, str | None]:
+def intact_checkpoint(latest: str, fs: pafs.FileSystem | None = None) -> tuple[str, str | None]:
     """The checkpoint to resume from: `latest` when it is whole, else the newest intact one beside it (by step);
     returns it and what was wrong with `latest`. None intact: a UserError naming the damage."""
-    problem = damage(latest)
+    fs = fs or pafs.LocalFileSystem()
+    problem = damage(latest, fs)
     if problem is None:
         return latest, None
+    latest = latest.rstrip("/")
     candidates = []
-    for other in glob.glob(os.path.join(os.path.dirname(latest.rstrip(os.sep)), "checkpoint_*")):
-        if os.path.isdir(other) and os.path.abspath(other) != os.path.abspath(latest) and damage(other) is None:
-            with open(os.path.join(other, STATE_FILE), encoding="utf-8") as f:
-                candidates.append((json.load(f)["step"], os.path.basename(other), other))
+    for other in entries(fs, posixpath.dirname(latest)):
+        if (other.type == pafs.FileType.Directory and other.base_name.startswith("checkpoint_")
+                and other.path.rstrip("/") != latest and damage(other.path, fs) is None):
+            step = json.loads(read_bytes(fs, f"{other.path}/{STATE_FILE}"))["step"]
+            candidates.append((step, other.base_name, other.path))
     if not candidates:
-        raise UserError(f"checkpoint {latest} is damaged ({problem}) and the run has no intact one before it; "
-                        "remove the run's folder (or change `name`) to start afresh")
+        raise UserError(f"checkpoint {display(fs, latest)} is damaged ({problem}) and the run has no intact one "
+                        "before it; remove the run's folder (or change `name`) to start afresh")
     return max(candidates)[2], problem
 
 
@@ -116,17 +124,20 @@ def verify_weights_only(checkpoint_dir: str) -> None:
 
 
 def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
-    """The checkpoint to export: the one given, else the run's newest."""
+    """The checkpoint to export (a path or URI, as given): the one given, else the run's newest intact one."""
     if checkpoint:
-        if not os.path.isdir(os.path.join(checkpoint, CKPT_TAG)):
+        fs, path = resolve(checkpoint, "--checkpoint")
+        if kind(fs, f"{path}/{CKPT_TAG}") != pafs.FileType.Directory:
             raise UserError(f"--checkpoint {checkpoint} is not a zeray checkpoint (no {CKPT_TAG}/ inside)")
-        if problem := damage(checkpoint):
+        if problem := damage(path, fs):
             raise UserError(f"--checkpoint {checkpoint} is damaged ({problem}); choose another of the run's")
         return checkpoint
-    found = sorted(p for p in glob.glob(os.path.join(run_dir, "checkpoint_*")) if os.path.isdir(os.path.join(p, CKPT_TAG)))
+    fs, path = resolve(run_dir, "run directory")
+    found = sorted(i.path for i in entries(fs, path) if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_") and kind(fs, f"{i.path}/{CKPT_TAG}") == pafs.FileType.Directory)
     if not found:
         raise UserError(f"{run_dir} holds no checkpoint_*/ folders; give a run directory of `zeray train`")
-    return intact_checkpoint(found[-1])[0]  # Ray Train names them by time
+    return display(fs, intact_checkpoint(found[-1], fs)[0])  # Ray Train names them by time
 
 
 def checkpoint_state(checkpoint: str) -> dict:
@@ -175,14 +186,34 @@ def consolidate(checkpoint: str):
 
 
 def export(run_dir: str, out_dir: str, checkpoint: str | None = None, lora: str | None = None) -> str:
-    """Write a Hugging Face model directory (safetensors + tokenizer) from a run's checkpoint; returns its path.
-    A LoRA checkpoint becomes the merged model or the adapters alone (`lora`: merged | adapter; default: what
-    the run's config chose)."""
+    """Write a Hugging Face model directory (safetensors + tokenizer) from a run's checkpoint; returns the
+    checkpoint's path. A LoRA checkpoint becomes the merged model or the adapters alone (`lora`: merged | adapter;
+    default: what the run's config chose). Any of the three may be a URI (the checkpoint is then read through a
+    local copy, and the model written locally first and copied up)."""
+    chosen = find_checkpoint(run_dir, checkpoint)
+    fs, path = resolve(chosen, "--checkpoint")
+    with tempfile.TemporaryDirectory(prefix="zeray-export-") as work:
+        local = path
+        if not is_local(fs):
+            local = os.path.join(work, "checkpoint")
+            download(fs, path, local)
+        out_fs, out_path = resolve(out_dir, "--out")
+        if is_local(out_fs):
+            _export_local(local, out_path, run_dir, lora)
+        else:
+            built = os.path.join(work, "model")
+            _export_local(local, built, run_dir, lora)
+            if exists(out_fs, out_path):
+                out_fs.delete_dir(out_path)
+            upload(built, out_fs, out_path)
+    return chosen
+
+
+def _export_local(chosen: str, out_dir: str, run_dir: str, lora: str | None) -> None:
     from transformers import AutoTokenizer
 
     from trainers.lora import holds_adapters, save_lora_model
 
-    chosen = find_checkpoint(run_dir, checkpoint)
     adapters = holds_adapters(os.path.join(chosen, HF_CONFIG_DIR))
     lora = (lora or run_lora_export(run_dir)) if adapters else None
     exported = os.path.join(chosen, HF_DIR)  # the final checkpoint's own export, in the run's choice of form
@@ -199,13 +230,13 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None, lora: str 
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return chosen
 
 
 def run_lora_export(run_dir: str) -> str:
     """`model.lora.export` of the run's config (its config.json), merged when it is not known."""
     try:
-        with open(os.path.join(run_dir, RUN_CONFIG), encoding="utf-8") as f:
-            return ((json.load(f).get("model") or {}).get("lora") or {}).get("export") or "merged"
-    except (OSError, ValueError):
+        fs, path = resolve(run_dir, "run directory")
+        return ((json.loads(read_bytes(fs, f"{path}/{RUN_CONFIG}")).get("model") or {}).get("lora") or {}).get(
+            "export") or "merged"
+    except (OSError, ValueError, UserError):
         return "merged"

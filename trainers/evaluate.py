@@ -20,6 +20,7 @@ from pipelines.dataset import build_splits, load_tokenizer
 from trainers.lora import holds_adapters
 from trainers.run import worker_resources
 from zeray.errors import UserError
+from zeray.fs import resolve
 
 
 def eval_loop_per_worker(config: dict) -> None:
@@ -51,6 +52,7 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json, nor "
                         "adapter_config.json)")
     t = cfg.train
+    storage_fs, storage_path = resolve(cfg.storage, "storage")
     gpu, per_worker = worker_resources(cfg)
     splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",),
                           wait_s=placement_timeout(cfg.cluster))
@@ -65,7 +67,7 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         # one worker scores the whole split: no sharding, so no row is dropped and the number is exact
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker=per_worker),
         datasets={"test": splits.test},
-        run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=cfg.storage),
+        run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=storage_path, storage_filesystem=storage_fs),
     )
     metrics = fit_or_explain(trainer, placement_timeout(cfg.cluster)).metrics
     return {"test_loss": metrics["eval_loss"], "test_perplexity": metrics["eval_perplexity"],

@@ -76,12 +76,13 @@ def train_loop_per_worker(config: dict) -> None:
     own = ray.train.get_checkpoint()  # this run's latest: a restart after a failure, or a re-run command
     # else, under PBT, the better trial's checkpoint this run continues from
     checkpoint = own or (ray.train.Checkpoint(plan["init_checkpoint"]) if plan.get("init_checkpoint") else None)
+    if own is not None:  # one cut short on disk: the newest intact one before it, with a warning
+        path, problem = intact_checkpoint(own.path, own.filesystem)
+        if problem and rank == 0:
+            say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
+        checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
     if checkpoint:
-        with checkpoint.as_directory() as path:
-            if own is not None:  # one cut short on disk: the newest intact one before it, with a warning
-                path, problem = intact_checkpoint(path)
-                if problem and rank == 0:
-                    say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
+        with checkpoint.as_directory() as path:  # (a local copy of one in an object store)
             verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
             engine.load_checkpoint(path, tag=CKPT_TAG)
             with open(os.path.join(path, STATE_FILE)) as f:

@@ -13,10 +13,12 @@ RUN_CONFIG = "config.json"  # the run's settings, checked when it resumes
 
 
 class MetricsLog(UserCallback):
-    """Appends rank 0's metrics of every `ray.train.report` to metrics.jsonl (runs in the Train controller)."""
+    """Appends rank 0's metrics of every `ray.train.report` to the run's metrics.jsonl (runs in the Train
+    controller, on the driver's node); an object store's copy is replaced after each report."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, store):
+        self.store = store
+        self.path = os.path.join(store.local, METRICS_FILE)
 
     def after_report(self, run_context, metrics, checkpoint):
         row = dict(metrics[0])
@@ -25,6 +27,7 @@ class MetricsLog(UserCallback):
             row["checkpoint"] = checkpoint.path
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        self.store.push(METRICS_FILE)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

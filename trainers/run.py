@@ -14,6 +14,7 @@ from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain, placement_timeout
+from cluster.storage import run_store
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import damage, export
@@ -21,9 +22,10 @@ from trainers.loop import train_loop_per_worker
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
 from trainers.plan import explain, make_memory_plan
 from trainers.tracking import Tracking
-from trainers.outputs import (MODEL_DIR, METRICS_FILE, RUN_CONFIG, MetricsLog, plot_report, read_metrics,
+from trainers.outputs import (MODEL_DIR, REPORT_FILE, RUN_CONFIG, SUMMARY_FILE, MetricsLog, plot_report, read_metrics,
                               write_summary)
 from zeray.errors import UserError
+from zeray.fs import resolve
 
 
 def make_plan(train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
@@ -67,9 +69,9 @@ RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every"
                      "train.tensorboard", "train.mlflow_uri", "train.mlflow_experiment"}
 
 
-def check_same_run(cfg, path: str | None = None, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
-    """Resuming with other data, model or training settings would silently mix two runs: refuse, naming them."""
-    path = path or os.path.join(cfg.run_dir, RUN_CONFIG)
+def check_same_run(cfg, path: str, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
+    """Resuming with other data, model or training settings would silently mix two runs (whose settings are in
+    the local file `path`): refuse, naming them."""
     if not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -92,14 +94,20 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
     of its own yet, and trains on the campaign's data already in the object store (`prepared`: datasets, report).
     """
     started = time.time()
-    run_dir = cfg.run_dir
-    if os.path.exists(os.path.join(run_dir, "checkpoint_manager_snapshot.json")):
-        check_same_run(cfg)
-        print(f"resuming run {cfg.name} from its checkpoints in {run_dir} "
+    with run_store(cfg.run_dir) as store:
+        return _train(cfg, store, started, callbacks, export_model, init_checkpoint, prepared)
+
+
+def _train(cfg, store, started: float, callbacks: list, export_model: bool, init_checkpoint: str | None,
+           prepared: tuple[dict, dict] | None) -> dict:
+    run_dir = store.local  # where this process writes the run's files (a staging copy of an object store's)
+    if store.exists("checkpoint_manager_snapshot.json"):
+        check_same_run(cfg, os.path.join(run_dir, RUN_CONFIG))
+        print(f"resuming run {cfg.name} from its checkpoints in {cfg.run_dir} "
               "(change `name` or remove that folder to start afresh)", flush=True)
-    os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg.model_dump(mode="json"), f, indent=2)
+    store.push(RUN_CONFIG)
     t, d = cfg.train, cfg.data
     gpu, per_worker = worker_resources(cfg)
     memory = make_memory_plan(cfg, gpu)
@@ -137,7 +145,8 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
           f"steps/epoch, {plan['total_steps']} steps", flush=True)
 
-    with Tracking(cfg) as tracking:  # TensorBoard / MLflow, if asked for
+    storage_fs, storage_path = resolve(cfg.storage, "storage")
+    with Tracking(cfg, store) as tracking:  # TensorBoard / MLflow, if asked for
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"run": cfg, "plan": plan},
@@ -150,12 +159,12 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
             dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
             run_config=TrainRunConfig(
                 name=cfg.name,
-                storage_path=cfg.storage,
+                storage_path=storage_path, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=t.max_failures),
                 # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
                 checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
                                                    checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"),
-                callbacks=[MetricsLog(os.path.join(run_dir, METRICS_FILE)), *tracking.callbacks, *callbacks],
+                callbacks=[MetricsLog(store), *tracking.callbacks, *callbacks],
                 logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
             ),
         )
@@ -169,14 +178,15 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
 
         final = result.metrics
         # (an earlier checkpoint damaged on disk, which this run resumed around, is no candidate)
-        ranked = [(c, m) for c, m in result.best_checkpoints or [] if "eval_loss" in m and damage(c.path) is None]
+        ranked = [(c, m) for c, m in result.best_checkpoints or []
+                  if "eval_loss" in m and damage(c.path, c.filesystem) is None]
         best, best_metrics = (min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked
                               else (result.checkpoint, final))
         tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
         tested_step = final["step"]  # whose weights the test numbers describe
         model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
         if export_model:
-            export(run_dir, model_dir, checkpoint=best.path)
+            export(run_dir, model_dir, checkpoint=store.location(best.path))
             if best.path != result.checkpoint.path:  # an earlier checkpoint validated better: it is the model
                 from trainers.evaluate import evaluate_model
 
@@ -184,6 +194,7 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
                       f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
                       flush=True)
                 tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
+            store.push(MODEL_DIR)
         train_rows = [r for r in rows if "tokens_per_s" in r]
         summary = {
             "eval_loss": best_metrics["eval_loss"],
@@ -206,12 +217,14 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
             "nodes": final["nodes"],
             "zero_stage": t.zero_stage,
             "records": counts,
-            "model_dir": model_dir,
-            "checkpoint": best.path,
+            "model_dir": f"{cfg.run_dir}/{MODEL_DIR}" if store.mirrored and export_model else model_dir,
+            "checkpoint": store.location(best.path),
         }
         write_summary(run_dir, summary)
+        store.push(SUMMARY_FILE)
         tracking.summary = summary
     plot_report(run_dir, rows)
+    store.push(REPORT_FILE)
     return summary
 
 

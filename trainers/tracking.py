@@ -30,12 +30,13 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def start_mlflow_run(cfg) -> str:
-    """The MLflow run of this zeray run: the one an earlier attempt opened (a re-run resumes it), else a new one
-    in experiment `train.mlflow_experiment` with the config as parameters. Returns its id."""
+def start_mlflow_run(cfg, run_dir: str) -> str:
+    """The MLflow run of this zeray run: the one an earlier attempt opened (a re-run resumes it: `run_dir` is the
+    local folder holding the run's files), else a new one in experiment `train.mlflow_experiment` with the config
+    as parameters. Returns its id."""
     t = cfg.train
     client = _client(t.mlflow_uri)
-    path = os.path.join(cfg.run_dir, MLFLOW_RUN_FILE)
+    path = os.path.join(run_dir, MLFLOW_RUN_FILE)
     try:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -44,7 +45,7 @@ def start_mlflow_run(cfg) -> str:
             return run_id
         experiment = client.get_experiment_by_name(t.mlflow_experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(t.mlflow_experiment)
-        run = client.create_run(experiment_id, run_name=cfg.name, tags={"zeray.run_dir": os.path.abspath(cfg.run_dir)})
+        run = client.create_run(experiment_id, run_name=cfg.name, tags={"zeray.run_dir": cfg.run_dir})
         from mlflow.entities import Param
 
         params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg.model_dump(mode="json")).items())]
@@ -73,14 +74,18 @@ def end_mlflow_run(uri: str, run_id: str, summary: dict | None) -> None:
 
 
 class Tracking:
-    """The trackers a run asked for: `callbacks` for the Train controller; set `summary` once the run succeeded."""
+    """The trackers a run asked for: `callbacks` for the Train controller; set `summary` once the run succeeded.
+    Their files go to the run's `store` (cluster.storage.RunStore)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, store):
         t = cfg.train
         self.mlflow_uri = t.mlflow_uri
-        self.mlflow_run = start_mlflow_run(cfg) if t.mlflow_uri else None
+        self.mlflow_run = None
+        if t.mlflow_uri:
+            self.mlflow_run = start_mlflow_run(cfg, store.local)
+            store.push(MLFLOW_RUN_FILE)
         wanted = t.tensorboard or self.mlflow_run
-        self.callbacks = [Trackers(cfg.run_dir, t.tensorboard, t.mlflow_uri, self.mlflow_run)] if wanted else []
+        self.callbacks = [Trackers(store, t.tensorboard, t.mlflow_uri, self.mlflow_run)] if wanted else []
         self.summary: dict | None = None
 
     def __enter__(self):
@@ -94,8 +99,9 @@ class Tracking:
 class Trackers(UserCallback):
     """Every report's numbers to TensorBoard and/or MLflow, at its step (runs in the Train controller)."""
 
-    def __init__(self, run_dir: str, tensorboard: bool, mlflow_uri: str | None = None, mlflow_run: str | None = None):
-        self.tensorboard_dir = os.path.join(run_dir, TENSORBOARD_DIR) if tensorboard else None
+    def __init__(self, store, tensorboard: bool, mlflow_uri: str | None = None, mlflow_run: str | None = None):
+        self.store = store
+        self.tensorboard_dir = os.path.join(store.local, TENSORBOARD_DIR) if tensorboard else None
         self.mlflow_uri, self.mlflow_run = mlflow_uri, mlflow_run
         self._writer = self._client = None
 
@@ -115,6 +121,7 @@ class Trackers(UserCallback):
                 self._writer = None
             else:
                 self._writer.flush()
+            self.store.push(TENSORBOARD_DIR)  # (an object store's copy follows the run)
         if self.mlflow_run:
             from mlflow.entities import Metric
 

@@ -105,7 +105,7 @@ def cmd_prep(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides, prep_only=True)
-    out_dir = os.path.join(cfg.run_dir, "data")
+    out_dir = f"{cfg.run_dir}/data"
     with ray_session(cfg.cluster, train_cpus=0) as where:
         print(f"zeray prep {cfg.name}: {where}, writing {out_dir}", flush=True)
         check_storage(cfg)
@@ -125,6 +125,9 @@ def cmd_eval(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides, prep_only=True)
+    if "://" in args.model:
+        raise UserError(f"--model {args.model}: give a local model directory (`zeray export RUN --out DIR` copies "
+                        "a run's model from its storage)")
     model_dir = os.path.abspath(args.model)
     t = cfg.train
     with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
@@ -136,9 +139,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from trainers.checkpoints import export
+    import pyarrow.fs as pafs
 
-    if not os.path.isdir(args.run_dir):
+    from trainers.checkpoints import export
+    from zeray.fs import kind, resolve
+
+    if kind(*resolve(args.run_dir, "run directory")) != pafs.FileType.Directory:
         raise UserError(f"run directory {args.run_dir} does not exist")
     chosen = export(args.run_dir, args.out, args.checkpoint, args.lora)
     print(f"exported {chosen} to {args.out}")
@@ -230,9 +236,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="turn a run's checkpoint (any ZeRO stage) into a Hugging Face model directory")
-    p.add_argument("run_dir", help="<storage>/<name> of a run")
+    p.add_argument("run_dir", help="<storage>/<name> of a run (a path or a URI such as s3://bucket/runs/x)")
     p.add_argument("--checkpoint", help="a checkpoint_* folder of that run (default: the newest)")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
     p.add_argument("--lora", choices=["merged", "adapter"],
                    help="for a LoRA run: the base model with the adapters merged in, or the adapters alone "
                         "(default: the run's model.lora.export)")
@@ -254,7 +260,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-model", help="build the tiny demo chat model (tokenizer trained on --data)")
     p.add_argument("--data", required=True, help="JSON Lines conversations to train the tokenizer on")
-    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
     p.add_argument("--size", choices=["demo", "tiny"], default="demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)

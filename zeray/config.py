@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from cluster.config import ClusterConfig
 from pipelines.config import DataConfig
 from trainers.config import ModelConfig, TrainConfig
 from tuning.config import TuneConfig
 from zeray.errors import UserError
+from zeray.fs import check_uri, is_uri
 from zeray.section import Section
 
 
@@ -25,7 +26,8 @@ class RunConfig(Section):
     name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
     """Run name; results go to <storage>/<name>/."""
     storage: str = "./runs"
-    """Where runs are written: a local directory (or a URI pyarrow understands on a shared cluster)."""
+    """Where runs are written: a local directory, or a URI pyarrow understands (s3://bucket/runs, gs://, abfs://,
+    hdfs://) with credentials and endpoint from the environment."""
     data: DataConfig = Field(default_factory=DataConfig)
     """Input data and preprocessing."""
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -37,9 +39,17 @@ class RunConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Where it runs."""
 
+    @field_validator("storage")
+    @classmethod
+    def _plain_uri(cls, value):
+        if is_uri(value) and (problem := check_uri(value)):
+            raise ValueError(problem)
+        return value
+
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.storage, self.name)
+        """<storage>/<name>: a local path or a URI."""
+        return f"{self.storage.rstrip('/')}/{self.name}" if is_uri(self.storage) else os.path.join(self.storage, self.name)
 
 
 def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, prep_only: bool = False) -> RunConfig:
@@ -94,7 +104,7 @@ def with_values(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfi
 def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> None:
     """A missing data file or model directory is a user error, found before any Ray work starts."""
     if cfg.data.prepared and not prep_only:
-        if not os.path.isdir(cfg.data.prepared):
+        if not is_uri(cfg.data.prepared) and not os.path.isdir(cfg.data.prepared):
             raise UserError(f"data.prepared: {cfg.data.prepared} does not exist (write it with `zeray prep`)")
     elif not cfg.data.train:
         raise UserError(f"data.train is not set in {source}: give a .jsonl file, a glob or a directory")
@@ -171,7 +181,7 @@ def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
     node[parts[-1]] = value
 
 
-NEVER_SHOWN = {"train.mlflow_uri", "cluster.address"}  # values that may carry credentials: not echoed in errors
+NEVER_SHOWN = {"train.mlflow_uri", "cluster.address", "storage", "data.prepared"}  # values that may carry credentials: not echoed in errors
 
 
 def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:

@@ -1,0 +1,149 @@
+"""`storage` in an object store: prep, train, resume and export against a real S3 endpoint (moto's server on
+loopback), with credentials and endpoint only in the environment, the way a cluster's nodes get them."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import REPO, free_port, write_config
+
+BUCKET = "zeray-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3 endpoint with one bucket; yields the environment a zeray process needs to reach it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "zeraytest",
+           "AWS_SECRET_ACCESS_KEY": "zeraytest", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="zeraytest",
+                 aws_secret_access_key="zeraytest", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    yield env
+    server.stop()
+
+
+def bucket_fs(env):
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
+                             secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_REGION"])
+
+
+def listing(fs, path) -> dict[str, int]:
+    from zeray.fs import files
+
+    return files(fs, path)
+
+
+def read_json_lines(fs, path) -> list[dict]:
+    from zeray.fs import read_bytes
+
+    return [json.loads(line) for line in read_bytes(fs, path).decode().splitlines() if line.strip()]
+
+
+@pytest.mark.integration
+def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3, artifacts, tmp_path):
+    import pyarrow.fs as pafs
+    from safetensors.torch import load_file
+
+    from zeray.fs import read_bytes
+
+    ray_tmp = tempfile.mkdtemp(prefix="zr-")  # short: Ray's socket paths live under it
+    staging = tmp_path / "tmp"  # the processes' temp dir: what they stage there must be gone when they end
+    staging.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
+    run_uri = f"s3://{BUCKET}/runs/remote"
+    config = write_config(
+        tmp_path / "remote.yaml", name="remote", storage=f"s3://{BUCKET}/runs",
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 2, "max_steps": 6, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
+               "eval_every": 3, "checkpoint_every": 3, "log_every": 1},
+    )
+
+    def zeray(*command):
+        done = subprocess.run([sys.executable, "-m", "zeray", *command], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    fs, run = bucket_fs(s3), f"{BUCKET}/runs/remote"
+    try:
+        out = zeray("prep", config)
+        data = listing(fs, f"{run}/data")
+        report = json.loads(read_bytes(fs, f"{run}/data/report.json"))
+        assert f"report: {run_uri}/data/report.json" in out
+        assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
+        assert any(name.startswith("train/") and name.endswith(".parquet") for name in data)
+        rejects = read_bytes(fs, f"{run}/data/rejects.jsonl").decode().splitlines()
+        assert len(rejects) == sum(report["rejected"].values()) > 0
+        assert [e.base_name for e in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs"))
+                if ".tmp-" in e.base_name or ".old-" in e.base_name] == []
+
+        prepared = f"data.prepared={run_uri}/data"
+        out = zeray("train", config, prepared)
+        assert f"results in {run_uri}" in out and f"model in {run_uri}/model" in out
+        summary = json.loads(read_bytes(fs, f"{run}/summary.json"))
+        assert summary["steps"] == 6 and summary["model_dir"] == f"{run_uri}/model"
+        assert summary["checkpoint"].startswith(f"{run_uri}/checkpoint_")
+        first = read_json_lines(fs, f"{run}/metrics.jsonl")
+        assert [r["step"] for r in first if "loss" in r] == [1, 2, 3, 4, 5, 6]
+        stored = listing(fs, run)
+        assert {"config.json", "report.png", "model/model.safetensors", "model/tokenizer.json"} <= set(stored)
+        assert json.loads(read_bytes(fs, f"{run}/config.json"))["storage"] == f"s3://{BUCKET}/runs"
+
+        # the same command, longer: it resumes from the checkpoint in the bucket and its metrics continue
+        out = zeray("train", config, prepared, "train.max_steps=12")
+        assert f"resuming run remote from its checkpoints in {run_uri}" in out
+        assert "resumed from checkpoint at step 6" in out
+        rows = read_json_lines(fs, f"{run}/metrics.jsonl")
+        assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+        assert [r for r in rows if r.get("step", 0) <= 6 and "loss" in r] == [r for r in first if "loss" in r]
+        assert json.loads(read_bytes(fs, f"{run}/summary.json"))["steps"] == 12
+
+        # `zeray export` of the run in the bucket: the same weights as the model the run wrote there
+        local = tmp_path / "model.safetensors"
+        local.write_bytes(read_bytes(fs, f"{run}/model/model.safetensors"))
+        out = zeray("export", run_uri, "--out", str(tmp_path / "exported"))
+        assert f"exported {run_uri}/checkpoint_" in out
+        ours, theirs = load_file(tmp_path / "exported" / "model.safetensors"), load_file(local)
+        assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+
+        # a checkpoint cut short in the bucket (a shard lost) is passed over for the newest intact one
+        checkpoints = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(run))
+                             if e.base_name.startswith("checkpoint_") and e.type == pafs.FileType.Directory)
+        newest = checkpoints[-1]
+        shard = next(name for name in listing(fs, newest) if "optim_states" in name)
+        fs.delete_file(f"{newest}/{shard}")
+        out = zeray("export", run_uri, "--out", f"{run_uri}/exported-earlier")
+        assert f"exported s3://{checkpoints[-2]}" in out
+        assert "model.safetensors" in listing(fs, f"{run}/exported-earlier")
+        assert [p.name for p in staging.iterdir() if p.name.startswith("zeray-")] == []  # staging folders removed
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.reliability("bad input", "credentials or options inside a `storage` URI")
+def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(artifacts, tmp_path, capsys):
+    from zeray.cli import main
+
+    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
+                          model={"name_or_path": artifacts["model"]})
+    for uri, says in (("s3://AKIAZERAY:hunter2@bucket/runs", "AWS_SECRET_ACCESS_KEY"),
+                      ("s3://bucket/runs?secret_key=hunter2", "AWS_ENDPOINT_URL")):
+        assert main(["prep", config, f"storage={uri}"]) == 2
+        err = capsys.readouterr().err
+        assert "invalid value for storage" in err and says in err and "hunter2" not in err
