@@ -147,3 +147,13 @@ def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(artifacts
         assert main(["prep", config, f"storage={uri}"]) == 2
         err = capsys.readouterr().err
         assert "invalid value for storage" in err and says in err and "hunter2" not in err
+
+
+def test_a_tune_campaign_in_an_object_store_is_refused_with_the_way_out(artifacts, tmp_path, capsys):
+    from zeray.cli import main
+
+    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
+                          model={"name_or_path": artifacts["model"]})
+    assert main(["tune", config, "storage=s3://bucket/runs"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: storage: zeray tune") and "cluster.shared_storage: true" in err

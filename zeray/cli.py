@@ -64,6 +64,10 @@ def cmd_tune(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if "://" in cfg.storage and not cfg.storage.startswith("file://"):
+        raise UserError(f"storage: zeray tune keeps its campaign (Tune's state, trial folders, results) in a "
+                        "directory, not in an object store yet: give a path every node mounts "
+                        "(cluster.shared_storage: true) for campaigns")
     t = cfg.train
     # embedded Ray: as many trial slots as the machine has cores (at least one trial), plus the data pipeline's
     trial_cpus = max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)
