@@ -129,16 +129,17 @@ def python_sigint():
         signal.signal(signal.SIGINT, handler)
 
 
-def fit_or_explain(trainer, timeout_s: float):
+def fit_or_explain(trainer, timeout_s: float, elastic_min: tuple[int, dict] | None = None):
     """`trainer.fit()`, but a worker group that cannot be placed becomes a UserError saying why, not a hang.
 
     The watchdog interrupts the main thread, so it only watches a fit that runs there (a command); a fit inside a
     Tune trial runs in Tune's thread, and the campaign watches for placement itself. During the fit, Ray Train's
     own SIGINT handler aborts its controller (and the pending group) and exits; whatever that surfaces as, the
-    watchdog's explanation replaces it."""
+    watchdog's explanation replaces it. `elastic_min`: (min workers, resources per worker) of an elastic run, which
+    waits with no group at all while fewer than min fit."""
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
-    with python_sigint(), PlacementWatchdog(timeout_s) as watchdog:
+    with python_sigint(), PlacementWatchdog(timeout_s, elastic_min=elastic_min) as watchdog:
         try:
             return trainer.fit()
         except BaseException:
@@ -152,9 +153,14 @@ class PlacementWatchdog:
     pending past the timeout, interrupt the command and explain what was asked for and what the cluster has.
 
     The interrupt is SIGINT to the main thread, repeated every `resend_s` until the command leaves the watched
-    block: Ray Train's handler acts on the first and exits at the third."""
+    block: Ray Train's handler acts on the first and exits at the third.
 
-    def __init__(self, timeout_s: float, poll_s: float = 1.0, resend_s: float = 10.0):
+    An elastic run (`elastic_min`: its min workers and each one's resources) asks for no group until min workers
+    fit: there, no group of this job at all for the timeout is what a hang looks like."""
+
+    def __init__(self, timeout_s: float, poll_s: float = 1.0, resend_s: float = 10.0,
+                 elastic_min: tuple[int, dict] | None = None):
+        self.elastic_min = elastic_min
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.resend_s = resend_s
@@ -174,6 +180,7 @@ class PlacementWatchdog:
     def _run(self) -> None:
         job = ray.get_runtime_context().get_job_id()  # a placement group's id ends with its job's
         first_seen: dict[str, float] = {}
+        groupless_since = time.monotonic()
         while self.message is None and not self._stop.wait(self.poll_s):
             try:
                 table = ray.util.placement_group_table()
@@ -181,6 +188,13 @@ class PlacementWatchdog:
                 self.error = repr(exc)
                 continue
             now = time.monotonic()
+            if self.elastic_min:
+                if any(pg_id.endswith(job) and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
+                       for pg_id, info in table.items()):
+                    groupless_since = now
+                elif now - groupless_since > self.timeout_s:
+                    self.message = self._explain_elastic()
+                    break
             for pg_id, info in table.items():
                 if info.get("state") != "PENDING" or not pg_id.endswith(job):
                     first_seen.pop(pg_id, None)
@@ -193,6 +207,14 @@ class PlacementWatchdog:
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             if self._stop.wait(self.resend_s):
                 return
+
+    def _explain_elastic(self) -> str:
+        workers, per_worker = self.elastic_min
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        return (f"the elastic run could not start its workers within cluster.placement_timeout_s={self.timeout_s:g}s: "
+                f"it needs at least train.num_workers[0]={workers} x {_fmt(per_worker)}, the cluster has "
+                f"{_fmt(have)} in total and {_fmt(free)} free")
 
     def _explain(self, bundles: dict) -> str:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}

@@ -43,7 +43,7 @@ def _zeray(args: list[str], address: str, auth: dict | None = None) -> subproces
                           timeout=1200)
 
 
-def _config(tmp_path, artifacts, name, **train) -> str:
+def _config(tmp_path, artifacts, name, cluster=None, **train) -> str:
     return write_config(
         tmp_path / f"{name}.yaml", name=name, storage=str(tmp_path / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
@@ -51,7 +51,7 @@ def _config(tmp_path, artifacts, name, **train) -> str:
         train={"num_workers": 2, "max_steps": STEPS, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
                "eval_every": 1000, "checkpoint_every": 6, "log_every": 2, "max_failures": 2,
                "placement_strategy": "SPREAD", **train},
-        cluster={"shared_storage": True})  # one machine: every "node" sees the same paths
+        cluster={"shared_storage": True, **(cluster or {})})  # one machine: every "node" sees the same paths
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -148,6 +148,75 @@ def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nod
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["steps"] == STEPS and summary["world_size"] == 2
     a = load_file(str(tmp_path / "runs" / "straight" / "model" / "model.safetensors"))
+    b = load_file(os.path.join(run_dir, "model", "model.safetensors"))
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+
+
+@pytest.fixture
+def one_worker_node(monkeypatch):
+    """A head with room for one 2-CPU training worker beside Ray Data's CPU, and nothing else (yet)."""
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"{_node_ip()}:{port}")
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 3, "gcs_server_port": port, "include_dashboard": False})
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
+def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, tmp_path, artifacts):
+    """An elastic [1, 2] run starts with the one worker the cluster holds, grows to two when a node arrives
+    (restarting from its last checkpoint, written by one worker and converted to DeepSpeed's universal checkpoint),
+    and every loss it logged, and its final weights, are those of a fixed 2-worker run: the global batch is two
+    workers' micro-batches throughout."""
+    from safetensors.torch import load_file
+
+    cluster = one_worker_node
+    steps = 40  # (into the second epoch) long enough for Ray Data's autoscaling coordinator (the elastic policy's view of the cluster),
+    # which refreshes its node list every 20 s, to see the new node
+    settings = {"max_steps": steps, "epochs": 2, "cpus_per_worker": 2, "checkpoint_every": 4,
+                "placement_strategy": "PACK"}
+    run_dir = str(tmp_path / "runs" / "elastic")
+    config = _config(tmp_path, artifacts, "elastic", cluster={"data_cpus": 1}, num_workers=[1, 2],
+                     elastic_resize_s=2, **settings)
+    with open(tmp_path / "elastic.log", "w+") as out:
+        run = subprocess.Popen([sys.executable, "-m", "zeray", "train", config], stdout=out, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, RAY_ADDRESS=cluster.address,
+                                        PATH=BIN + os.pathsep + os.environ["PATH"]))
+        # once it has logged step 5 (past its first checkpoint) on one worker: a 2-CPU node joins
+        # (Cluster.add_node must run on the main thread)
+        deadline, rows = time.monotonic() + 900, []
+        while run.poll() is None and time.monotonic() < deadline and not (rows and rows[-1]["step"] >= 5):
+            time.sleep(0.05)
+            try:
+                rows = [r for r in _metrics(run_dir) if "loss" in r]
+            except (FileNotFoundError, json.JSONDecodeError):
+                rows = []
+        assert rows and rows[-1]["world_size"] == 1, "the run did not start with the one worker the cluster held"
+        cluster.add_node(num_cpus=2)
+        code = run.wait(timeout=900)
+        out.seek(0)
+        log = out.read()
+    assert code == 0, log[-3000:]
+    assert "plan: 1-2 (elastic) workers" in log
+    assert "the checkpoint was written by 1 workers, this run has 2: converting it" in log
+
+    rows = [r for r in _metrics(run_dir) if "loss" in r]
+    assert {r["world_size"] for r in rows} == {1, 2} and rows[-1]["world_size"] == 2
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["steps"] == steps and summary["world_size"] == 2
+
+    fixed = _zeray(["train", _config(tmp_path, artifacts, "fixed", cluster={"data_cpus": 1}, **settings)],
+                   cluster.address)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    reference = {r["step"]: r["loss"] for r in _metrics(tmp_path / "runs" / "fixed") if "loss" in r}
+    for row in rows:  # one worker accumulating both micro-batches = two workers averaging theirs
+        assert row["loss"] == pytest.approx(reference[row["step"]], abs=1e-6), (row["step"], row["world_size"])
+    a = load_file(str(tmp_path / "runs" / "fixed" / "model" / "model.safetensors"))
     b = load_file(os.path.join(run_dir, "model", "model.safetensors"))
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key

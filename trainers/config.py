@@ -36,8 +36,13 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    num_workers: int = Field(2, ge=1, le=4096)
-    """Ray Train workers (one DeepSpeed rank each)."""
+    num_workers: int | tuple[int, int] = 2
+    """Ray Train workers (one DeepSpeed rank each), or `[min, max]` for an elastic run: it starts with as many as
+    the cluster holds (at least min), and grows towards max as nodes arrive. The global batch stays
+    micro_batch_size x grad_accum x max whatever the number running (fewer workers accumulate more)."""
+    elastic_resize_s: float = Field(60.0, gt=0, le=86_400)
+    """An elastic run checks this often whether more workers fit (growing restarts the workers from the last
+    checkpoint)."""
     use_gpu: Literal["auto"] | bool = "auto"
     """One GPU per worker: `auto` uses GPUs when the cluster has them."""
     cpus_per_worker: float = Field(1.0, gt=0, le=512)
@@ -52,7 +57,8 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(4, ge=1, le=65_536)
     """Sequences per worker per forward pass."""
     grad_accum: int = Field(1, ge=1, le=65_536)
-    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size * grad_accum * num_workers."""
+    """Micro-batches accumulated per optimizer step; global batch = micro_batch_size * grad_accum * num_workers
+    (its max for an elastic run)."""
     lr: float = Field(2.0e-4, gt=0, le=10.0)
     """Peak learning rate of AdamW."""
     weight_decay: float = Field(0.0, ge=0, le=10.0)
@@ -101,3 +107,28 @@ class TrainConfig(Section):
                                  "without them and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
                                  "MLFLOW_TRACKING_TOKEN")
         return value
+
+    @field_validator("num_workers")
+    @classmethod
+    def _range(cls, value):
+        low, high = value if isinstance(value, tuple) else (value, value)
+        if not 1 <= low <= high <= 4096:
+            raise ValueError("give a number of workers from 1 to 4096, or an elastic range [min, max] with "
+                             "1 <= min <= max <= 4096")
+        return value if low != high else low  # [n, n] is a fixed run of n
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The number of workers the global batch is defined by (all of them for a fixed run)."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    def workers_label(self) -> str:
+        return f"{self.min_workers}-{self.max_workers} (elastic)" if self.elastic else str(self.max_workers)

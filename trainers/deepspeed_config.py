@@ -10,7 +10,7 @@ from zeray.errors import UserError
 CONTROLLED = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
-    "train_batch_size": "train.micro_batch_size x train.grad_accum x train.num_workers",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x train.num_workers (its max if elastic)",
     "gradient_clipping": "train.grad_clip",
     "zero_optimization.stage": "train.zero_stage",
     "zero_optimization.offload_optimizer.device": "train.offload",
@@ -68,7 +68,12 @@ def precision(model: ModelConfig, on_gpu: bool, bf16_supported: bool) -> str:
 
 
 def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_size: int,
-                     user: dict | None = None) -> dict:
+                     user: dict | None = None, grad_accum: int | None = None, load_universal: bool = False) -> dict:
+    """`grad_accum`: micro-batches per rank per step when an elastic run has fewer than its max workers (more
+    each, for the same global batch); `load_universal`: the checkpoint to load was converted by ds_to_universal."""
+    grad_accum = grad_accum or train.grad_accum
+    if user and grad_accum != train.grad_accum:  # checked against the full-size run on the driver already
+        user = {k: v for k, v in user.items() if k not in ("gradient_accumulation_steps", "train_batch_size")}
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage == 3:
         # ZeRO-3 allocates its communication buckets whole, and DeepSpeed's default (5e8 elements) is sized for
@@ -88,8 +93,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_siz
         optimizer_params["torch_adam"] = True
     ours = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": train.micro_batch_size * grad_accum * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "optimizer": {"type": "AdamW", "params": optimizer_params},
@@ -98,4 +103,6 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_siz
         "steps_per_print": 1 << 30,  # zeray prints its own progress line
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ours["checkpoint"] = {"load_universal": True}
     return merge_user(user, ours, train.deepspeed) if user else ours

@@ -11,10 +11,13 @@ import json
 import math
 import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import ray.train
@@ -64,15 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
     total_steps = plan["total_steps"]
     warmup = int(train.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, world, dtype, model.config.get_text_config().hidden_size, plan["deepspeed"]),
-        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
-    )
 
-    seed_everything(rng_seed(train.seed, rank, 0))  # dropout: each rank its own stream
-    step, epoch, skip_batches = 0, 0, 0
     own = ray.train.get_checkpoint()  # this run's latest: a restart after a failure, or a re-run command
     # else, under PBT, the better trial's checkpoint this run continues from
     checkpoint = own or (ray.train.Checkpoint(plan["init_checkpoint"]) if plan.get("init_checkpoint") else None)
@@ -81,10 +76,36 @@ def train_loop_per_worker(config: dict) -> None:
         if problem and rank == 0:
             say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
         checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
+    saved_world = None
     if checkpoint:
         with checkpoint.as_directory() as path:  # (a local copy of one in an object store)
+            with open(os.path.join(path, STATE_FILE)) as f:
+                saved_world = json.load(f).get("world", world)
+    # ZeRO-1/2/3 shard the optimizer by rank: states written by another number of workers (an elastic run that
+    # grew or shrank) are converted to DeepSpeed's universal checkpoint and loaded as such
+    universal = checkpoint is not None and saved_world != world and train.zero_stage > 0
+    per_rank = -(-train.grad_accum * train.max_workers // world)  # micro-batches per rank per step (see deal())
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(train, world, dtype, model.config.get_text_config().hidden_size, plan["deepspeed"],
+                                grad_accum=per_rank, load_universal=universal),
+        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
+    )
+
+    seed_everything(rng_seed(train.seed, rank, 0))  # dropout: each rank its own stream
+    step, epoch, skip_batches = 0, 0, 0
+    if checkpoint:
+        with checkpoint.as_directory() as path:
             verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
-            engine.load_checkpoint(path, tag=CKPT_TAG)
+            if universal:
+                if rank == 0:
+                    say(f"the checkpoint was written by {saved_world} workers, this run has {world}: converting it "
+                        "to a universal checkpoint")
+                with universal_checkpoint(path, rank, world) as converted:
+                    engine.load_checkpoint(converted, tag=CKPT_TAG)
+            else:
+                engine.load_checkpoint(path, tag=CKPT_TAG)
             with open(os.path.join(path, STATE_FILE)) as f:
                 state = json.load(f)
         step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
@@ -95,7 +116,6 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})"
                 + ("" if own else f" of {checkpoint.path}"))
 
-    ga = train.grad_accum
     train_shard = ray.train.get_dataset_shard("train")  # the whole split: see the epoch loop
     pad_id = plan["pad_token_id"]
     window = Window(first_step=step, flops_per_token=plan["flops_per_token"], world=world,
@@ -128,33 +148,35 @@ def train_loop_per_worker(config: dict) -> None:
 
     mb = train.micro_batch_size
     collate = Collate(pad_id, device, packed)
+    full = train.max_workers  # the global batch is defined by this many workers' micro-batches
     while step < total_steps and epoch < train.epochs:
-        # Every rank reads the whole (seeded, ordered) training stream in global micro-batches of mb x world rows
-        # and takes its own slice: each optimizer step then sees the same rows whatever the number of workers, so
-        # the loss curve does not depend on it. Reading token ids is cheap next to training on them.
+        # Every rank reads the whole (seeded, ordered) training stream in global micro-batches of mb x max_workers
+        # rows and takes its share of each step's (see deal()): each optimizer step then sees the same rows
+        # whatever the number of workers, so the loss curve does not depend on it. Reading token ids is cheap
+        # next to training on them.
         batches = train_shard.iter_batches(
-            batch_size=mb * world, batch_format="numpy", prefetch_batches=2, drop_last=True,
+            batch_size=mb * full, batch_format="numpy", prefetch_batches=2, drop_last=True,
             # a buffer of global micro-batches varies the order per epoch, reproducibly and the same on every rank
-            local_shuffle_buffer_size=mb * world * 16, local_shuffle_seed=train.seed + epoch,
+            local_shuffle_buffer_size=mb * full * 16, local_shuffle_seed=train.seed + epoch,
         )
         used = 0  # global micro-batches of this epoch consumed (also the resume position)
-        group: list[dict] = []
+        pending: list[dict] = []
         for rows in batches:
             if used < skip_batches:
                 used += 1
                 continue
-            batch = collate({k: v[rank * mb:(rank + 1) * mb] for k, v in rows.items()})
-            group.append(batch)
+            pending.append(rows)
             used += 1
-            if len(group) < ga:
+            if len(pending) < train.grad_accum:
                 continue
+            group = [collate(part) for part in deal(pending, mb, full, rank, world)]
+            pending = []
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
             loss_sum, tokens = train_step(engine, group, world)
             if not math.isfinite(loss_sum):  # the same all-reduced value on every rank: all stop here together
                 ray.train.report({"step": step + 1, "epoch": epoch, "loss": loss_sum / tokens, "diverged": True})
                 return
             window.add(loss_sum, tokens, real_tokens=sum(b["num_tokens"] for b in group))
-            group = []
             step += 1
             metrics = None
             if step % train.log_every == 0 or step == total_steps:
@@ -186,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
     test = evaluate(engine, "test", train.micro_batch_size, pad_id, device, packed)
     nodes = [None] * world  # how many machines the workers ran on, the last time they started
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    final.update({"nodes": len(set(nodes)), "test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
+    final.update({"nodes": len(set(nodes)), "world_size": world, "test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
                   "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})
     save(final, batches_in_epoch=0, export=True)
@@ -201,6 +223,58 @@ def apply_optimizer_settings(scheduler, lr: float, weight_decay: float) -> None:
         group["lr"] = lr * factor(scheduler.last_epoch)
         group["weight_decay"] = weight_decay
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def deal(units: list[dict], mb: int, full: int, rank: int, world: int) -> list[dict]:
+    """This rank's micro-batches of one optimizer step: `units` are its grad_accum global micro-batches of
+    mb x `full` rows (full = the run's max workers); their mb-row slices are dealt round-robin over the `world`
+    ranks running now. A rank left one short (the slices do not divide evenly) gets an all-padding micro-batch, so
+    that every rank runs the same number of forward/backward passes (ZeRO-3's collectives, DeepSpeed's
+    accumulation count). With world == full, rank r simply takes slice r of every unit."""
+    slices = [{k: v[pos * mb:(pos + 1) * mb] for k, v in unit.items()} for unit in units for pos in range(full)]
+    mine = slices[rank::world]
+    per_rank = -(-len(slices) // world)
+    while len(mine) < per_rank:
+        mine.append(padding(slices[0]))
+    return mine
+
+
+def padding(rows: dict) -> dict:
+    """Rows that run through the model but carry no label and no real token: they add nothing to loss or
+    gradients."""
+    labels = np.empty(len(rows["labels"]), dtype=object)
+    labels[:] = [np.full(len(label), IGNORE, dtype=np.int64) for label in rows["labels"]]
+    return {**rows, "labels": labels, "num_tokens": np.zeros_like(rows["num_tokens"])}
+
+
+@contextmanager
+def universal_checkpoint(path: str, rank: int, world: int):
+    """`path`'s DeepSpeed checkpoint converted by DeepSpeed's ds_to_universal into a folder on this node (by the
+    lowest rank on it; the others wait): a checkpoint of another world size for ZeRO-1/2/3 to load."""
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    leader = nodes.index(nodes[rank])
+    folder = None
+    if rank == leader:
+        folder = tempfile.mkdtemp(prefix="zeray-universal-")
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+             os.path.join(path, CKPT_TAG), "--output_folder", os.path.join(folder, CKPT_TAG),
+             "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+            capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = RuntimeError(f"DeepSpeed's ds_to_universal failed on {path}: {done.stderr.strip()[-2000:]}")
+    folders = [None] * world
+    dist.all_gather_object(folders, folder)
+    if isinstance(folders[leader], Exception):
+        raise folders[leader]
+    try:
+        yield folders[leader]
+    finally:
+        dist.barrier()  # every rank of the node has loaded it
+        if rank == leader:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:
@@ -372,7 +446,7 @@ class Window:
             "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(self.steps, 1),
             "mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world)
                     if self.peak_flops else None),
-            "peak_memory_gb": peak.item(),
+            "peak_memory_gb": peak.item(), "world_size": self.world,
         }
         if rank == 0:
             eta_s = (now - self.started) / max(step - self.first_step, 1) * (total_steps - step)

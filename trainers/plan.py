@@ -124,13 +124,14 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
     shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.lora)
     dtype = precision(cfg.model, use_gpu, use_gpu)  # bf16 support is checked again on the workers
     mixed = dtype != "fp32"
-    device_bytes, device = device_memory(use_gpu, t.num_workers)
+    # an elastic run's worst case: states sharded over its fewest workers, a node's RAM shared by its most
+    device_bytes, device = device_memory(use_gpu, t.max_workers)
     act = activation_bytes(shape, t.micro_batch_size, d.max_length, 2 if mixed else 4)
     rows = []
     for stage, offload in CHOICES:
-        states, cpu = shape_states_bytes(shape, stage, offload, t.num_workers, mixed)
+        states, cpu = shape_states_bytes(shape, stage, offload, t.min_workers, mixed)
         # on CPU the "device" is the node's memory, which also holds what is offloaded
-        need = states + act + (0 if use_gpu else cpu // max(1, t.num_workers))
+        need = states + act + (0 if use_gpu else cpu // t.min_workers)
         rows.append({"zero_stage": stage, "offload": offload, "model_states_gb": states / GB,
                      "offloaded_cpu_gb": cpu / GB, "activations_gb": act / GB, "total_gb": need / GB,
                      "fits": None if device_bytes is None else need <= device_bytes})
@@ -142,7 +143,7 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
             "flops_per_token": flops_per_token, "device": device,
             "device_gb": None if device_bytes is None else device_bytes / GB, "rows": rows,
             "chosen": chosen, "cheapest": cheapest,
-            "tokens_per_step": t.num_workers * t.micro_batch_size * t.grad_accum * d.max_length}
+            "tokens_per_step": t.max_workers * t.micro_batch_size * t.grad_accum * d.max_length}
 
 
 def explain(plan: dict) -> str:

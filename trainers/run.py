@@ -47,7 +47,7 @@ def worker_resources(cfg) -> tuple[bool, dict[str, float]]:
     """Whether workers get a GPU, and what each reserves; a request the cluster can never hold fails here."""
     gpu = use_gpu(cfg.train.use_gpu, capacity(), autoscaler_maximum() == {})  # an autoscaler may add GPU nodes
     per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
-    check_fits(cfg.train.num_workers, per_worker, cfg.cluster.data_cpus)
+    check_fits(cfg.train.min_workers, per_worker, cfg.cluster.data_cpus)  # an elastic run starts with its min
     return gpu, per_worker
 
 
@@ -133,15 +133,15 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
     for split in ("val", "test"):
         if counts["rows"][split] == 0:
             raise UserError(f"data.split.{split}: no {split} records; raise data.split.{split} or add data")
-    plan = make_plan(counts["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
+    plan = make_plan(counts["rows"]["train"], t.max_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     plan["packing"] = report["packing"] if d.prepared else d.packing
     plan["flops_per_token"] = memory["flops_per_token"]
     # the user's DeepSpeed file, merged and checked for contradictions here, before any worker starts
     plan["deepspeed"] = load_user_deepspeed(t.deepspeed) if t.deepspeed else None
-    deepspeed_config(t, t.num_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
+    deepspeed_config(t, t.max_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     plan["init_checkpoint"] = init_checkpoint
-    print(f"plan: {t.num_workers} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
+    print(f"plan: {t.workers_label()} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
           f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
           f"steps/epoch, {plan['total_steps']} steps", flush=True)
 
@@ -151,7 +151,8 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
             train_loop_per_worker,
             train_loop_config={"run": cfg, "plan": plan},
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker,
-                                         placement_strategy=t.placement_strategy),
+                                         placement_strategy=t.placement_strategy,
+                                         elastic_resize_monitor_interval_s=t.elastic_resize_s),
             datasets=datasets,
             # the same example order on every run: what exact resume and reproducible curves rest on
             # nothing is split: every rank reads the ordered train stream and takes its slice of each global
@@ -168,7 +169,8 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
                 logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
             ),
         )
-        result = fit_or_explain(trainer, placement_timeout(cfg.cluster))
+        result = fit_or_explain(trainer, placement_timeout(cfg.cluster),
+                                elastic_min=(t.min_workers, per_worker) if t.elastic else None)
         if result.error:
             raise result.error
         rows = read_metrics(run_dir)  # every report (result.metrics holds only the latest checkpoint's)
@@ -213,7 +215,7 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
             "peak_memory_gb": max((r["peak_memory_gb"] for r in train_rows), default=None),
             "steps": final["step"],
             "wall_s": time.time() - started,
-            "world_size": t.num_workers,
+            "world_size": final["world_size"],  # (an elastic run's, at its end)
             "nodes": final["nodes"],
             "zero_stage": t.zero_stage,
             "records": counts,

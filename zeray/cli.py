@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
-    with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
+    with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
         print(f"zeray train {cfg.name}: {where}, results in {cfg.run_dir}", flush=True)
         check_storage(cfg)
         summary = _unwrap_user_errors(train, cfg)
@@ -69,8 +69,11 @@ def cmd_tune(args) -> int:
                         "directory, not in an object store yet: give a path every node mounts "
                         "(cluster.shared_storage: true) for campaigns")
     t = cfg.train
+    if t.elastic:
+        raise UserError("train.num_workers: a campaign runs trials side by side at a fixed size; give a number of "
+                        "workers (an elastic [min, max] range is for zeray train)")
     # embedded Ray: as many trial slots as the machine has cores (at least one trial), plus the data pipeline's
-    trial_cpus = max(os.cpu_count() or 1, t.num_workers * t.cpus_per_worker)
+    trial_cpus = max(os.cpu_count() or 1, t.max_workers * t.cpus_per_worker)
     with ray_session(cfg.cluster, trial_cpus) as where:
         print(f"zeray tune {cfg.name}: {where}", flush=True)
         check_storage(cfg)
@@ -92,12 +95,15 @@ def cmd_plan(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
-    with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
-        print(f"zeray plan {cfg.name}: {where}; {t.num_workers} workers x micro-batch {t.micro_batch_size} x "
+    with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
+        print(f"zeray plan {cfg.name}: {where}; {t.workers_label()} workers x micro-batch {t.micro_batch_size} x "
               f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens", flush=True)
         gpu = use_gpu(t.use_gpu, capacity(), autoscaler_maximum() == {})
         per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
-        print(describe_fit(t.num_workers, per_worker, cfg.cluster.data_cpus), flush=True)
+        print(describe_fit(t.max_workers, per_worker, cfg.cluster.data_cpus), flush=True)
+        if t.elastic:
+            print(f"at its minimum of {t.min_workers} workers: "
+                  + describe_fit(t.min_workers, per_worker, cfg.cluster.data_cpus), flush=True)
         print(format_plan(make_memory_plan(cfg, gpu)), flush=True)
     return 0
 
@@ -134,7 +140,7 @@ def cmd_eval(args) -> int:
                         "a run's model from its storage)")
     model_dir = os.path.abspath(args.model)
     t = cfg.train
-    with ray_session(cfg.cluster, t.num_workers * t.cpus_per_worker) as where:
+    with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
         print(f"zeray eval {model_dir} on the test split of {args.config}: {where}", flush=True)
         check_storage(cfg)
         result = _unwrap_user_errors(evaluate_model, cfg, model_dir)
