@@ -169,7 +169,7 @@ def one_worker_node(monkeypatch):
 
 @pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
 def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, tmp_path, artifacts):
-    """An elastic [1, 2] run starts with the one worker the cluster holds, grows to two when a node arrives
+    """An elastic [1, 2] ZeRO-3 run starts with the one worker the cluster holds, grows to two when a node arrives
     (restarting from its last checkpoint, written by one worker and converted to DeepSpeed's universal checkpoint),
     and every loss it logged, and its final weights, are those of a fixed 2-worker run: the global batch is two
     workers' micro-batches throughout."""
@@ -178,7 +178,7 @@ def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_work
     cluster = one_worker_node
     steps = 40  # (into the second epoch) long enough for Ray Data's autoscaling coordinator (the elastic policy's view of the cluster),
     # which refreshes its node list every 20 s, to see the new node
-    settings = {"max_steps": steps, "epochs": 2, "cpus_per_worker": 2, "checkpoint_every": 4,
+    settings = {"max_steps": steps, "epochs": 2, "cpus_per_worker": 2, "checkpoint_every": 4, "zero_stage": 3,
                 "placement_strategy": "PACK"}
     run_dir = str(tmp_path / "runs" / "elastic")
     config = _config(tmp_path, artifacts, "elastic", cluster={"data_cpus": 1}, num_workers=[1, 2],
