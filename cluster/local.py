@@ -77,12 +77,13 @@ def resource_fit(workers: int, per_worker: dict[str, float], data_cpus: float) -
     return {"need": need, "now": now, "most": most, "fits_now": holds(now), "fits": fits}
 
 
-def describe_fit(workers: int, per_worker: dict[str, float], data_cpus: float) -> str:
-    """One line for `zeray plan`: the request, the cluster now and at the autoscaler's maximum, the verdict."""
+def describe_fit(workers: int, per_worker: dict[str, float], data_cpus: float, minimum: bool = False) -> str:
+    """One line for `zeray plan`: the request, the cluster now and at the autoscaler's maximum, the verdict
+    (`minimum`: of an elastic run's fewest workers)."""
     fit = resource_fit(workers, per_worker, data_cpus)
     verdict = ("fits now" if fit["fits_now"] else "does not fit" if not fit["fits"]
                else "fits once the autoscaler adds nodes" if fit["most"] else "fits only if the autoscaler adds nodes")
-    return (f"cluster: the run needs {_fmt(fit['need'])} ({workers} workers x {_fmt(per_worker)} + "
+    return (f"cluster: {'at its minimum ' if minimum else ''}the run needs {_fmt(fit['need'])} ({workers} workers x {_fmt(per_worker)} + "
             f"{data_cpus:g} CPU for Ray Data); the cluster has {_fmt(fit['now'])} now"
             + (f", up to {_fmt(fit['most'])} with its autoscaler" if fit["most"]
                else ", and an autoscaler that does not say how far it grows" if fit["most"] == {} else "")

@@ -58,6 +58,12 @@ def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster,
     assert main(["plan", config, "train.num_workers=3"]) == 0  # plan says it; train refuses it
     assert "needs 5 CPU (3 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: does not fit" in \
         capsys.readouterr().out
+    # an elastic range: the request at its max and at its min; the global batch (tokens per step) is max's
+    assert main(["plan", config, "train.num_workers=[1,3]"]) == 0
+    out = capsys.readouterr().out
+    assert "1-3 (elastic) workers x micro-batch 4" in out and "tokens per optimizer step (slots): 1536" in out
+    assert "cluster: at its minimum the run needs 3 CPU (1 workers x 1 CPU + 2 CPU for Ray Data); the cluster " \
+           "has 4 CPU now: fits now" in out
 
     assert main(["train", config, "train.micro_batch_size=4096", "data.max_length=8192"]) == 2
     err = capsys.readouterr().err.strip()

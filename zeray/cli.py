@@ -102,8 +102,7 @@ def cmd_plan(args) -> int:
         per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
         print(describe_fit(t.max_workers, per_worker, cfg.cluster.data_cpus), flush=True)
         if t.elastic:
-            print(f"at its minimum of {t.min_workers} workers: "
-                  + describe_fit(t.min_workers, per_worker, cfg.cluster.data_cpus), flush=True)
+            print(describe_fit(t.min_workers, per_worker, cfg.cluster.data_cpus, minimum=True), flush=True)
         print(format_plan(make_memory_plan(cfg, gpu)), flush=True)
     return 0
 
