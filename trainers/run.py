@@ -66,7 +66,7 @@ def use_gpu(setting, resources: dict, unknown_reach: bool = False) -> bool:
 # keys a resumed run may change: they do not alter what the checkpoints mean or where the data stream stands
 RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker",
-                     "train.tensorboard", "train.mlflow_uri", "train.mlflow_experiment"}
+                     "train.tensorboard", "train.mlflow_uri", "train.mlflow_experiment", "train.elastic_resize_s"}
 
 
 def check_same_run(cfg, path: str, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
