@@ -23,7 +23,7 @@ import ray
 
 from cluster.local import autoscaler_maximum
 from zeray.errors import UserError
-from zeray.fs import display, download, exists, is_local, is_uri, resolve, upload
+from zeray.fs import display, download, exists, is_local, is_uri, reach, resolve, upload
 
 PULLED = ("config.json", "metrics.jsonl", "mlflow_run.json")  # what a re-run of an object-store run continues
 
@@ -82,7 +82,7 @@ def run_store(run_dir: str, key: str = "storage"):
 def check_storage(cfg) -> None:
     """A UserError naming the path and the fix when a multi-node cluster would write to or read from node-local
     paths (an object-store URI is fine everywhere; one pyarrow cannot open fails here)."""
-    if is_uri(cfg.storage) and not is_local(resolve(cfg.storage, "storage")[0]):
+    if is_uri(cfg.storage) and not is_local(reach(cfg.storage, "storage")[0]):
         return
     if cfg.cluster.shared_storage:
         return

@@ -20,7 +20,7 @@ from ray.data.expressions import col
 from pipelines.config import DataConfig
 from pipelines.dataset import SPLITS, Splits, build_splits, count_records, materialize_in_order
 from zeray.errors import UserError
-from zeray.fs import entries, exists, files, is_local, kind, read_bytes, resolve, write_bytes
+from zeray.fs import entries, exists, files, is_local, kind, reach, read_bytes, resolve, write_bytes
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "num_tokens")
 REPORT = "report.json"
@@ -159,7 +159,7 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
     """The datasets and report of a `zeray prep` output folder (`data.prepared`), read once into Ray's object
     store in file order (as the streamed pipeline leaves its splits): epochs and evaluations then iterate over
     blocks already there, instead of each re-reading Parquet in tasks that compete with training for CPUs."""
-    fs, root = resolve(path, "data.prepared")
+    fs, root = reach(path, "data.prepared")
     if kind(fs, f"{root}/{REPORT}") != pafs.FileType.File:
         raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
     report = json.loads(read_bytes(fs, f"{root}/{REPORT}"))

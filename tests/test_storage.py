@@ -136,6 +136,23 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+def test_an_object_store_is_storage_every_node_shares_and_an_unreachable_one_is_one_line(s3, monkeypatch):
+    from cluster.storage import check_storage
+    from pipelines.prep import load_prepared
+    from zeray.config import RunConfig
+    from zeray.errors import UserError
+
+    for key, value in s3.items():
+        monkeypatch.setenv(key, value)
+    check_storage(RunConfig(storage=f"s3://{BUCKET}/runs"))  # no shared_storage needed, whatever the nodes
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody answers there
+    with pytest.raises(UserError, match=rf"^storage: s3://{BUCKET}/runs: cannot reach it \(.+\); check the "
+                                        r"endpoint and credentials in the environment \(AWS_ENDPOINT_URL, .*\)$"):
+        check_storage(RunConfig(storage=f"s3://{BUCKET}/runs"))
+    with pytest.raises(UserError, match=r"^data.prepared: s3://.*: cannot reach it"):
+        load_prepared(f"s3://{BUCKET}/runs/x/data")
+
+
 @pytest.mark.reliability("bad input", "credentials or options inside a `storage` URI")
 def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(artifacts, tmp_path, capsys):
     from zeray.cli import main

@@ -221,13 +221,3 @@ def test_job_command_and_runtime_env(tmp_path):
     assert "outside" not in " ".join(runtime_env(REPO, "/outside/runs", install=False)["excludes"])
     installed = runtime_env(REPO, "s3://bucket/runs", install=True)
     assert installed["pip"] == dependencies(REPO) and any(d.startswith("ray[") for d in installed["pip"])
-
-
-def test_uri_storage_is_refused_with_the_alternative(tmp_path):
-    from cluster.storage import check_storage
-    from zeray.config import RunConfig
-    from zeray.errors import UserError
-
-    with pytest.raises(UserError, match=r"storage: s3://bucket/runs: zeray writes runs to a filesystem path.*"
-                                        r"cluster.shared_storage: true"):
-        check_storage(RunConfig(storage="s3://bucket/runs"))

@@ -51,6 +51,20 @@ def resolve(location: str, key: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/")
 
 
+def reach(location: str, key: str) -> tuple[pafs.FileSystem, str]:
+    """`resolve`, and one request to the store (pyarrow connects lazily): an unreachable endpoint or refused
+    credentials become one line naming `key` here, not a traceback later."""
+    fs, path = resolve(location, key)
+    try:
+        fs.get_file_info(path)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"{key}: {location}: cannot reach it ({first}); check the endpoint and credentials in the "
+                        "environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                        "GOOGLE_APPLICATION_CREDENTIALS, ...)") from None
+    return fs, path
+
+
 def display(fs: pafs.FileSystem, path: str) -> str:
     """The path as a user names it: a URI for an object store, the plain path on this machine."""
     scheme = SCHEMES.get(fs.type_name)
