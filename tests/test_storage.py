@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from conftest import REPO, free_port, write_config
+from conftest import free_port, write_config
 
 BUCKET = "zeray-test"
 
