@@ -31,6 +31,7 @@ from trainers.checkpoints import (CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, i
                                  write_manifest)
 from trainers.lora import save_lora_model, with_adapters
 from zeray.errors import UserError
+from zeray.fs import read_bytes
 
 
 
@@ -77,10 +78,9 @@ def train_loop_per_worker(config: dict) -> None:
             say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
         checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
     saved_world = None
-    if checkpoint:
-        with checkpoint.as_directory() as path:  # (a local copy of one in an object store)
-            with open(os.path.join(path, STATE_FILE)) as f:
-                saved_world = json.load(f).get("world", world)
+    if checkpoint:  # (read where it is: a checkpoint in an object store is downloaded once, below)
+        saved_world = json.loads(read_bytes(checkpoint.filesystem, f"{checkpoint.path}/{STATE_FILE}")).get("world",
+                                                                                                        world)
     # ZeRO-1/2/3 shard the optimizer by rank: states written by another number of workers (an elastic run that
     # grew or shrank) are converted to DeepSpeed's universal checkpoint and loaded as such
     universal = checkpoint is not None and saved_world != world and train.zero_stage > 0
@@ -96,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(rng_seed(train.seed, rank, 0))  # dropout: each rank its own stream
     step, epoch, skip_batches = 0, 0, 0
     if checkpoint:
-        with checkpoint.as_directory() as path:
+        with checkpoint.as_directory() as path:  # (a local copy of one in an object store)
             verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
             if universal:
                 if rank == 0:
@@ -208,8 +208,8 @@ def train_loop_per_worker(config: dict) -> None:
     test = evaluate(engine, "test", train.micro_batch_size, pad_id, device, packed)
     nodes = [None] * world  # how many machines the workers ran on, the last time they started
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    final.update({"nodes": len(set(nodes)), "world_size": world, "test_loss": test["eval_loss"], "test_perplexity": test["eval_perplexity"],
-                  "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
+    final.update({"nodes": len(set(nodes)), "world_size": world, "test_loss": test["eval_loss"],
+                  "test_perplexity": test["eval_perplexity"], "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})
     save(final, batches_in_epoch=0, export=True)
 
