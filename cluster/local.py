@@ -83,7 +83,8 @@ def describe_fit(workers: int, per_worker: dict[str, float], data_cpus: float, m
     fit = resource_fit(workers, per_worker, data_cpus)
     verdict = ("fits now" if fit["fits_now"] else "does not fit" if not fit["fits"]
                else "fits once the autoscaler adds nodes" if fit["most"] else "fits only if the autoscaler adds nodes")
-    return (f"cluster: {'at its minimum ' if minimum else ''}the run needs {_fmt(fit['need'])} ({workers} workers x {_fmt(per_worker)} + "
+    return (f"cluster: {'at its minimum ' if minimum else ''}the run needs {_fmt(fit['need'])} "
+            f"({workers} workers x {_fmt(per_worker)} + "
             f"{data_cpus:g} CPU for Ray Data); the cluster has {_fmt(fit['now'])} now"
             + (f", up to {_fmt(fit['most'])} with its autoscaler" if fit["most"]
                else ", and an autoscaler that does not say how far it grows" if fit["most"] == {} else "")

@@ -56,10 +56,10 @@ class RunStore:
 
 
 @contextmanager
-def run_store(run_dir: str, key: str = "storage"):
+def run_store(run_dir: str):
     """The `RunStore` of a run folder. For an object store: a staging folder holding what a re-run continues
     (PULLED), every file of it copied up when the block ends, however it ends, and then removed."""
-    fs, path = resolve(run_dir, key)
+    fs, path = resolve(run_dir, "storage")
     if is_local(fs):
         os.makedirs(path, exist_ok=True)
         yield RunStore(fs, path, path)

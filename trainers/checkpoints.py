@@ -133,8 +133,9 @@ def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             raise UserError(f"--checkpoint {checkpoint} is damaged ({problem}); choose another of the run's")
         return checkpoint
     fs, path = resolve(run_dir, "run directory")
-    found = sorted(i.path for i in entries(fs, path) if i.type == pafs.FileType.Directory
-                   and i.base_name.startswith("checkpoint_") and kind(fs, f"{i.path}/{CKPT_TAG}") == pafs.FileType.Directory)
+    found = sorted(i.path for i in entries(fs, path)
+                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+                   and kind(fs, f"{i.path}/{CKPT_TAG}") == pafs.FileType.Directory)
     if not found:
         raise UserError(f"{run_dir} holds no checkpoint_*/ folders; give a run directory of `zeray train`")
     return display(fs, intact_checkpoint(found[-1], fs)[0])  # Ray Train names them by time

@@ -209,7 +209,8 @@ def train_loop_per_worker(config: dict) -> None:
     nodes = [None] * world  # how many machines the workers ran on, the last time they started
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     final.update({"nodes": len(set(nodes)), "world_size": world, "test_loss": test["eval_loss"],
-                  "test_perplexity": test["eval_perplexity"], "test_token_accuracy": test["eval_token_accuracy"], "step": step, "epoch": epoch,
+                  "test_perplexity": test["eval_perplexity"], "test_token_accuracy": test["eval_token_accuracy"],
+                  "step": step, "epoch": epoch,
                   "final": True, "train_wall_s": time.perf_counter() - started})
     save(final, batches_in_epoch=0, export=True)
 

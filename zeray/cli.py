@@ -8,6 +8,7 @@ import os
 import sys
 
 from zeray.errors import UserError, find_user_error
+from zeray.fs import is_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +65,7 @@ def cmd_tune(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if "://" in cfg.storage and not cfg.storage.startswith("file://"):
+    if is_uri(cfg.storage) and not cfg.storage.startswith("file://"):
         raise UserError(f"storage: zeray tune keeps its campaign (Tune's state, trial folders, results) in a "
                         "directory, not in an object store yet: give a path every node mounts "
                         "(cluster.shared_storage: true) for campaigns")
@@ -134,7 +135,7 @@ def cmd_eval(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides, prep_only=True)
-    if "://" in args.model:
+    if is_uri(args.model):
         raise UserError(f"--model {args.model}: give a local model directory (`zeray export RUN --out DIR` copies "
                         "a run's model from its storage)")
     model_dir = os.path.abspath(args.model)

@@ -49,7 +49,9 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> str:
         """<storage>/<name>: a local path or a URI."""
-        return f"{self.storage.rstrip('/')}/{self.name}" if is_uri(self.storage) else os.path.join(self.storage, self.name)
+        if is_uri(self.storage):
+            return f"{self.storage.rstrip('/')}/{self.name}"
+        return os.path.join(self.storage, self.name)
 
 
 def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, prep_only: bool = False) -> RunConfig:
@@ -181,7 +183,8 @@ def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
     node[parts[-1]] = value
 
 
-NEVER_SHOWN = {"train.mlflow_uri", "cluster.address", "storage", "data.prepared"}  # values that may carry credentials: not echoed in errors
+# values that may carry credentials: not echoed in errors
+NEVER_SHOWN = {"train.mlflow_uri", "cluster.address", "storage", "data.prepared"}
 
 
 def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
@@ -239,6 +242,6 @@ def _looks_like_path(value: str) -> bool:
 
 
 def _absolute(value: str) -> str:
-    if "://" in value:
+    if is_uri(value):
         return value
     return str(Path(os.path.expanduser(value)).absolute())
