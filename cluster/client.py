@@ -36,7 +36,7 @@ def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool
     left_home = secrets_in(root)
     if left_home:
         print(f"not uploaded (look like secrets): {', '.join(left_home)}", flush=True)
-    ray.init(address=address, runtime_env=runtime_env(root, cfg.storage, install=False), log_to_driver=True)
+    _connect(address, runtime_env(root, cfg.storage, install=False))
     try:
         print(f"zeray {argv[0]}: driving the cluster at {address}; the command runs there", flush=True)
         ref = _command.remote(argv)
@@ -60,6 +60,22 @@ def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool
     if error is not None:
         raise UserError(error)
     return code
+
+
+def _connect(address: str, env: dict, attempts: int = 4, pause_s: float = 5.0) -> None:
+    """ray.init through Ray Client, again when the head's per-client server fails to start. That happens when a
+    client connects while the head is still deleting the same working_dir package, unpacked for a client that
+    just left (its server's `cd` into it fails; ray-project/ray#19792): a moment later the package unpacks anew."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            return
+        except ConnectionAbortedError as exc:
+            if "Starting Ray client server failed" not in str(exc) or attempt == attempts:
+                raise
+            print(f"the cluster's client server did not start (attempt {attempt} of {attempts}); "
+                  f"again in {pause_s:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(pause_s)
 
 
 @ray.remote(num_cpus=0, max_retries=0)

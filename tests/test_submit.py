@@ -1,6 +1,7 @@
 """A real `ray start --head` on loopback with token authentication, and jobs sent to it with `zeray submit` and
 with plain `ray job submit`, as the README shows them."""
 
+import glob
 import json
 import os
 import re
@@ -31,6 +32,15 @@ def _env(token: str | None = TOKEN) -> dict:
 class Head(NamedTuple):
     jobs: str  # the dashboard, where jobs are submitted
     client: str  # the Ray Client server, which drives the cluster from here
+    logs: str  # the head's session logs
+
+    def client_server_errors(self) -> str:
+        """The tails of the per-client servers' stderr logs: why a client connection failed, if one did."""
+        tails = []
+        for path in sorted(glob.glob(os.path.join(self.logs, "ray_client_server_*.err"))):
+            with open(path, errors="replace") as f:
+                tails.append(f"{os.path.basename(path)}: {f.read()[-1500:]}")
+        return "\n".join(tails)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +70,8 @@ def head(tmp_path_factory):
             break
         assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
         time.sleep(2)
-    yield Head(jobs=address, client=f"ray://127.0.0.1:{client}")
+    yield Head(jobs=address, client=f"ray://127.0.0.1:{client}",
+               logs=os.path.join(temp_dir, "session_latest", "logs"))
     proc.terminate()
     proc.wait(timeout=60)
     log.close()
@@ -113,7 +124,7 @@ def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, a
     """RAY_ADDRESS=ray://<head>:10001 zeray train ...: the driver runs here, Ray Data and Ray Train on the cluster."""
     config = _tiny_config(tmp_path, artifacts, "client")
     done = _zeray("train", config, env=dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=head.client))
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + head.client_server_errors()
     assert f"zeray train: driving the cluster at {head.client}; the command runs there" in done.stdout
     assert "done in" in done.stdout  # the command's last line made it here
     summary = json.load(open(tmp_path / "runs" / "client" / "summary.json"))
@@ -122,7 +133,7 @@ def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, a
     # a user error on the cluster comes back as exit status 2, with its one-line reason
     refused = _zeray("train", config, "name=too-big", "train.num_workers=64",
                      env=dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=head.client))
-    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:] + head.client_server_errors()
     assert "error: train.num_workers=64 needs" in refused.stderr
 
     # workers that cannot be placed (another client holds the CPUs they need) stop the run with the reason
@@ -138,7 +149,7 @@ def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, a
     finally:
         holder.kill()
         holder.wait()
-    assert pending.returncode == 2, pending.stdout[-3000:] + pending.stderr[-3000:]
+    assert pending.returncode == 2, pending.stdout[-3000:] + pending.stderr[-3000:] + head.client_server_errors()
     assert "error: the training workers could not be placed within cluster.placement_timeout_s=5s" in pending.stderr
 
 
@@ -221,3 +232,34 @@ def test_job_command_and_runtime_env(tmp_path):
     assert "outside" not in " ".join(runtime_env(REPO, "/outside/runs", install=False)["excludes"])
     installed = runtime_env(REPO, "s3://bucket/runs", install=True)
     assert installed["pip"] == dependencies(REPO) and any(d.startswith("ray[") for d in installed["pip"])
+
+
+def test_a_client_server_that_fails_to_start_is_tried_again_and_other_refusals_are_not(monkeypatch, capsys):
+    """The head's per-client server can fail to start while the head deletes the working_dir package a client that
+    just left used (ray-project/ray#19792); the connection is tried again. Any other refusal is the user's to see."""
+    import ray
+
+    from cluster import client
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) < 3:
+            raise ConnectionAbortedError("Initialization failure from server:\nRuntimeError: Starting Ray client "
+                                         "server failed. See ray_client_server_23003.err for detailed logs.")
+
+    monkeypatch.setattr(ray, "init", init)
+    client._connect("ray://head:10001", {}, pause_s=0)
+    assert calls == ["ray://head:10001"] * 3
+    assert "did not start (attempt 2 of 4)" in capsys.readouterr().err
+
+    def refuse(**kwargs):
+        calls.append(kwargs["address"])
+        raise ConnectionAbortedError("Initialization failure from server: permission denied")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConnectionAbortedError, match="permission denied"):
+        client._connect("ray://head:10001", {}, pause_s=0)
+    assert calls == ["ray://head:10001"]
