@@ -4,8 +4,13 @@
 
 1. tokens/s (real tokens) of `zeray train` (2 workers, ZeRO 2, the demo model and data, packed) against a plain
    single-process PyTorch loop using both cores on the same rows, the same global batch and AdamW.
-2. model-state memory per worker (bytes held by tensors after one optimizer step: parameters, gradients, AdamW
-   states, DeepSpeed's partitions) for ZeRO 0, 1, 2 and 3 on 2 workers, against the estimate `zeray plan` uses.
+2. model-state memory per worker for ZeRO 0, 1, 2 and 3 on 2 workers, on the ~27M-parameter "small" model (on the
+   4M demo model ZeRO's fixed buffers would be a third of it), in fp32 and in bf16 (what GPUs train in), against
+   the estimate `zeray plan` uses: the bytes held by tensors when every model state exists at once — after the
+   second step's backward pass, before its optimizer step (parameters, gradients, AdamW's moments made by the first
+   step, DeepSpeed's partitions and buffers). In fp32, ZeRO 1-3 keep a separate fp32 master partition beside the
+   fp32 weights (DeepSpeed's stage 3 means to alias them but compares a torch.device with a device string), so
+   ZeRO 3 at 2 workers holds 10 of stage 0's 16 bytes per parameter.
 """
 
 import argparse
@@ -100,22 +105,26 @@ def memory_worker(config: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
     train = TrainConfig(zero_stage=config["stage"], micro_batch_size=1, grad_clip=0.0)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=deepspeed_config(train, 2, "fp32", model.config.hidden_size))
+                                      config=deepspeed_config(train, 2, config["dtype"], model.config.hidden_size))
     ids = torch.randint(0, model.config.vocab_size, (1, 64))
     engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
-    engine.step()
+    engine.step()  # AdamW's moments exist from here on
+    engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)  # and the gradients, until the step
     del ids
     gc.collect()
-    return {"bytes": tensor_bytes()}  # Ray Train hands rank 0's return value to the driver
+    held = tensor_bytes()
+    engine.step()
+    return {"bytes": held}  # Ray Train hands rank 0's return value to the driver
 
 
-def zero_memory(model_dir: str) -> dict[int, int]:
+def zero_memory(model_dir: str, dtype: str) -> dict[int, int]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     out = {}
     for stage in (0, 1, 2, 3):
-        trainer = TorchTrainer(memory_worker, train_loop_config={"model": model_dir, "stage": stage},
+        trainer = TorchTrainer(memory_worker,
+                               train_loop_config={"model": model_dir, "stage": stage, "dtype": dtype},
                                scaling_config=ScalingConfig(num_workers=2))
         out[stage] = trainer.fit().return_value["bytes"]
     return out
@@ -131,29 +140,33 @@ def main() -> None:
     from trainers.tiny_model import build_model
 
     with tempfile.TemporaryDirectory() as root:
-        data, model = os.path.join(root, "chat.jsonl"), os.path.join(root, "model")
+        data, model, small = (os.path.join(root, name) for name in ("chat.jsonl", "model", "small"))
         write_demo_data(data)
         build_model(data, model, size="demo")
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR")
+        build_model(data, small, size="small")
+        # with its dashboard (on localhost), as zeray starts it: Ray Train's placement-group cleaner asks its state API
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             zeray = zeray_tokens_per_s(root, data, model, args.steps)
             plain = plain_tokens_per_s(data, model, args.steps)
-            measured = zero_memory(model)
+            measured = {dtype: zero_memory(small, dtype) for dtype in ("fp32", "bf16")}
         finally:
             ray.shutdown()
-        shape = model_shape(model, False)
+        shape, small_shape = model_shape(model, False), model_shape(small, False)
 
     print(f"throughput (real tokens/s), demo model {shape['params'] / 1e6:.1f}M, packed 512-token rows")
     print(f"  zeray train, 2 workers, ZeRO 2   {zeray:10.0f}")
     print(f"  plain PyTorch loop, 1 process    {plain:10.0f}")
     print(f"zeray / plain = {zeray / plain:.2f}  (target >= 0.85)")
-    print("model-state memory per worker after one step (2 workers, fp32)")
-    for stage, got in measured.items():
-        estimate = model_states_bytes(shape["params"], shape["largest_layer_params"], stage, "none", 2, mixed=False)[0]
-        print(f"  ZeRO {stage}: {got / 2**20:8.1f} MiB   vs stage 0 {got / measured[0]:.2f}   "
-              f"vs estimate {estimate / 2**20:7.1f} MiB = {got / estimate:.2f}")
-    print(f"ZeRO 3 / ZeRO 0 = {measured[3] / measured[0]:.2f}  (target <= 0.60)")
+    for dtype, stages in measured.items():
+        print(f"model-state memory per worker, small model {small_shape['params'] / 1e6:.1f}M (2 workers, {dtype})")
+        for stage, got in stages.items():
+            estimate = model_states_bytes(small_shape["params"], small_shape["largest_layer_params"], stage, "none",
+                                          2, mixed=dtype != "fp32")[0]
+            print(f"  ZeRO {stage}: {got / 2**20:8.1f} MiB   vs stage 0 {got / stages[0]:.2f}   "
+                  f"vs estimate {estimate / 2**20:7.1f} MiB = {got / estimate:.2f}")
+        print(f"{dtype}: ZeRO 3 / ZeRO 0 = {stages[3] / stages[0]:.2f}  (target <= 0.60)")
 
 
 if __name__ == "__main__":

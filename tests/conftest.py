@@ -44,6 +44,14 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def paced_reports(monkeypatch):
+    """Ray Train's own report pace (its controller takes one report per 2 s) instead of zeray's 0.1 s, for tests
+    that strike a run at a logged step: at zeray's pace the tiny test model's whole run takes a few seconds, and
+    a fault aimed at step N would land past the end. Exactness after the fault does not depend on the pace."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
+
+
 SECRETS = {  # credentials users keep in their environment, with distinctive values: finding one is a leak
     "HF_TOKEN": "hf_zeraySecretHuggingFace1234567890",
     "WANDB_API_KEY": "zeraysecretwandb0123456789abcdef01234567",

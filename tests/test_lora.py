@@ -71,7 +71,7 @@ def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluste
 
 
 @pytest.mark.reliability("fault", "a worker of a LoRA run (ZeRO-3, adapter dropout) SIGKILLed at step 10 or later of 16")
-def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path, capsys):
+def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path, capsys, paced_reports):
     """Adapter dropout draws random numbers every step: a run resumed from its checkpoint must draw the same ones
     as the run that wrote it (each rank reseeds at every checkpoint), or the weights would differ."""
     from test_resume import assert_same_run, kill_workers_at, logged_steps

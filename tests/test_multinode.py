@@ -120,7 +120,7 @@ def _remove_a_training_node_when(cluster, nodes, run_dir, min_step, done: dict):
 
 
 @pytest.mark.reliability("fault", "a worker node removed from a 3-node cluster mid-run")
-def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nodes, tmp_path, artifacts):
+def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nodes, tmp_path, artifacts, paced_reports):
     from safetensors.torch import load_file
 
     cluster, workers = three_nodes
@@ -168,7 +168,7 @@ def one_worker_node(monkeypatch):
 
 
 @pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
-def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, tmp_path, artifacts):
+def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, tmp_path, artifacts, paced_reports):
     """An elastic [1, 2] ZeRO-3 run starts with the one worker the cluster holds, grows to two when a node arrives
     (restarting from its last checkpoint, written by one worker and converted to DeepSpeed's universal checkpoint),
     and every loss it logged, and its final weights, are those of a fixed 2-worker run: the global batch is two

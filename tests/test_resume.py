@@ -87,7 +87,7 @@ def assert_same_run(interrupted, straight) -> None:
 
 @pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run of 27 steps) SIGKILLed at three random steps",
                          runs=3)
-def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path):
+def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path, paced_reports):
     seed = int(os.environ.get("ZERAY_TEST_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
     # one step in each third of the 27-step run (steps are logged every 2), on and between checkpoints
@@ -110,7 +110,7 @@ def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straig
 
 
 @pytest.mark.reliability("fault", "the driver SIGKILLed with its embedded Ray and workers mid-run, then the same command run again")
-def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straight, artifacts, tmp_path):
+def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straight, artifacts, tmp_path, paced_reports):
     """The driver itself dies (SIGKILL to the command, its embedded Ray and its workers); the same command run
     again finds the run's checkpoints in its storage and finishes it as if nothing had happened."""
     import subprocess

@@ -8,6 +8,7 @@ same steps.
 """
 
 import json
+import logging
 import math
 import os
 import random
@@ -43,6 +44,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     # DeepSpeed still calls torch's deprecated all_gather_into_tensor path; the warning is not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # zeray prints its own progress; Ray Train's INFO line per report and Ray Data's per evaluation pass would bury
+    # it (the run's LoggingConfig reaches workers only with Ray's structured worker logging on)
+    for name in ("ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     cfg, plan = config["run"], config["plan"]  # the validated RunConfig, and the driver's step plan
     train, model_cfg = cfg.train, cfg.model
     ctx = ray.train.get_context()

@@ -57,19 +57,21 @@ def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str
         cpu, dev, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, num_gpus_per_node=world,
                                                             cpu_offload=cpu_offload, cpu_offload_params=cpu_offload)
         return dev, cpu
-    # bytes per parameter: working weights + their gradients, then what ZeRO shards from stage 1 on (fp32 master
-    # weights and gradients when mixed, and AdamW's two moments)
+    # bytes per parameter: working weights + their gradients, then what ZeRO shards from stage 1 on: fp32 master
+    # weights, fp32 gradients when mixed, and AdamW's two moments. DeepSpeed keeps its own fp32 master partition
+    # even when the working weights are fp32 (measured by bench/train.py), so fp32 shards 12 bytes, not 8.
     working = 4 if mixed else 8            # 16-bit weights + 16-bit grads, or fp32 weights + fp32 grads
-    sharded = 16 if mixed else 8           # fp32 weights + fp32 grads + 2 moments, or just the 2 moments
-    if stage == 0:
-        return (working + sharded) * params, 0
+    sharded = 16 if mixed else 12          # fp32 master weights (+ fp32 grads when mixed) + 2 moments
+    offloaded = 16                         # on the CPU with offload: fp32 master weights, grads and 2 moments
+    if stage == 0:  # no ZeRO optimizer: torch's AdamW updates the weights themselves
+        return (working + (sharded if mixed else 8)) * params, 0
     if stage == 1:
         dev = working * params + (0 if cpu_offload else sharded * params // world)
-        return dev, int(sharded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
+        return dev, int(offloaded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
     if stage == 2:
         grads = working // 2
         dev = (working - grads) * params + grads * params // world + (0 if cpu_offload else sharded * params // world)
-        return dev, int(sharded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
+        return dev, int(offloaded * params * ADDITIONAL_BUFFER) if cpu_offload else 0
     # stage 3, fp32: everything sharded; offload moves all of it to CPU but the layer being computed
     if cpu_offload:
         return 4 * largest_layer, int((working + sharded) * params * ADDITIONAL_BUFFER)

@@ -63,6 +63,13 @@ def use_gpu(setting, resources: dict, unknown_reach: bool = False) -> bool:
     return bool(setting)
 
 
+# How often Ray Train's controller polls the workers (Ray's default: 2 s). A worker's next ray.train.report waits
+# until the controller has taken its previous one (the worker's result queue holds one), so at the default a run
+# that reports more often than every 2 s is held to one report per 2 s (on this machine's tiny demo model: 740 real
+# tokens/s against 14,500 at 0.1 s). Ray passes the variable on to the controller; a user's own value is kept.
+REPORT_POLL_S = "0.1"
+
+
 # keys a resumed run may change: they do not alter what the checkpoints mean or where the data stream stands
 RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker",
@@ -146,6 +153,7 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
           f"steps/epoch, {plan['total_steps']} steps", flush=True)
 
     storage_fs, storage_path = resolve(cfg.storage, "storage")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
     with Tracking(cfg, store) as tracking:  # TensorBoard / MLflow, if asked for
         trainer = TorchTrainer(
             train_loop_per_worker,

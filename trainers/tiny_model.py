@@ -10,6 +10,9 @@ import json
 import os
 
 SIZES = {
+    # ~27M parameters: big enough that ZeRO's fixed buffers are small beside the model states (bench/train.py).
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=4096),
     # ~4M parameters: learns the demo corpus visibly in a few minutes on 2 CPU cores.
     "demo": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=4096),

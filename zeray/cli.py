@@ -271,7 +271,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="build the tiny demo chat model (tokenizer trained on --data)")
     p.add_argument("--data", required=True, help="JSON Lines conversations to train the tokenizer on")
     p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
-    p.add_argument("--size", choices=["demo", "tiny"], default="demo")
+    p.add_argument("--size", choices=["demo", "tiny", "small"], default="demo",
+                   help="demo: ~4M parameters; tiny: ~0.2M (tests); small: ~27M")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
     return parser
