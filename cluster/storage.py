@@ -13,6 +13,7 @@ them at the same place (`cluster.shared_storage: true`: NFS, a ReadWriteMany vol
 """
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from zeray.errors import UserError
 from zeray.fs import display, download, exists, is_local, is_uri, reach, resolve, upload
 
 PULLED = ("config.json", "metrics.jsonl", "mlflow_run.json")  # what a re-run of an object-store run continues
+STAGING_PREFIX = "zeray-run-"  # + the pid of the process staging there
 
 
 @dataclass
@@ -64,7 +66,8 @@ def run_store(run_dir: str):
         os.makedirs(path, exist_ok=True)
         yield RunStore(fs, path, path)
         return
-    staging = tempfile.mkdtemp(prefix="zeray-run-")
+    remove_orphaned_staging()
+    staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-")
     store = RunStore(fs, path, staging)
     try:
         for name in PULLED:
@@ -96,3 +99,24 @@ def check_storage(cfg) -> None:
         "metrics written on the other nodes would land on their own disks. Point storage at an object store "
         "(s3://, gs://, abfs://) or at a directory every node mounts (and data.train, model.name_or_path there "
         "too) and set cluster.shared_storage: true")
+
+
+def remove_orphaned_staging() -> None:
+    """Remove the staging folders (in this node's temp dir) of processes that died without removing theirs: a
+    killed driver, a Tune trial its scheduler stopped. What they had copied up is in the store; the rest of a run
+    that never ended (summary, model) was never written."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        found = re.fullmatch(rf"{STAGING_PREFIX}(\d+)-\w+", name)
+        if found and not _alive(int(found.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

@@ -47,8 +47,9 @@ def ray_cluster():
 @pytest.fixture
 def paced_reports(monkeypatch):
     """Ray Train's own report pace (its controller takes one report per 2 s) instead of zeray's 0.1 s, for tests
-    that strike a run at a logged step: at zeray's pace the tiny test model's whole run takes a few seconds, and
-    a fault aimed at step N would land past the end. Exactness after the fault does not depend on the pace."""
+    that strike a run at a logged step, or need trials that overlap: at zeray's pace the tiny test model's whole
+    run takes a few seconds, so a fault aimed at step N would land past the end, and a PBT trial could finish
+    before its rival has started. Exactness after the fault does not depend on the pace."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
 
 

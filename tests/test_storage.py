@@ -1,6 +1,8 @@
 """`storage` in an object store: prep, train, resume and export against a real S3 endpoint (moto's server on
 loopback), with credentials and endpoint only in the environment, the way a cluster's nodes get them."""
 
+import csv
+import io
 import json
 import logging
 import os
@@ -166,11 +168,80 @@ def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(artifacts
         assert "invalid value for storage" in err and says in err and "hunter2" not in err
 
 
-def test_a_tune_campaign_in_an_object_store_is_refused_with_the_way_out(artifacts, tmp_path, capsys):
-    from zeray.cli import main
+@pytest.mark.integration
+def test_a_pbt_campaign_lives_in_the_object_store_exploits_through_it_and_prunes_it(s3, artifacts, tmp_path, paced_reports):
+    """`zeray tune` with storage in the bucket: Tune's state, the trials' runs, PBT's copied checkpoints, the
+    results and the best model all there; pruned at the end to one checkpoint per trial."""
+    import re
 
-    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
-                          model={"name_or_path": artifacts["model"]})
-    assert main(["tune", config, "storage=s3://bucket/runs"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: storage: zeray tune") and "cluster.shared_storage: true" in err
+    from zeray.fs import read_bytes
+
+    ray_tmp = tempfile.mkdtemp(prefix="zr-")
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
+    out_uri, out = f"s3://{BUCKET}/runs/pbt/tune", f"{BUCKET}/runs/pbt/tune"
+    config = write_config(
+        tmp_path / "pbt.yaml", name="pbt", storage=f"s3://{BUCKET}/runs",
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": 1, "max_steps": 12, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
+               "eval_every": 4, "checkpoint_every": 4, "log_every": 2, "warmup_ratio": 0.0},
+        tune={"search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}},
+    )
+    fs = bucket_fs(s3)
+    try:
+        done = subprocess.run([sys.executable, "-m", "zeray", "tune", config], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"model in {out_uri}/best_model" in done.stdout
+
+        rows = list(csv.DictReader(io.StringIO(read_bytes(fs, f"{out}/results.csv").decode())))
+        assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}, [(r["status"], r["reason"])
+                                                                                 for r in rows]
+        best = json.loads(read_bytes(fs, f"{out}/best.json"))
+        assert best["value"] == min(float(r["eval_loss"]) for r in rows)
+        assert best["model_dir"] == f"{out_uri}/best_model" and best["checkpoint"].startswith(f"{out_uri}/run_trial_")
+        stored = listing(fs, out)
+        assert {"campaign.json", "tune.png", "best_model/model.safetensors"} <= set(stored)
+        assert best["disk_bytes"] <= sum(stored.values())
+
+        # the weak trial took over the strong one's checkpoint: copied into its own folder in the bucket, and its
+        # next run started from that copy
+        states = {name.split("/")[0]: json.loads(read_bytes(fs, f"{out}/{name}"))
+                  for name in stored if name.endswith("/zeray_run.json")}
+        assert states, "no trial was exploited"
+        trial, state = next(iter(states.items()))
+        number = state["run"].rpartition("-")[2]  # (PBT may exploit a trial more than once)
+        assert state["run"] == f"train-{number}" and state["from"] == f"{out_uri}/{trial}/start-{number}"
+        started = read_json_lines(fs, f"{out}/{trial}/train-2/metrics.jsonl")[0]
+        assert started["started_from"] == f"{out_uri}/{trial}/start-2" and started["step"] > 0
+
+        # pruned: each trial keeps the one checkpoint results.csv names, and no copy made for PBT
+        for r in rows:
+            trial = r["checkpoint"][len(out_uri) + 1:].split("/")[0]
+            kept = {m.group(0) for name in stored if name.startswith(f"{trial}/")
+                    if (m := re.match(r"[^/]+/(?:[^/]+/)*?(checkpoint_[^/]+|start-\d+)(?=/)", name))}
+            assert kept == {r["checkpoint"][len(out_uri) + 1:]}, (r, kept)
+        assert [p.name for p in staging.iterdir() if p.name.startswith("zeray-")] == []  # staging folders removed
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_staging_folders_of_dead_processes_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """A process killed mid-run (a Tune trial its scheduler stopped, a SIGKILLed driver) cannot remove its staging
+    folder; the next run on the node does."""
+    import tempfile
+
+    from cluster.storage import remove_orphaned_staging
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in (f"zeray-run-{dead.pid}-abc123", f"zeray-run-{os.getpid()}-def456", "zeray-runner", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    remove_orphaned_staging()
+    kept = sorted([f"zeray-run-{os.getpid()}-def456", "other", "zeray-runner"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept

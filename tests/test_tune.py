@@ -83,7 +83,7 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ra
     assert best["config"] == {"train.micro_batch_size": 8} and best["trials"]["failed"] == 1
 
 
-def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, tmp_path):
+def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, tmp_path, paced_reports):
     config = campaign(tmp_path, "pbt", artifacts, max_steps=12, eval_every=4, tune={
         "search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}})
     assert main(["tune", config]) == 0

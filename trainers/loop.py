@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict) -> None:
         # what this run starts from, evaluated: equal to the source run's validation loss at that step when the
         # weights were really taken over
         last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
-        ray.train.report({**last_eval, "epoch": epoch, "started_from": checkpoint.path})
+        ray.train.report({**last_eval, "epoch": epoch, "started_from": plan["init_checkpoint"]})  # as named
 
     mb = train.micro_batch_size
     collate = Collate(pad_id, device, packed)

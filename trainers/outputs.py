@@ -5,6 +5,8 @@ import os
 
 from ray.train.v2.api.callback import UserCallback
 
+from zeray.fs import exists, read_bytes, resolve
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
@@ -31,11 +33,12 @@ class MetricsLog(UserCallback):
 
 
 def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.exists(path):
+    """Every row of a run's metrics.jsonl; `run_dir` is a local path or a URI."""
+    fs, path = resolve(run_dir, "storage")
+    if not exists(fs, f"{path}/{METRICS_FILE}"):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in read_bytes(fs, f"{path}/{METRICS_FILE}").decode().splitlines()
+            if line.strip()]
 
 
 def write_summary(run_dir: str, summary: dict) -> str:

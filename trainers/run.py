@@ -25,7 +25,7 @@ from trainers.tracking import Tracking
 from trainers.outputs import (MODEL_DIR, REPORT_FILE, RUN_CONFIG, SUMMARY_FILE, MetricsLog, plot_report, read_metrics,
                               write_summary)
 from zeray.errors import UserError
-from zeray.fs import resolve
+from zeray.fs import exists, read_bytes, resolve
 
 
 def make_plan(train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
@@ -78,11 +78,11 @@ RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every"
 
 def check_same_run(cfg, path: str, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
     """Resuming with other data, model or training settings would silently mix two runs (whose settings are in
-    the local file `path`): refuse, naming them."""
-    if not os.path.isfile(path):
+    the file at `path`, a local path or a URI): refuse, naming them."""
+    fs, where = resolve(path, "storage")
+    if not exists(fs, where):
         return
-    with open(path, encoding="utf-8") as f:
-        before = json.load(f)
+    before = json.loads(read_bytes(fs, where))
     now = cfg.model_dump(mode="json")
     changed = [f"{section}.{key}: {before[section].get(key)!r} -> {value!r}"
                for section in sections for key, value in now[section].items()

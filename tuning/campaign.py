@@ -7,12 +7,12 @@ that was interrupted or whose driver died, through `Tuner.restore`.
 """
 
 import json
-import os
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from cluster.local import PlacementWatchdog, capacity, placement_timeout, python_sigint
+from cluster.storage import remove_orphaned_staging
 from pipelines.prep import REPORT, load_prepared, prepare
 from trainers.run import check_same_run, make_plan, worker_resources
 from tuning.results import write_results
@@ -20,6 +20,7 @@ from tuning.space import parse_space, pbt_mutations
 from tuning.trial import run_trial
 from zeray.config import with_values
 from zeray.errors import UserError
+from zeray.fs import exists, is_local, join, resolve, write_bytes
 
 TUNE_DIR = "tune"
 CAMPAIGN_CONFIG = "campaign.json"
@@ -28,26 +29,26 @@ PBT_TUNE_CHECKPOINTS = 4  # per trial, kept while the campaign runs so PBT can c
 
 
 def tune_dir(cfg) -> str:
-    return os.path.join(cfg.run_dir, TUNE_DIR)
+    return join(cfg.run_dir, TUNE_DIR)
 
 
 def run_campaign(cfg, resume: bool = False) -> dict:
     """Run (or, with `resume`, continue) the campaign `cfg.tune` describes; returns what best.json holds."""
-    out = tune_dir(cfg)
-    exists = tune.Tuner.can_restore(out)
-    if resume and not exists:
+    out = tune_dir(cfg)  # a local path or a URI: Tune keeps its state there, and the trials their runs
+    fs, out_path = resolve(out, "storage")
+    tune_fs = None if is_local(fs) else fs  # Tune's own handling of local paths, as without a filesystem
+    restorable = tune.Tuner.can_restore(out_path, storage_filesystem=tune_fs)
+    if resume and not restorable:
         raise UserError(f"--resume: {out} holds no campaign to resume; run without --resume to start it")
-    if exists and not resume:
+    if restorable and not resume:
         raise UserError(f"{out} already holds campaign {cfg.name}; add --resume to continue it, or change `name`")
-    campaign_file = os.path.join(out, CAMPAIGN_CONFIG)
+    campaign_file = join(out, CAMPAIGN_CONFIG)
     if resume:
         check_same_run(cfg, campaign_file, sections=("data", "model", "train", "tune"))
     space = parse_space(cfg)
     _, per_worker = worker_resources(cfg)  # one trial must fit the cluster: else a clean error here
     concurrent = trials_at_once(cfg, per_worker)
-    os.makedirs(out, exist_ok=True)
-    with open(campaign_file, "w", encoding="utf-8") as f:
-        json.dump(cfg.model_dump(mode="json"), f, indent=2)
+    write_bytes(fs, f"{out_path}/{CAMPAIGN_CONFIG}", json.dumps(cfg.model_dump(mode="json"), indent=2).encode())
 
     base = with_values(cfg, {"train.keep_checkpoints": 1}, "tune")  # disk: a trial keeps its best checkpoint
     total_steps, prepared = None, None
@@ -68,8 +69,8 @@ def run_campaign(cfg, resume: bool = False) -> dict:
     if resume:
         print(f"resuming campaign {cfg.name} in {out}: finished trials are kept, unfinished ones continue from "
               "their checkpoints", flush=True)
-        tuner = tune.Tuner.restore(out, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
+        tuner = tune.Tuner.restore(out_path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False, storage_filesystem=tune_fs)
     else:
         grid = t.search == "grid"
         print(f"campaign {cfg.name}: " + ("every combination of the grid" if grid else f"{t.num_samples} trials")
@@ -84,7 +85,7 @@ def run_campaign(cfg, resume: bool = False) -> dict:
                 max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=cfg.run_dir,
+                name=TUNE_DIR, storage_path=resolve(cfg.run_dir, "storage")[1], storage_filesystem=tune_fs,
                 # a trial that fails has bad settings (or ran out of memory): record why and go on; worker
                 # crashes are retried inside the trial by Ray Train (train.max_failures)
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -105,6 +106,7 @@ def run_campaign(cfg, resume: bool = False) -> dict:
         raise UserError(f"{watchdog.message}; campaign {cfg.name} stopped: {interrupted}")
     if unfinished:  # Ctrl-C: Tune stops and saves the campaign, and returns
         raise UserError(f"campaign {cfg.name} interrupted with {unfinished} trial(s) unfinished: {interrupted}")
+    remove_orphaned_staging()  # of trials the scheduler stopped (PBT exploits, ASHA), on this node
     return write_results(cfg, out, grid_result)
 
 
@@ -112,8 +114,9 @@ def prepare_once(cfg, out: str) -> str:
     """The campaign's data, preprocessed once for all trials (kept across --resume); returns its folder."""
     if cfg.data.prepared:
         return cfg.data.prepared
-    data_dir = os.path.join(out, "data")
-    if not os.path.isfile(os.path.join(data_dir, REPORT)):
+    data_dir = join(out, "data")
+    fs, path = resolve(data_dir, "storage")
+    if not exists(fs, f"{path}/{REPORT}"):
         print(f"data: preparing {cfg.data.train} once for every trial, in {data_dir}", flush=True)
         prepare(cfg.data, cfg.model.name_or_path, data_dir, cfg.model.trust_remote_code,
                 wait_s=placement_timeout(cfg.cluster))

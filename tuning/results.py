@@ -9,13 +9,16 @@ import csv
 import json
 import os
 import re
-import shutil
+import tempfile
+
+import pyarrow.fs as pafs
 
 from trainers.checkpoints import export
 from trainers.outputs import SUMMARY_FILE, read_metrics
 from tuning.trial import FIRST_RUN
 from zeray.config import flatten
 from zeray.errors import UserError, find_user_error
+from zeray.fs import display, entries, exists, files, join, kind, resolve, upload, write_bytes
 
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.json"
@@ -24,27 +27,32 @@ BEST_MODEL = "best_model"
 
 
 def write_results(cfg, out: str, grid) -> dict:
+    """`out`: the campaign folder, a local path or a URI (the files are written here, then copied there)."""
     t = cfg.tune
     better = min if t.mode == "min" else max
-    trials = sorted((describe(result, t.metric, better) for result in grid), key=lambda x: x["trial"])
+    fs, out_path = resolve(out, "storage")
+    trials = sorted((describe(result, t.metric, better, fs) for result in grid), key=lambda x: x["trial"])
     for trial in trials:
-        prune(trial)
+        prune(trial, fs)
     keys = list(cfg.tune.space)
-    with open(os.path.join(out, RESULTS_FILE), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["trial", "status", *keys, t.metric, "step", "steps_trained", "checkpoint", "reason"])
-        for x in trials:
-            writer.writerow([x["trial"], x["status"], *(x["params"].get(k) for k in keys), x["value"], x["step"],
-                             x["steps_trained"], x["checkpoint"] or "", x["reason"]])
-    plot(trials, t.metric, os.path.join(out, PLOT_FILE))
+    with tempfile.TemporaryDirectory(prefix="zeray-tune-") as staging:
+        with open(os.path.join(staging, RESULTS_FILE), "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["trial", "status", *keys, t.metric, "step", "steps_trained", "checkpoint", "reason"])
+            for x in trials:
+                writer.writerow([x["trial"], x["status"], *(x["params"].get(k) for k in keys), x["value"],
+                                 x["step"], x["steps_trained"], x["checkpoint"] or "", x["reason"]])
+        plot(trials, t.metric, os.path.join(staging, PLOT_FILE))
+        for name in (RESULTS_FILE, PLOT_FILE):
+            upload(os.path.join(staging, name), fs, f"{out_path}/{name}")
     print_table(trials, t.metric, t.mode, keys)
 
     with_model = [x for x in trials if x["checkpoint"]]
     if not with_model:
         raise UserError(f"no trial of campaign {cfg.name} reached a checkpoint; the reasons are in "
-                        f"{os.path.join(out, RESULTS_FILE)}")
+                        f"{join(out, RESULTS_FILE)}")
     best = better(with_model, key=lambda x: x["checkpoint_value"])
-    model_dir = os.path.join(out, BEST_MODEL)
+    model_dir = join(out, BEST_MODEL)
     export(best["run_dir"], model_dir, checkpoint=best["checkpoint"])
     counts = {status: sum(x["status"] == status for x in trials) for status in ("completed", "stopped", "failed")}
     summary = {
@@ -52,41 +60,43 @@ def write_results(cfg, out: str, grid) -> dict:
         "step": best["checkpoint_step"], "config": best["params"], "checkpoint": best["checkpoint"],
         "model_dir": model_dir, "trials": counts,
         "steps_trained": sum(x["steps_trained"] for x in trials),
-        "disk_bytes": disk_usage(out),
+        "disk_bytes": disk_usage(fs, out_path),
     }
-    with open(os.path.join(out, BEST_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    write_bytes(fs, f"{out_path}/{BEST_FILE}", json.dumps(summary, indent=2).encode())
     print(f"best: trial {best['trial']} {t.metric} {best['checkpoint_value']:.4f} at step {best['checkpoint_step']} "
           f"({_params(best['params'])}); model in {model_dir}; campaign uses "
           f"{summary['disk_bytes'] / 2**20:.1f} MiB in {out}", flush=True)
     return summary
 
 
-def describe(result, metric: str, better) -> dict:
-    """One trial from its Tune result and its training runs' metrics."""
-    trial_dir = result.path
-    runs = sorted((d for d in os.listdir(trial_dir) if re.fullmatch(rf"{FIRST_RUN}(-\d+)?", d)),
+def describe(result, metric: str, better, fs: pafs.FileSystem) -> dict:
+    """One trial from its Tune result and its training runs' metrics (`fs`: the campaign's filesystem)."""
+    trial_dir = result.path  # in fs
+    runs = sorted((i.base_name for i in entries(fs, trial_dir)
+                   if i.type == pafs.FileType.Directory and re.fullmatch(rf"{FIRST_RUN}(-\d+)?", i.base_name)),
                   key=lambda d: int(d.rpartition("-")[2]) if "-" in d else 1)
     evals, checkpoints, steps_trained = [], [], 0
     for run in runs:
-        rows = read_metrics(os.path.join(trial_dir, run))
+        rows = read_metrics(display(fs, f"{trial_dir}/{run}"))
         start = next((r["step"] for r in rows if "started_from" in r), 0)
         steps_trained += max((r["step"] for r in rows), default=start) - start
         evals += [r for r in rows if metric in r]
-        checkpoints += [(r, os.path.join(trial_dir, run)) for r in rows
-                        if metric in r and r.get("checkpoint") and os.path.isdir(r["checkpoint"])]
+        # (a row's checkpoint is its path in fs)
+        checkpoints += [(r, display(fs, f"{trial_dir}/{run}")) for r in rows
+                        if metric in r and r.get("checkpoint") and kind(fs, r["checkpoint"]) == pafs.FileType.Directory]
     best_eval = better(evals, key=lambda r: r[metric]) if evals else None
     best_ckpt, run_dir = better(checkpoints, key=lambda c: c[0][metric]) if checkpoints else (None, None)
     if result.error is not None:
         status = "failed"
-    elif runs and os.path.exists(os.path.join(trial_dir, runs[-1], SUMMARY_FILE)):
+    elif runs and exists(fs, f"{trial_dir}/{runs[-1]}/{SUMMARY_FILE}"):
         status = "completed"
     else:
         status = "stopped"  # by the scheduler, before the end of its training
     return {
         "trial": _trial_id(result), "status": status, "params": flatten(result.config or {}), "dir": trial_dir,
         "value": best_eval[metric] if best_eval else None, "step": best_eval["step"] if best_eval else None,
-        "checkpoint": best_ckpt["checkpoint"] if best_ckpt else None, "run_dir": run_dir,
+        "checkpoint": display(fs, best_ckpt["checkpoint"]) if best_ckpt else None, "run_dir": run_dir,
+        "checkpoint_path": best_ckpt["checkpoint"] if best_ckpt else None,
         "checkpoint_value": best_ckpt[metric] if best_ckpt else None,
         "checkpoint_step": best_ckpt["step"] if best_ckpt else None,
         "steps_trained": steps_trained, "reason": _reason(result.error),
@@ -94,15 +104,19 @@ def describe(result, metric: str, better) -> dict:
     }
 
 
-def prune(trial: dict) -> None:
+def prune(trial: dict, fs: pafs.FileSystem) -> None:
     """Keep the trial's best checkpoint only: other Ray Train checkpoints of its runs, and the copies Tune kept for
-    PBT to clone, are no longer needed once the campaign is over."""
-    for root, dirs, _ in os.walk(trial["dir"]):
-        for d in list(dirs):
-            path = os.path.join(root, d)
-            if (d.startswith("checkpoint_") or re.fullmatch(r"start-\d+", d)) and path != trial["checkpoint"]:
-                shutil.rmtree(path, ignore_errors=True)
-                dirs.remove(d)
+    PBT to clone, are no longer needed once the campaign is over. (Folders are found from the files under them:
+    an object store has no folders of its own.)"""
+    doomed = set()
+    for rel in files(fs, trial["dir"]):
+        parts = rel.split("/")
+        for depth, part in enumerate(parts[:-1]):
+            if part.startswith("checkpoint_") or re.fullmatch(r"start-\d+", part):
+                doomed.add("/".join([trial["dir"], *parts[:depth + 1]]))
+                break
+    for path in sorted(doomed - {trial["checkpoint_path"]}):
+        fs.delete_dir(path)
 
 
 def plot(trials: list[dict], metric: str, path: str) -> None:
@@ -144,9 +158,8 @@ def print_table(trials: list[dict], metric: str, mode: str, keys: list[str], top
             print(f"  {x['trial']} failed: {x['reason']}")
 
 
-def disk_usage(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-               if not os.path.islink(os.path.join(root, f)))
+def disk_usage(fs: pafs.FileSystem, path: str) -> int:
+    return sum(files(fs, path).values())
 
 
 def _trial_id(result) -> str:

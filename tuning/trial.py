@@ -11,7 +11,8 @@ Folder of one trial (Tune's trial folder):
 
 import json
 import os
-import shutil
+import posixpath
+import tempfile
 import threading
 
 import ray.tune
@@ -21,6 +22,7 @@ from ray.util.queue import Queue
 
 from trainers.run import train
 from tuning.space import trial_config
+from zeray.fs import display, exists, join, read_bytes, resolve, upload, write_bytes
 
 RUN_FILE = "zeray_run.json"
 FIRST_RUN = "train"
@@ -31,7 +33,7 @@ def run_trial(params: dict, base, campaign_dir: str, pbt: bool, prepared: tuple[
     campaign's data (datasets, report) when every trial trains on the same."""
     cfg = trial_config(base, params)
     # the trial's folder in the campaign's storage (get_trial_dir() is a local staging folder Tune syncs from)
-    trial_dir = os.path.join(campaign_dir, os.path.basename(ray.tune.get_context().get_trial_dir()))
+    trial_dir = join(campaign_dir, os.path.basename(ray.tune.get_context().get_trial_dir()))
     name, start_from = current_run(trial_dir, ray.tune.get_checkpoint())
     cfg.storage, cfg.name = trial_dir, name
     if pbt:
@@ -95,25 +97,23 @@ def current_run(trial_dir: str, checkpoint) -> tuple[str, str | None]:
     """The training run this trial (re)starts, and the checkpoint it starts from when it has none of its own.
 
     No checkpoint from Tune, one of this trial's own (a resumed campaign) or the one the current run started from:
-    go on with the current run, which resumes from its own checkpoints. Another trial's checkpoint (a PBT exploit): copy it here at once and start
-    the next run from the copy.
+    go on with the current run, which resumes from its own checkpoints. Another trial's checkpoint (a PBT
+    exploit): copy it here at once and start the next run from the copy. `trial_dir` is a local path or a URI.
     """
-    path = os.path.join(trial_dir, RUN_FILE)
+    fs, trial = resolve(trial_dir, "storage")
     state = {"run": FIRST_RUN, "from": None}
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-    own_dir = os.path.abspath(trial_dir) + os.sep
-    if (checkpoint is None or os.path.abspath(checkpoint.path).startswith(own_dir)
+    if exists(fs, f"{trial}/{RUN_FILE}"):
+        state = json.loads(read_bytes(fs, f"{trial}/{RUN_FILE}"))
+    if (checkpoint is None or posixpath.normpath(checkpoint.path).startswith(trial + "/")
             or checkpoint.path == state.get("source")):  # the exploit this run already started from
         return state["run"], state["from"]
     number = int(state["run"].rpartition("-")[2]) + 1 if "-" in state["run"] else 2
-    copy = os.path.join(trial_dir, f"start-{number}")
-    shutil.rmtree(copy, ignore_errors=True)
-    with checkpoint.as_directory() as src:
-        shutil.copytree(src, copy)
-    state = {"run": f"{FIRST_RUN}-{number}", "from": copy, "source": checkpoint.path}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(state, f)
-    os.replace(path + ".tmp", path)
+    copy = f"{trial}/start-{number}"
+    if exists(fs, copy):  # a copy cut short when this trial died
+        fs.delete_dir(copy)
+    with tempfile.TemporaryDirectory(prefix="zeray-exploit-") as local:
+        checkpoint.to_directory(local)
+        upload(local, fs, copy)
+    state = {"run": f"{FIRST_RUN}-{number}", "from": display(fs, copy), "source": checkpoint.path}
+    write_bytes(fs, f"{trial}/{RUN_FILE}", json.dumps(state).encode())
     return state["run"], state["from"]

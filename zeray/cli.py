@@ -65,10 +65,6 @@ def cmd_tune(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if is_uri(cfg.storage) and not cfg.storage.startswith("file://"):
-        raise UserError(f"storage: zeray tune keeps its campaign (Tune's state, trial folders, results) in a "
-                        "directory, not in an object store yet: give a path every node mounts "
-                        "(cluster.shared_storage: true) for campaigns")
     t = cfg.train
     if t.elastic:
         raise UserError("train.num_workers: a campaign runs trials side by side at a fixed size; give a number of "

@@ -18,7 +18,7 @@ from pipelines.config import DataConfig
 from trainers.config import ModelConfig, TrainConfig
 from tuning.config import TuneConfig
 from zeray.errors import UserError
-from zeray.fs import check_uri, is_uri
+from zeray.fs import check_uri, is_uri, join
 from zeray.section import Section
 
 
@@ -49,9 +49,7 @@ class RunConfig(Section):
     @property
     def run_dir(self) -> str:
         """<storage>/<name>: a local path or a URI."""
-        if is_uri(self.storage):
-            return f"{self.storage.rstrip('/')}/{self.name}"
-        return os.path.join(self.storage, self.name)
+        return join(self.storage, self.name)
 
 
 def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, prep_only: bool = False) -> RunConfig:

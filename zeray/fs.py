@@ -23,6 +23,13 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def join(location: str, *parts: str) -> str:
+    """`location/part/...` for a local path or a URI."""
+    if is_uri(location):
+        return "/".join([location.rstrip("/"), *parts])
+    return os.path.join(location, *parts)
+
+
 def check_uri(location: str) -> str | None:
     """Why a URI cannot be a zeray location (None when it can): credentials or options belong in the environment."""
     parts = urlsplit(location)
