@@ -150,6 +150,9 @@ def fit_or_explain(trainer, timeout_s: float, elastic_min: tuple[int, dict] | No
             raise
 
 
+RETRY_GAP_S = 3.0  # a moment without a pending group that is only a retry between two of them
+
+
 class PlacementWatchdog:
     """Never hang on resources: if a placement group of this job (not another job's on a shared cluster) stays
     pending past the timeout, interrupt the command and explain what was asked for and what the cluster has.
@@ -181,8 +184,11 @@ class PlacementWatchdog:
 
     def _run(self) -> None:
         job = ray.get_runtime_context().get_job_id()  # a placement group's id ends with its job's
-        first_seen: dict[str, float] = {}
-        groupless_since = time.monotonic()
+        # since when some group of this job has been pending without a break: Ray Train gives up on a group after
+        # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) and asks for a new one at once, for ever, so no single group
+        # stays pending past a longer timeout while the run waits
+        pending_since: float | None = None
+        last_pending = groupless_since = time.monotonic()
         while self.message is None and not self._stop.wait(self.poll_s):
             try:
                 table = ray.util.placement_group_table()
@@ -197,13 +203,15 @@ class PlacementWatchdog:
                 elif now - groupless_since > self.timeout_s:
                     self.message = self._explain_elastic()
                     break
-            for pg_id, info in table.items():
-                if info.get("state") != "PENDING" or not pg_id.endswith(job):
-                    first_seen.pop(pg_id, None)
-                    continue
-                if now - first_seen.setdefault(pg_id, now) > self.timeout_s:
-                    self.message = self._explain(info.get("bundles", {}))
-                    break
+            pending = [info for pg_id, info in table.items()
+                       if info.get("state") == "PENDING" and pg_id.endswith(job)]
+            if pending:
+                last_pending = now
+                pending_since = pending_since or now
+                if now - pending_since > self.timeout_s:
+                    self.message = self._explain(pending[0].get("bundles", {}))
+            elif now - last_pending > RETRY_GAP_S:
+                pending_since = None
         while self.message is not None:
             # a real signal, so a main thread blocked in a wait wakes up too
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
