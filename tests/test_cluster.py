@@ -34,21 +34,28 @@ def test_gpu_request_on_cpu_cluster(ray_cluster):
         check_fits(2, {"CPU": 1.0, "GPU": 1.0}, data_cpus=2)
 
 
+def interrupted_by_watchdog(timeout_s: float, wait) -> PlacementWatchdog:
+    """Run `wait` under a watchdog of `timeout_s`; it must be interrupted within 15 s. Python's own Ctrl-C, whatever
+    an earlier test's library left installed (as fit_or_explain has it)."""
+    started = time.monotonic()
+    with python_sigint(), PlacementWatchdog(timeout_s=timeout_s, poll_s=0.2) as dog:
+        try:
+            wait()
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+    assert interrupted, (dog.message, dog.error)
+    assert time.monotonic() - started < 15
+    return dog
+
+
 @pytest.mark.reliability("fault", "a placement group that can never be placed, under the watchdog")
 def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
     from ray.util.placement_group import placement_group, remove_placement_group
 
     pg = placement_group([{"CPU": 3}, {"CPU": 3}], strategy="PACK")  # 6 CPUs on a 4-CPU Ray: never placed
-    started = time.monotonic()
-    try:  # Python's own Ctrl-C, whatever an earlier test's library left installed (as fit_or_explain has it)
-        with python_sigint(), PlacementWatchdog(timeout_s=2, poll_s=0.2) as dog:
-            try:
-                time.sleep(30)
-                interrupted = False
-            except KeyboardInterrupt:
-                interrupted = True
-        assert interrupted, (dog.message, dog.error)
-        assert time.monotonic() - started < 15
+    try:
+        dog = interrupted_by_watchdog(2, lambda: time.sleep(30))
         assert "could not be placed within cluster.placement_timeout_s=2s" in dog.message
         assert "asked for 6 CPU in 2 bundles" in dog.message
         assert "the cluster has 4 CPU" in dog.message
@@ -63,19 +70,15 @@ def test_watchdog_sees_through_a_pending_group_replaced_before_the_timeout(ray_c
     from ray.util.placement_group import placement_group, remove_placement_group
 
     groups = [placement_group([{"CPU": 6}])]  # never placed on a 4-CPU Ray
-    started = time.monotonic()
+
+    def replace_every_second():
+        for _ in range(20):
+            time.sleep(1.0)
+            remove_placement_group(groups[-1])
+            groups.append(placement_group([{"CPU": 6}]))
+
     try:
-        with python_sigint(), PlacementWatchdog(timeout_s=3, poll_s=0.2) as dog:
-            try:
-                for _ in range(20):
-                    time.sleep(1.0)
-                    remove_placement_group(groups[-1])
-                    groups.append(placement_group([{"CPU": 6}]))
-                interrupted = False
-            except KeyboardInterrupt:
-                interrupted = True
-        assert interrupted, (dog.message, dog.error)
-        assert time.monotonic() - started < 15
+        dog = interrupted_by_watchdog(3, replace_every_second)
         assert "could not be placed within cluster.placement_timeout_s=3s" in dog.message
         assert "asked for 6 CPU in 1 bundles" in dog.message
     finally:
