@@ -62,6 +62,11 @@ def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool
     return code
 
 
+# how the head's proxy says a client's own server died as it started: it saw the exit, or it read the command
+# line of the exited process before reaping it (psutil.ZombieProcess raised in start_specific_server)
+_SERVER_DIED = ("Starting Ray client server failed", "in start_specific_server")
+
+
 def _connect(address: str, env: dict, attempts: int = 4, pause_s: float = 5.0) -> None:
     """ray.init through Ray Client, again when the head's per-client server fails to start. That happens when a
     client connects while the head is still deleting the same working_dir package, unpacked for a client that
@@ -71,7 +76,7 @@ def _connect(address: str, env: dict, attempts: int = 4, pause_s: float = 5.0) -
             ray.init(address=address, runtime_env=env, log_to_driver=True)
             return
         except ConnectionAbortedError as exc:
-            if "Starting Ray client server failed" not in str(exc) or attempt == attempts:
+            if not any(sign in str(exc) for sign in _SERVER_DIED) or attempt == attempts:
                 raise
             print(f"the cluster's client server did not start (attempt {attempt} of {attempts}); "
                   f"again in {pause_s:.0f} s", file=sys.stderr, flush=True)
