@@ -7,7 +7,8 @@ nothing is a duplicate), each counted in tokens produced per second of wall time
 
   zeray     the full Ray Data pipeline (`build_splits`): read, parse, clean, deduplicate, split, render the chat
             template, tokenize with labels in the actor pool, order and pack, into the object store
-  limit     the tokenizer alone: batch-encode the already rendered texts, one process per core (the ceiling)
+  limit     the tokenizer alone: its Rust backend's fastest batch encode (`encode_batch_fast`: ids, no offsets) of
+            the already rendered texts, one process per core (the ceiling)
   datasets  Hugging Face `datasets`: load the JSON Lines and `map(num_proc=cpus)` the same parse + render +
             tokenize functions
 
@@ -25,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process, as the comparison says
 
-from pipelines.chat import render, tokenize_batch  # noqa: E402
+from pipelines.chat import ChatTokenizer  # noqa: E402
 from pipelines.corpus import conversations, to_messages  # noqa: E402
 from pipelines.formats import normalize  # noqa: E402
 
@@ -46,23 +47,23 @@ def _load(model_dir: str):
     if _tokenizer is None:
         from pipelines.dataset import load_tokenizer
 
-        _tokenizer = load_tokenizer(model_dir)
+        _tokenizer = ChatTokenizer(load_tokenizer(model_dir))
     return _tokenizer
 
 
 def _encode(args) -> int:
     model_dir, texts = args
-    tokenizer = _load(model_dir)
+    backend = _load(model_dir).tokenizer.backend_tokenizer
     total = 0
     for start in range(0, len(texts), 256):
-        total += sum(len(ids) for ids in tokenizer(texts[start:start + 256], add_special_tokens=False)["input_ids"])
+        total += sum(len(e.ids) for e in backend.encode_batch_fast(texts[start:start + 256], add_special_tokens=False))
     return total
 
 
 def limit(model_dir: str, path: str, cpus: int) -> tuple[int, float]:
     """Tokens/s of batch-encoding the rendered texts, one process per core (rendering not timed)."""
     tokenizer = _load(model_dir)
-    texts = [render(tokenizer, normalize(json.loads(line), "messages")).text for line in open(path, encoding="utf-8")]
+    texts = [tokenizer.render(normalize(json.loads(line), "messages")).text for line in open(path, encoding="utf-8")]
     chunks = [texts[i::cpus] for i in range(cpus)]
     with multiprocessing.get_context("spawn").Pool(cpus) as pool:
         pool.map(_encode, [(model_dir, ["warm up"])] * cpus)  # start-up and tokenizer load are not timed
@@ -74,7 +75,7 @@ def limit(model_dir: str, path: str, cpus: int) -> tuple[int, float]:
 def _hf_map(batch, model_dir: str, max_length: int):
     tokenizer = _load(model_dir)
     convs = [normalize({"messages": m}, "messages") for m in batch["messages"]]
-    out = tokenize_batch(tokenizer, convs, max_length)
+    out = tokenizer.tokenize_batch(convs, max_length)
     return {"input_ids": [t.input_ids for t in out], "labels": [t.labels for t in out]}
 
 

@@ -5,10 +5,9 @@ reply adds between "history + generation prompt" and "history + reply" are the a
 included, so the model learns to stop. Token labels come from the fast tokenizer's character offsets.
 """
 
+import bisect
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-import numpy as np
+from typing import Any, Callable, Sequence
 
 IGNORE = -100  # label value that torch's cross-entropy (and transformers' loss) skips
 
@@ -35,81 +34,167 @@ class Tokenized:
     detail: str = ""
 
 
-def render(tokenizer, turns: Sequence[dict[str, str]], loss_on: str = "assistant") -> Rendering:
-    """Render with the chat template and locate what is trained: `assistant` replies, only the `last` reply,
-    or `all` tokens."""
-    if len(turns) == 1 and turns[0]["role"] == "text":
-        text = turns[0]["content"] + (tokenizer.eos_token or "")
-        return Rendering(text, [(0, len(text))], None)
-    messages = list(turns)
-    full = _template(tokenizer, messages, add_generation_prompt=False)
-    try:
-        replies = _reply_spans(tokenizer, messages, full)
-    except TemplateError:
-        if loss_on != "all":
-            raise
-        return Rendering(full, [(0, len(full))], None)  # trained throughout; only turn-aware cutting is lost
-    if loss_on == "all":
-        return Rendering(full, [(0, len(full))], replies)
-    return Rendering(full, replies[-1:] if loss_on == "last" else replies, replies)
+class ChatTokenizer:
+    """A model's tokenizer made ready for a stream of conversations: its chat template compiled once and its
+    Rust backend called directly, each checked against transformers' own results for the same input first.
 
-
-def _reply_spans(tokenizer, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
-    spans = []
-    for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
-            continue
-        # A conversation that opens with a reply has no history to render: the whole prefix is the reply's.
-        before = _template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = full if i == len(messages) - 1 else _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise TemplateError(
-                "the chat template does not render conversations by appending turns, so assistant tokens "
-                "cannot be located; use a model whose template does, or data.loss_on: all"
-            )
-        spans.append((len(before), len(upto)))
-    return spans
-
-
-def tokenize_batch(tokenizer, conversations: list[list[dict[str, str]]], max_length: int,
-                   loss_on: str = "assistant", overlong: str = "truncate") -> list[Tokenized]:
-    """Token ids and labels (IGNORE outside loss spans) for a batch of conversations.
-
-    A conversation longer than `max_length` tokens is, with `overlong: truncate`, cut after the last assistant
-    reply that fits (loss stays on the replies kept, `last` meaning the last one kept); plain text is cut at
-    `max_length`. One whose first reply does not fit, or any with `overlong: reject`, comes back `too_long`.
+    `apply_chat_template` and the tokenizer's `__call__` pay per call for what a stream of plain
+    `{"role", "content"}` messages does not need (normalising message objects, rebuilding the special-tokens map,
+    converting every encoding to Python lists): over half the cost of rendering and tokenizing a short
+    conversation. Where the checks fail (a tokenizer without a Rust backend, a template that renders differently
+    when compiled apart), the transformers calls are used as they are.
     """
-    renderings = [render(tokenizer, turns, loss_on) for turns in conversations]
-    enc = tokenizer([r.text for r in renderings], add_special_tokens=False, return_offsets_mapping=True)
-    out = []
-    for r, ids, offsets in zip(renderings, enc["input_ids"], enc["offset_mapping"]):
-        n, problem, detail, spans = len(ids), "", "", r.spans
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        if n > max_length:
-            if overlong == "reject":
-                out.append(Tokenized([], [], "too_long", f"{n} tokens, over data.max_length {max_length}"))
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token or ""
+        self._render = _compiled_template(tokenizer)
+        self._encode = _backend_encoder(tokenizer)
+
+    def template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if self._render is not None:
+            return self._render(messages, add_generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """Token ids and character offsets of each text, without special tokens added."""
+        if self._encode is not None:
+            return self._encode(texts)
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return [(ids, [tuple(o) for o in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+
+    def render(self, turns: Sequence[dict[str, str]], loss_on: str = "assistant") -> Rendering:
+        """Render with the chat template and locate what is trained: `assistant` replies, only the `last` reply,
+        or `all` tokens."""
+        if len(turns) == 1 and turns[0]["role"] == "text":
+            text = turns[0]["content"] + self.eos
+            return Rendering(text, [(0, len(text))], None)
+        messages = list(turns)
+        full = self.template(messages, add_generation_prompt=False)
+        try:
+            replies = self._reply_spans(messages, full)
+        except TemplateError:
+            if loss_on != "all":
+                raise
+            return Rendering(full, [(0, len(full))], None)  # trained throughout; only turn-aware cutting is lost
+        if loss_on == "all":
+            return Rendering(full, [(0, len(full))], replies)
+        return Rendering(full, replies[-1:] if loss_on == "last" else replies, replies)
+
+    def _reply_spans(self, messages: list[dict[str, str]], full: str) -> list[tuple[int, int]]:
+        spans = []
+        for i, turn in enumerate(messages):
+            if turn["role"] != "assistant":
                 continue
-            if r.replies is None:
-                keep = max_length
-            else:
-                # tokens that end by each reply's end; the cut is the last reply that fits
-                ends = [int((offsets[:, 1] <= hi).sum()) for _, hi in r.replies]
-                fitting = [(k, reply) for k, reply in zip(ends, r.replies) if k <= max_length]
-                if not fitting:
-                    out.append(Tokenized([], [], "too_long", f"its first reply ends at token {ends[0]}, over "
-                                                             f"data.max_length {max_length}; cannot cut at a turn"))
+            # A conversation that opens with a reply has no history to render: the whole prefix is the reply's.
+            before = self.template(messages[:i], add_generation_prompt=True) if i else ""
+            upto = full if i == len(messages) - 1 else self.template(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise TemplateError(
+                    "the chat template does not render conversations by appending turns, so assistant tokens "
+                    "cannot be located; use a model whose template does, or data.loss_on: all"
+                )
+            spans.append((len(before), len(upto)))
+        return spans
+
+    def tokenize_batch(self, conversations: list[list[dict[str, str]]], max_length: int,
+                       loss_on: str = "assistant", overlong: str = "truncate") -> list[Tokenized]:
+        """Token ids and labels (IGNORE outside loss spans) for a batch of conversations.
+
+        A conversation longer than `max_length` tokens is, with `overlong: truncate`, cut after the last assistant
+        reply that fits (loss stays on the replies kept, `last` meaning the last one kept); plain text is cut at
+        `max_length`. One whose first reply does not fit, or any with `overlong: reject`, comes back `too_long`.
+        """
+        renderings = [self.render(turns, loss_on) for turns in conversations]
+        out = []
+        for r, (ids, offsets) in zip(renderings, self.encode([r.text for r in renderings])):
+            n, problem, detail, spans = len(ids), "", "", r.spans
+            if n > max_length:
+                if overlong == "reject":
+                    out.append(Tokenized([], [], "too_long", f"{n} tokens, over data.max_length {max_length}"))
                     continue
-                keep, last_kept = fitting[-1]
-                if loss_on == "last":
-                    spans = [last_kept]
-            ids, offsets = ids[:keep], offsets[:keep]
-            problem, detail = "truncated", f"{n} tokens cut to {keep}"
-        ids = np.asarray(ids, dtype=np.int64)
-        trained = np.zeros(len(ids), dtype=bool)
-        for lo, hi in spans:  # a token carries loss when it starts inside a span
-            trained |= (offsets[:, 0] >= lo) & (offsets[:, 0] < hi)
-        out.append(Tokenized(ids.tolist(), np.where(trained, ids, IGNORE).tolist(), problem, detail))
-    return out
+                if r.replies is None:
+                    keep = max_length
+                else:
+                    # tokens that end by each reply's end; the cut is the last reply that fits
+                    token_ends = [end for _, end in offsets]
+                    ends = [bisect.bisect_right(token_ends, hi) for _, hi in r.replies]
+                    fitting = [(k, reply) for k, reply in zip(ends, r.replies) if k <= max_length]
+                    if not fitting:
+                        out.append(Tokenized([], [], "too_long", f"its first reply ends at token {ends[0]}, over "
+                                                                 f"data.max_length {max_length}; cannot cut at a turn"))
+                        continue
+                    keep, last_kept = fitting[-1]
+                    if loss_on == "last":
+                        spans = [last_kept]
+                ids, offsets = ids[:keep], offsets[:keep]
+                problem, detail = "truncated", f"{n} tokens cut to {keep}"
+            # a token carries loss when it starts inside a span (offsets run in text order)
+            labels = [IGNORE] * len(ids)
+            for lo, hi in spans:
+                first, end = bisect.bisect_left(offsets, (lo, -1)), bisect.bisect_left(offsets, (hi, -1))
+                labels[first:end] = ids[first:end]
+            out.append(Tokenized(ids, labels, problem, detail))
+        return out
+
+
+def _compiled_template(tokenizer) -> Callable[[list[dict[str, Any]], bool], str] | None:
+    """The chat template compiled once by transformers' own compiler and rendered with the variables
+    `apply_chat_template` gives it, if that renders the sample conversation exactly as `apply_chat_template`."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return None
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        compiled = _compile_jinja_template(template)
+        variables = dict(tokenizer.special_tokens_map)
+
+        def render(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+            return compiled.render(messages=messages, tools=None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+
+        compared = 0
+        for messages in (_SAMPLE, _SAMPLE[1:]):
+            try:  # some templates refuse a system turn
+                expected = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+                            for prompt in (False, True)]
+            except Exception:
+                continue
+            if [render(messages, prompt) for prompt in (False, True)] != expected:
+                return None
+            compared += 1
+        return render if compared else None
+    except Exception:  # no such compiler in this transformers, or a template that fails apart from it
+        return None
+
+
+def _backend_encoder(tokenizer) -> Callable[[list[str]], list[tuple[list[int], list[tuple[int, int]]]]] | None:
+    """The fast tokenizer's Rust backend, set up the way the tokenizer's own call sets it (no truncation or
+    padding, its special-token splitting), if it encodes the sample exactly as the tokenizer does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    sample = ["<|x|> Hello, wörld!  你好\n\tend", _SAMPLE[2]["content"]]
+    expected = tokenizer(sample, add_special_tokens=False, return_offsets_mapping=True)  # also sets the backend up
+
+    def encode(texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+    got = encode(sample)
+    if [ids for ids, _ in got] != expected["input_ids"] or \
+            [offsets for _, offsets in got] != [[tuple(o) for o in x] for x in expected["offset_mapping"]]:
+        return None
+    return encode
+
+
+_SAMPLE = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Goodbye."},
+]
 
 
 def check_tokenizer(tokenizer, name: str, loss_on: str = "assistant") -> None:
@@ -118,25 +203,16 @@ def check_tokenizer(tokenizer, name: str, loss_on: str = "assistant") -> None:
         raise TemplateError(f"tokenizer of {name} is not a fast tokenizer; character offsets are needed for masking")
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(f"tokenizer of {name} has no chat_template; add one or use data.format: text")
-    sample = [
-        {"role": "system", "content": "You are helpful."},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye."},
-    ]
+    chat = ChatTokenizer(tokenizer)
     try:
-        render(tokenizer, sample, loss_on)
+        chat.render(_SAMPLE, loss_on)
     except TemplateError as exc:
         raise TemplateError(f"{name}: {exc}") from None
     except Exception as exc:  # a template that rejects system turns etc. is still usable without them
         try:
-            render(tokenizer, sample[1:], loss_on)
+            chat.render(_SAMPLE[1:], loss_on)
         except TemplateError as inner:
             raise TemplateError(f"{name}: {inner}") from None
         except Exception:
             raise TemplateError(f"{name}: its chat template fails on a plain conversation: {exc}") from None
 
-
-def _template(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

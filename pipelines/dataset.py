@@ -16,7 +16,7 @@ import ray.data
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.data.expressions import col
 
-from pipelines.chat import check_tokenizer, tokenize_batch, TemplateError
+from pipelines.chat import ChatTokenizer, TemplateError, check_tokenizer
 from pipelines.config import DataConfig
 from pipelines.formats import FORMATS, Reject, detect_format, normalize
 from pipelines.packing import pack_batch, unpacked_batch
@@ -66,14 +66,15 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     timing. That is what exact resume and reproducible runs rest on."""
     files = resolve_files(data.train)
     fmt = data.format if data.format != "auto" else detect_file_format(files)
-    if fmt != "text" or data.loss_on != "all":
-        tokenizer = load_tokenizer(model_path, trust_remote_code)
-        if fmt != "text":
-            try:
-                check_tokenizer(tokenizer, model_path, data.loss_on)
-            except TemplateError as exc:
-                raise UserError(f"model.name_or_path: {exc}") from None
-    tokenizer_args = dict(name_or_path=model_path, trust_remote_code=trust_remote_code,
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    if fmt != "text":
+        try:
+            check_tokenizer(tokenizer, model_path, data.loss_on)
+        except TemplateError as exc:
+            raise UserError(f"model.name_or_path: {exc}") from None
+    # the actors get the tokenizer loaded here: unpickling it skips AutoTokenizer and the torch import that comes
+    # with it (seconds per actor); one whose classes are the model's own code loads in each actor
+    tokenizer_args = dict(tokenizer=(model_path, True) if trust_remote_code else tokenizer,
                           max_length=data.max_length, loss_on=data.loss_on, overlong=data.overlong)
     source = ray.data.read_datasource(RecordSource(files))
     if wait_s:
@@ -264,8 +265,11 @@ class Tokenizer:
     """Ray Data actor: loads the tokenizer once, then renders and tokenizes the accepted records of each batch.
     A record that cannot fit `max_length` becomes a `too_long` reject here; rejected rows pass through."""
 
-    def __init__(self, name_or_path: str, trust_remote_code: bool, max_length: int, loss_on: str, overlong: str):
-        self.tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    def __init__(self, tokenizer, max_length: int, loss_on: str, overlong: str):
+        """`tokenizer`: the model's tokenizer, or the (name_or_path, trust_remote_code) to load it from."""
+        if isinstance(tokenizer, tuple):
+            tokenizer = load_tokenizer(*tokenizer)
+        self.chat = ChatTokenizer(tokenizer)
         self.max_length = max_length
         self.loss_on = loss_on
         self.overlong = overlong
@@ -277,8 +281,8 @@ class Tokenizer:
         record = batch.column("record").to_pylist()
         conversation = batch.column("conversation").to_pylist()
         todo = [i for i, r in enumerate(reject) if not r]
-        done = tokenize_batch(self.tokenizer, [json.loads(conversation[i]) for i in todo], self.max_length,
-                              self.loss_on, self.overlong)
+        done = self.chat.tokenize_batch([json.loads(conversation[i]) for i in todo], self.max_length,
+                                        self.loss_on, self.overlong)
         n = batch.num_rows
         input_ids, labels, truncated = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
         for i, tok in zip(todo, done):

@@ -5,6 +5,7 @@ The internal form is a list of `{"role": "system"|"user"|"assistant", "content":
 """
 
 import json
+import re
 import unicodedata
 from typing import Any
 
@@ -62,10 +63,13 @@ def normalize(record: Any, fmt: str) -> list[dict[str, str]]:
     return turns
 
 
+# Unicode's control characters (category Cc: U+0000-U+001F and U+007F-U+009F) but newline and tab
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def clean_text(text: str) -> str:
     """NFC-normalised text without control characters (newline and tab are kept)."""
-    text = unicodedata.normalize("NFC", text)
-    return "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    return CONTROL.sub("", unicodedata.normalize("NFC", text))
 
 
 def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:

@@ -10,7 +10,9 @@ deterministic: the same rows in, the same sequences out.
 import bisect
 import random
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.chat import IGNORE
 
@@ -43,41 +45,58 @@ def pack_batch(batch: pa.Table, max_length: int, seed: int) -> pa.Table:
     `input_ids, labels, position_ids, num_tokens`.
 
     The packed rows are shuffled with a seed drawn from the chunk's own keys: best-fit emits the longest first,
-    and a training stream sorted by length would be a biased one.
+    and a training stream sorted by length would be a biased one. Only the bin choice runs per row in Python;
+    the tokens move as whole Arrow/NumPy arrays.
     """
-    ids_col = batch.column("input_ids").to_pylist()
-    labels_col = batch.column("labels").to_pylist()
-    keys = batch.column("key").to_pylist()
-    out_ids, out_labels, out_pos = [], [], []
-    for start in range(0, len(ids_col), CHUNK_ROWS):
-        chunk = range(start, min(start + CHUNK_ROWS, len(ids_col)))
-        bins = pack_lengths([len(ids_col[i]) for i in chunk], max_length)
-        random.Random(seed ^ min(keys[i] for i in chunk)).shuffle(bins)
+    ids_col, labels_col = _lists(batch, "input_ids"), _lists(batch, "labels")
+    lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False)
+    keys = batch.column("key").to_numpy()
+    order: list[int] = []  # input rows in the order their tokens are laid out
+    sizes: list[int] = []  # input rows per packed row
+    for start in range(0, len(lengths), CHUNK_ROWS):
+        chunk = lengths[start:start + CHUNK_ROWS].tolist()
+        bins = pack_lengths(chunk, max_length)
+        random.Random(seed ^ int(keys[start:start + len(chunk)].min())).shuffle(bins)
         for members in bins:
-            ids, labels, pos = [], [], []
-            for j in members:
-                row_ids, row_labels = ids_col[start + j], labels_col[start + j]
-                ids.extend(row_ids)
-                labels.append(IGNORE)  # nothing predicts a conversation's first token
-                labels.extend(row_labels[1:])
-                pos.extend(range(len(row_ids)))
-            out_ids.append(ids)
-            out_labels.append(labels)
-            out_pos.append(pos)
+            order.extend(start + j for j in members)
+            sizes.append(len(members))
+    taken = np.asarray(order, dtype=np.int64)
+    row_lengths = lengths[taken]
+    row_starts = np.cumsum(row_lengths) - row_lengths
+    ids = _values(ids_col, taken)
+    labels = _values(labels_col, taken).copy()
+    labels[row_starts[row_lengths > 0]] = IGNORE  # nothing predicts a conversation's first token
+    position = np.arange(len(ids), dtype=np.int32) - np.repeat(row_starts, row_lengths).astype(np.int32)
+    # each packed row ends where its last member ends
+    offsets = np.concatenate([[0], (row_starts + row_lengths)[np.cumsum(sizes, dtype=np.int64) - 1]]).astype(np.int32)
     return pa.table({
-        "input_ids": pa.array(out_ids, pa.list_(pa.int32())),
-        "labels": pa.array(out_labels, pa.list_(pa.int32())),
-        "position_ids": pa.array(out_pos, pa.list_(pa.int32())),
-        "num_tokens": pa.array([len(x) for x in out_ids], pa.int32()),
+        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
+        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32())),
+        "position_ids": pa.ListArray.from_arrays(offsets, pa.array(position, pa.int32())),
+        "num_tokens": pa.array(np.diff(offsets), pa.int32()),
     })
 
 
 def unpacked_batch(batch: pa.Table) -> pa.Table:
     """Without packing: one conversation per row, in the same schema as packed rows."""
-    ids = batch.column("input_ids").to_pylist()
+    ids = _lists(batch, "input_ids")
+    offsets = ids.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    position = np.arange(offsets[-1] - offsets[0], dtype=np.int32) - np.repeat(offsets[:-1] - offsets[0], lengths)
     return pa.table({
         "input_ids": batch.column("input_ids"),
         "labels": batch.column("labels"),
-        "position_ids": pa.array([list(range(len(x))) for x in ids], pa.list_(pa.int32())),
+        "position_ids": pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()),
+                                                 pa.array(position, pa.int32())),
         "num_tokens": batch.column("num_tokens"),
     })
+
+
+def _lists(batch: pa.Table, name: str) -> pa.ListArray:
+    column = batch.column(name)
+    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+
+
+def _values(lists: pa.ListArray, rows: np.ndarray) -> np.ndarray:
+    """The tokens of `rows`, one after another, as one int32 array."""
+    return pc.list_flatten(lists.take(pa.array(rows, pa.int64()))).to_numpy(zero_copy_only=False).astype(np.int32)

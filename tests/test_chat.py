@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipelines.chat import IGNORE, TemplateError, check_tokenizer, render, tokenize_batch
+from pipelines.chat import IGNORE, ChatTokenizer, TemplateError, check_tokenizer
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -21,7 +21,7 @@ def pieces(tokenizer, ids, labels):
 
 def one(tokenizer, conv, **kwargs):
     """(input_ids, labels) of one conversation."""
-    out = tokenize_batch(tokenizer, [conv], **{"max_length": 512, **kwargs})[0]
+    out = ChatTokenizer(tokenizer).tokenize_batch([conv], **{"max_length": 512, **kwargs})[0]
     return out.input_ids, out.labels
 
 
@@ -57,19 +57,19 @@ def test_overlong_conversation_is_cut_after_the_last_reply_that_fits(tokenizer):
     full_ids, full_labels = one(tokenizer, CONV)
     first_reply = one(tokenizer, CONV[:3])[0]  # system, user, first reply
     assert len(first_reply) < len(full_ids)
-    out = tokenize_batch(tokenizer, [CONV], max_length=len(full_ids) - 1)[0]
+    out = ChatTokenizer(tokenizer).tokenize_batch([CONV], max_length=len(full_ids) - 1)[0]
     assert out.problem == "truncated" and out.detail == f"{len(full_ids)} tokens cut to {len(first_reply)}"
     assert out.input_ids == first_reply == full_ids[: len(first_reply)]
     assert out.labels == full_labels[: len(first_reply)]
     assert tokenizer.decode(out.input_ids).endswith("Hello! 你好<|end|>\n")
     # loss_on last means the last reply kept
-    last = tokenize_batch(tokenizer, [CONV], max_length=len(full_ids) - 1, loss_on="last")[0]
+    last = ChatTokenizer(tokenizer).tokenize_batch([CONV], max_length=len(full_ids) - 1, loss_on="last")[0]
     assert "".join(t for t, on in pieces(tokenizer, last.input_ids, last.labels) if on) == "Hello! 你好<|end|>\n"
 
 
 def test_overlong_conversation_whose_first_reply_does_not_fit_is_rejected(tokenizer):
     first_reply = one(tokenizer, CONV[:3])[0]
-    out = tokenize_batch(tokenizer, [CONV], max_length=len(first_reply) - 1)[0]
+    out = ChatTokenizer(tokenizer).tokenize_batch([CONV], max_length=len(first_reply) - 1)[0]
     assert (out.problem, out.input_ids, out.labels) == ("too_long", [], [])
     assert out.detail == (f"its first reply ends at token {len(first_reply)}, over data.max_length "
                           f"{len(first_reply) - 1}; cannot cut at a turn")
@@ -77,16 +77,16 @@ def test_overlong_conversation_whose_first_reply_does_not_fit_is_rejected(tokeni
 
 def test_overlong_reject_mode_and_text_truncation(tokenizer):
     ids, _ = one(tokenizer, CONV)
-    out = tokenize_batch(tokenizer, [CONV], max_length=len(ids) - 1, overlong="reject")[0]
+    out = ChatTokenizer(tokenizer).tokenize_batch([CONV], max_length=len(ids) - 1, overlong="reject")[0]
     assert out.problem == "too_long" and out.detail == f"{len(ids)} tokens, over data.max_length {len(ids) - 1}"
     text = [{"role": "text", "content": "many plain words " * 20}]
     full, _ = one(tokenizer, text)
-    cut = tokenize_batch(tokenizer, [text], max_length=10)[0]
+    cut = ChatTokenizer(tokenizer).tokenize_batch([text], max_length=10)[0]
     assert cut.problem == "truncated" and cut.input_ids == full[:10] == cut.labels
 
 
 def test_spans_cover_each_reply(tokenizer):
-    r = render(tokenizer, CONV)
+    r = ChatTokenizer(tokenizer).render(CONV)
     assert [r.text[a:b] for a, b in r.spans] == ["Hello! 你好<|end|>\n", "Goodbye.<|end|>\n"]
     assert r.replies == r.spans
 
@@ -119,3 +119,33 @@ def test_masking_property(tokenizer, turns):
     trained = [i for i, l in zip(ids, labels) if l != IGNORE]
     expected = "".join(m["content"] + "<|end|>\n" for m in conv if m["role"] == "assistant")
     assert tokenizer.decode(trained) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=40).filter(str.strip), min_size=1, max_size=5), st.booleans())
+def test_compiled_template_and_rust_backend_give_what_transformers_gives(tokenizer, contents, prompt):
+    """ChatTokenizer's shortcuts (template compiled once, the Rust backend called directly) are taken for the
+    project's tokenizer and agree with apply_chat_template and the tokenizer's own call on any conversation."""
+    from pipelines.formats import clean_text
+
+    chat = ChatTokenizer(tokenizer)
+    assert chat._render is not None and chat._encode is not None
+    conv = [{"role": ("user", "assistant")[i % 2], "content": clean_text(c)} for i, c in enumerate(contents)]
+    text = chat.template(conv, add_generation_prompt=prompt)
+    assert text == tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=prompt)
+    expected = tokenizer([text, contents[0]], add_special_tokens=False, return_offsets_mapping=True)
+    assert chat.encode([text, contents[0]]) == [
+        (ids, [tuple(o) for o in offsets]) for ids, offsets in zip(expected["input_ids"], expected["offset_mapping"])]
+
+
+def test_a_template_that_renders_differently_when_compiled_apart_goes_through_transformers(tokenizer):
+    """A tokenizer whose apply_chat_template adds variables of its own (here: a date) is not second-guessed."""
+    import copy
+
+    dated = copy.deepcopy(tokenizer)
+    dated.chat_template = "{{ today }}" + tokenizer.chat_template
+    original = type(dated).apply_chat_template
+    dated.apply_chat_template = lambda messages, **kw: original(dated, messages, today="2026-11-28", **kw)
+    chat = ChatTokenizer(dated)
+    assert chat._render is None
+    assert chat.render(CONV).text.startswith("2026-11-28<|begin|>")

@@ -1,6 +1,8 @@
 """Packing: every conversation lands in exactly one sequence, positions restart, no loss crosses a boundary,
 and the model really keeps packed conversations apart."""
 
+import random
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -8,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pipelines.chat import IGNORE
-from pipelines.packing import pack_batch, pack_lengths, unpacked_batch
+from pipelines.packing import CHUNK_ROWS, pack_batch, pack_lengths, unpacked_batch
 
 
 @settings(max_examples=200, deadline=None)
@@ -54,6 +56,33 @@ def test_packed_rows_restart_positions_and_mask_each_first_token():
                          "num_tokens": 3}
     # deterministic: the same rows give the same sequences in the same order
     assert pack_batch(table([a, b, c]), max_length=10, seed=1).to_pylist() == out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=40), min_size=0, max_size=60),
+       st.integers(40, 100), st.integers(0, 5))
+def test_packing_lays_out_each_bin_row_by_row(rows, max_length, slice_from):
+    """Any rows (also a slice of a larger block, or none): each packed row is its bin's conversations one after
+    another, labels as given but the first of each, positions from 0 for each."""
+    rows = [(ids, [IGNORE if t % 3 == 0 else t for t in ids], (7 * i) - 50) for i, ids in enumerate(rows)]
+    block = table([([1], [1], 0)] * slice_from + rows).slice(slice_from)
+    out = pack_batch(block, max_length=max_length, seed=3).to_pylist()
+    expected = []
+    for start in range(0, len(rows), CHUNK_ROWS):
+        chunk = rows[start:start + CHUNK_ROWS]
+        bins = pack_lengths([len(r[0]) for r in chunk], max_length)
+        random.Random(3 ^ min(r[2] for r in chunk)).shuffle(bins)
+        for members in bins:
+            ids, labels, pos = [], [], []
+            for j in members:
+                ids += chunk[j][0]
+                labels += [IGNORE] + chunk[j][1][1:]
+                pos += list(range(len(chunk[j][0])))
+            expected.append({"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": len(ids)})
+    assert out == expected
+    unpacked = unpacked_batch(block).to_pylist()
+    assert [r["position_ids"] for r in unpacked] == [list(range(len(r[0]))) for r in rows]
+    assert [r["input_ids"] for r in unpacked] == [r[0] for r in rows]
 
 
 def test_unpacked_rows_keep_one_conversation_each():
