@@ -1,14 +1,15 @@
 """Throughput of the preprocessing pipeline on this machine, as ratios measured in one run.
 
-    .venv/bin/python bench/pipeline.py [--conversations 40000] [--cpus 2]
+    .venv/bin/python bench/pipeline.py [--profile short|long|both] [--conversations N] [--cpus 2]
 
 Three ways through the same conversations (the chatterbot corpus, repeated with numbered variations so that
-nothing is a duplicate), each counted in tokens produced per second of wall time:
+nothing is a duplicate; `short`: its own conversations, `long`: six turns of a paragraph each), each counted in
+tokens produced per second of wall time:
 
   zeray     the full Ray Data pipeline (`build_splits`): read, parse, clean, deduplicate, split, render the chat
             template, tokenize with labels in the actor pool, order and pack, into the object store
-  limit     the tokenizer alone: its Rust backend's fastest batch encode (`encode_batch_fast`: ids, no offsets) of
-            the already rendered texts, one process per core (the ceiling)
+  limit     the tokenizer alone: its batch call (`tokenizer(texts)`) on the already rendered texts, one process per
+            core (the ceiling); also shown: its Rust backend's `encode_batch_fast` (ids only, no offsets), lower still
   datasets  Hugging Face `datasets`: load the JSON Lines and `map(num_proc=cpus)` the same parse + render +
             tokenize functions
 
@@ -33,8 +34,17 @@ from pipelines.formats import normalize  # noqa: E402
 _tokenizer = None
 
 
-def write_data(path: str, n: int) -> None:
-    base = [to_messages(u) for _, _, u in conversations()]
+def write_data(path: str, n: int, turns: int = 0, per_message: int = 1) -> None:
+    """`n` conversations: the corpus's own (`turns` 0), or `turns` messages of `per_message` consecutive
+    utterances each, taken in order through the whole corpus."""
+    if turns:
+        utterances = [u for _, _, conv in conversations() for u in conv]
+        step = turns * per_message
+        base = [to_messages([" ".join(utterances[(k * step + t * per_message + j) % len(utterances)]
+                                      for j in range(per_message)) for t in range(turns)])
+                for k in range(len(utterances) // step)]
+    else:
+        base = [to_messages(u) for _, _, u in conversations()]
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             messages = [dict(m) for m in base[i % len(base)]]
@@ -52,23 +62,28 @@ def _load(model_dir: str):
 
 
 def _encode(args) -> int:
-    model_dir, texts = args
-    backend = _load(model_dir).tokenizer.backend_tokenizer
+    model_dir, texts, rust = args
+    tokenizer = _load(model_dir).tokenizer
     total = 0
     for start in range(0, len(texts), 256):
-        total += sum(len(e.ids) for e in backend.encode_batch_fast(texts[start:start + 256], add_special_tokens=False))
+        batch = texts[start:start + 256]
+        if rust:
+            total += sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch_fast(batch, add_special_tokens=False))
+        else:
+            total += sum(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
     return total
 
 
-def limit(model_dir: str, path: str, cpus: int) -> tuple[int, float]:
-    """Tokens/s of batch-encoding the rendered texts, one process per core (rendering not timed)."""
+def limit(model_dir: str, path: str, cpus: int, rust: bool = False) -> tuple[int, float]:
+    """Batch-encoding the rendered texts, one process per core (rendering not timed): with the tokenizer's own
+    call, or (`rust`) its Rust backend's `encode_batch_fast`."""
     tokenizer = _load(model_dir)
     texts = [tokenizer.render(normalize(json.loads(line), "messages")).text for line in open(path, encoding="utf-8")]
     chunks = [texts[i::cpus] for i in range(cpus)]
     with multiprocessing.get_context("spawn").Pool(cpus) as pool:
-        pool.map(_encode, [(model_dir, ["warm up"])] * cpus)  # start-up and tokenizer load are not timed
+        pool.map(_encode, [(model_dir, ["warm up"], rust)] * cpus)  # start-up and tokenizer load are not timed
         started = time.perf_counter()
-        tokens = sum(pool.map(_encode, [(model_dir, chunk) for chunk in chunks]))
+        tokens = sum(pool.map(_encode, [(model_dir, chunk, rust) for chunk in chunks]))
         return tokens, time.perf_counter() - started
 
 
@@ -118,30 +133,49 @@ def zeray(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[int, f
         ray.shutdown()
 
 
+PROFILES = {
+    # the corpus as it is: 2-3 short turns, ~50 tokens a conversation (per-conversation costs weigh most)
+    "short": dict(conversations=40000, turns=0, per_message=1, max_length=1024),
+    # fine-tuning data's usual shape: 6 turns of a paragraph each, ~600 tokens a conversation
+    "long": dict(conversations=10000, turns=6, per_message=6, max_length=4096),
+}
+
+
+def run(profile: str, model_dir: str, root: str, cpus: int, conversations: int | None) -> None:
+    spec = PROFILES[profile]
+    n = conversations or spec["conversations"]
+    path = os.path.join(root, f"{profile}.jsonl")
+    write_data(path, n, spec["turns"], spec["per_message"])
+    results = {
+        "limit": limit(model_dir, path, cpus),
+        "rust": limit(model_dir, path, cpus, rust=True),
+        "datasets": hf_datasets(model_dir, path, cpus, spec["max_length"]),
+        "zeray": zeray(model_dir, path, cpus, spec["max_length"]),
+    }
+    rate = {name: tokens / seconds for name, (tokens, seconds) in results.items()}
+    print(f"{profile}: {n} conversations, {results['limit'][0] / n:.0f} tokens each, {cpus} cores")
+    for name, (tokens, seconds) in results.items():
+        print(f"  {name:9s} {tokens:>10d} tokens in {seconds:7.2f} s = {rate[name]:>10.0f} tokens/s")
+    print(f"  zeray / limit    = {rate['zeray'] / rate['limit']:.2f}  (target >= 0.80; "
+          f"against encode_batch_fast {rate['zeray'] / rate['rust']:.2f})")
+    print(f"  zeray / datasets = {rate['zeray'] / rate['datasets']:.2f}  (target > 1.00)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--conversations", type=int, default=40000)
+    parser.add_argument("--profile", choices=[*PROFILES, "both"], default="both")
+    parser.add_argument("--conversations", type=int, help="instead of the profile's number")
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=1024)
     args = parser.parse_args()
 
     from trainers.tiny_model import build_model
 
     with tempfile.TemporaryDirectory() as root:
-        path, model_dir = os.path.join(root, "chat.jsonl"), os.path.join(root, "model")
-        write_data(path, args.conversations)
-        build_model(path, model_dir, size="tiny")
-        results = {
-            "limit": limit(model_dir, path, args.cpus),
-            "datasets": hf_datasets(model_dir, path, args.cpus, args.max_length),
-            "zeray": zeray(model_dir, path, args.cpus, args.max_length),
-        }
-    rate = {name: tokens / seconds for name, (tokens, seconds) in results.items()}
-    print(f"{args.conversations} conversations, {args.cpus} cores")
-    for name, (tokens, seconds) in results.items():
-        print(f"  {name:9s} {tokens:>10d} tokens in {seconds:7.2f} s = {rate[name]:>10.0f} tokens/s")
-    print(f"zeray / limit    = {rate['zeray'] / rate['limit']:.2f}  (target >= 0.80)")
-    print(f"zeray / datasets = {rate['zeray'] / rate['datasets']:.2f}  (target > 1.00)")
+        corpus, model_dir = os.path.join(root, "corpus.jsonl"), os.path.join(root, "model")
+        write_data(corpus, 4000)
+        build_model(corpus, model_dir, size="tiny")
+        for profile in PROFILES if args.profile == "both" else [args.profile]:
+            run(profile, model_dir, root, args.cpus, args.conversations)
 
 
 if __name__ == "__main__":

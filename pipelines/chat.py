@@ -56,12 +56,13 @@ class ChatTokenizer:
             return self._render(messages, add_generation_prompt)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def encode(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        """Token ids and character offsets of each text, without special tokens added."""
+    def encode(self, texts: list[str]) -> list[tuple[list[int], "Positions"]]:
+        """Token ids of each text (no special tokens added), with where each token sits in the text."""
         if self._encode is not None:
-            return self._encode(texts)
+            return [(e.ids, EncodingPositions(e, len(text))) for text, e in zip(texts, self._encode(texts))]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [(ids, [tuple(o) for o in offsets]) for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+        return [(ids, OffsetPositions([tuple(o) for o in offsets]))
+                for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
 
     def render(self, turns: Sequence[dict[str, str]], loss_on: str = "assistant") -> Rendering:
         """Render with the chat template and locate what is trained: `assistant` replies, only the `last` reply,
@@ -107,7 +108,7 @@ class ChatTokenizer:
         """
         renderings = [self.render(turns, loss_on) for turns in conversations]
         out = []
-        for r, (ids, offsets) in zip(renderings, self.encode([r.text for r in renderings])):
+        for r, (ids, at) in zip(renderings, self.encode([r.text for r in renderings])):
             n, problem, detail, spans = len(ids), "", "", r.spans
             if n > max_length:
                 if overlong == "reject":
@@ -117,8 +118,7 @@ class ChatTokenizer:
                     keep = max_length
                 else:
                     # tokens that end by each reply's end; the cut is the last reply that fits
-                    token_ends = [end for _, end in offsets]
-                    ends = [bisect.bisect_right(token_ends, hi) for _, hi in r.replies]
+                    ends = [at.ending_by(hi) for _, hi in r.replies]
                     fitting = [(k, reply) for k, reply in zip(ends, r.replies) if k <= max_length]
                     if not fitting:
                         out.append(Tokenized([], [], "too_long", f"its first reply ends at token {ends[0]}, over "
@@ -127,15 +127,52 @@ class ChatTokenizer:
                     keep, last_kept = fitting[-1]
                     if loss_on == "last":
                         spans = [last_kept]
-                ids, offsets = ids[:keep], offsets[:keep]
+                ids = ids[:keep]
                 problem, detail = "truncated", f"{n} tokens cut to {keep}"
-            # a token carries loss when it starts inside a span (offsets run in text order)
+            # a token carries loss when it starts inside a span
             labels = [IGNORE] * len(ids)
             for lo, hi in spans:
-                first, end = bisect.bisect_left(offsets, (lo, -1)), bisect.bisect_left(offsets, (hi, -1))
+                first, end = at.starting_from(lo), at.starting_from(hi)
                 labels[first:end] = ids[first:end]
             out.append(Tokenized(ids, labels, problem, detail))
         return out
+
+
+class OffsetPositions:
+    """Where tokens sit, from their (start, end) character offsets (in text order)."""
+
+    def __init__(self, offsets: list[tuple[int, int]]):
+        self.offsets = offsets
+
+    def starting_from(self, char: int) -> int:
+        """The index of the first token that starts at or after `char` (the token count if none)."""
+        return bisect.bisect_left(self.offsets, (char, -1))
+
+    def ending_by(self, char: int) -> int:
+        """How many tokens end at or before `char`."""
+        return bisect.bisect_right([end for _, end in self.offsets], char)
+
+
+class EncodingPositions:
+    """The same, asked of a Rust `Encoding` a few characters at a time (its full offset list, as Python tuples,
+    costs a sixth of the tokenization on long texts)."""
+
+    def __init__(self, encoding, length: int):
+        self.encoding, self.length, self.n = encoding, length, len(encoding.ids)
+
+    def starting_from(self, char: int) -> int:
+        while char < self.length:
+            token = self.encoding.char_to_token(char)
+            if token is not None:  # the token holding `char`, or the next if it began before
+                return token if self.encoding.token_to_chars(token)[0] >= char else token + 1
+            char += 1  # a character no token covers (a normaliser dropped it)
+        return self.n
+
+    def ending_by(self, char: int) -> int:
+        count = self.starting_from(char)  # every token before it starts before `char`...
+        while count and self.encoding.token_to_chars(count - 1)[1] > char:
+            count -= 1  # ...but may run past it
+        return count
 
 
 def _compiled_template(tokenizer) -> Callable[[list[dict[str, Any]], bool], str] | None:
@@ -169,7 +206,7 @@ def _compiled_template(tokenizer) -> Callable[[list[dict[str, Any]], bool], str]
         return None
 
 
-def _backend_encoder(tokenizer) -> Callable[[list[str]], list[tuple[list[int], list[tuple[int, int]]]]] | None:
+def _backend_encoder(tokenizer) -> Callable[[list[str]], list] | None:
     """The fast tokenizer's Rust backend, set up the way the tokenizer's own call sets it (no truncation or
     padding, its special-token splitting), if it encodes the sample exactly as the tokenizer does."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -178,12 +215,12 @@ def _backend_encoder(tokenizer) -> Callable[[list[str]], list[tuple[list[int], l
     sample = ["<|x|> Hello, wörld!  你好\n\tend", _SAMPLE[2]["content"]]
     expected = tokenizer(sample, add_special_tokens=False, return_offsets_mapping=True)  # also sets the backend up
 
-    def encode(texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=False)]
+    def encode(texts: list[str]) -> list:
+        return backend.encode_batch(texts, add_special_tokens=False)
 
     got = encode(sample)
-    if [ids for ids, _ in got] != expected["input_ids"] or \
-            [offsets for _, offsets in got] != [[tuple(o) for o in x] for x in expected["offset_mapping"]]:
+    if [e.ids for e in got] != expected["input_ids"] or \
+            [e.offsets for e in got] != [[tuple(o) for o in x] for x in expected["offset_mapping"]]:
         return None
     return encode
 

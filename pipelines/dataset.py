@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.data
@@ -167,23 +168,23 @@ def materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
 def mark_duplicates(block: pa.Table, dedup: bool) -> pa.Table:
     """In a block sorted by (key, source, line): of identical conversations, the first by (source, line) stays
     and the rest are rejected as `duplicate`, naming the one kept. Drops the conversation text, keeping it as
-    the `record` of a duplicate."""
-    conversations = block.column("conversation").to_pylist()
-    n = block.num_rows
-    reject, detail, split, record = (block.column(c).to_pylist() for c in ("reject", "detail", "split", "record"))
-    if dedup and n:
-        keys = block.column("key").to_pylist()
+    the `record` of a duplicate. Only rows that share a key with a neighbour are looked at one by one."""
+    keys = block.column("key").to_numpy()
+    tied = np.flatnonzero(keys[1:] == keys[:-1]) if dedup and block.num_rows > 1 else []
+    if len(tied):
+        conversations = block.column("conversation").to_pylist()
+        reject, detail, split, record = (block.column(c).to_pylist() for c in ("reject", "detail", "split", "record"))
         sources, lines = block.column("source").to_pylist(), block.column("line").to_pylist()
         kept: dict[str, int] = {}  # conversation -> row kept, within a run of equal keys
-        for i in range(n):
-            if i and keys[i] != keys[i - 1]:
+        for i in sorted(set(tied.tolist()) | set((tied + 1).tolist())):
+            if not (i and keys[i] == keys[i - 1]):
                 kept = {}
             first = kept.setdefault(conversations[i], i)
             if first != i:
                 reject[i], detail[i], split[i] = "duplicate", f"same conversation as {sources[first]}:{lines[first]}", ""
                 record[i] = conversations[i]
-    for name, values in (("reject", reject), ("detail", detail), ("split", split), ("record", record)):
-        block = block.set_column(block.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        for name, values in (("reject", reject), ("detail", detail), ("split", split), ("record", record)):
+            block = block.set_column(block.schema.get_field_index(name), name, pa.array(values, pa.string()))
     return block.drop_columns(["conversation"])
 
 

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipelines.chat import IGNORE, ChatTokenizer, TemplateError, check_tokenizer
+from pipelines.chat import IGNORE, ChatTokenizer, OffsetPositions, TemplateError, check_tokenizer
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -133,9 +133,16 @@ def test_compiled_template_and_rust_backend_give_what_transformers_gives(tokeniz
     conv = [{"role": ("user", "assistant")[i % 2], "content": clean_text(c)} for i, c in enumerate(contents)]
     text = chat.template(conv, add_generation_prompt=prompt)
     assert text == tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=prompt)
-    expected = tokenizer([text, contents[0]], add_special_tokens=False, return_offsets_mapping=True)
-    assert chat.encode([text, contents[0]]) == [
-        (ids, [tuple(o) for o in offsets]) for ids, offsets in zip(expected["input_ids"], expected["offset_mapping"])]
+    texts = [text, contents[0]]
+    expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    for (ids, at), t, want_ids, offsets in zip(chat.encode(texts), texts, expected["input_ids"],
+                                               expected["offset_mapping"]):
+        assert ids == want_ids
+        # token positions asked of the Rust encoding agree with the offsets transformers gives, at every character
+        want = OffsetPositions([tuple(o) for o in offsets])
+        for char in range(len(t) + 1):
+            assert at.starting_from(char) == want.starting_from(char)
+            assert at.ending_by(char) == want.ending_by(char)
 
 
 def test_a_template_that_renders_differently_when_compiled_apart_goes_through_transformers(tokenizer):

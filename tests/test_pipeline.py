@@ -162,3 +162,23 @@ def test_every_file_type_in_one_directory(ray_cluster, artifacts, tmp_path):
     splits = build_splits(DataConfig(train=str(tmp_path / "hf")), artifacts["model"])
     assert splits.format == "messages"
     assert count_records(splits.records) == counts
+
+
+def test_duplicates_are_found_within_runs_of_equal_keys_only():
+    """Rows sharing a key (a hash collision of different conversations, or true copies) are compared by text; the
+    first by (source, line) of each copy stays; rows with unique keys pass untouched; the text column goes."""
+    import pyarrow as pa
+
+    from pipelines.dataset import mark_duplicates
+
+    block = pa.table({"key": pa.array([1, 2, 2, 2, 3, 4, 4], pa.int64()),
+                      "conversation": ["a", "b", "c", "b", "d", "e", "e"], "reject": [""] * 7, "detail": [""] * 7,
+                      "split": ["train"] * 7, "record": [""] * 7, "source": ["f"] * 7, "line": list(range(1, 8))})
+    out = mark_duplicates(block, dedup=True)
+    assert "conversation" not in out.column_names
+    assert out.column("reject").to_pylist() == ["", "", "", "duplicate", "", "", "duplicate"]
+    assert out.column("detail").to_pylist()[3] == "same conversation as f:2"
+    assert out.column("record").to_pylist() == ["", "", "", "b", "", "", "e"]
+    assert out.column("split").to_pylist() == ["train"] * 3 + [""] + ["train"] * 2 + [""]
+    assert mark_duplicates(block, dedup=False).column("reject").to_pylist() == [""] * 7
+    assert mark_duplicates(block.slice(0, 0), dedup=True).num_rows == 0
