@@ -56,7 +56,7 @@ class ChatTokenizer:
             return self._render(messages, add_generation_prompt)
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def encode(self, texts: list[str]) -> list[tuple[list[int], "Positions"]]:
+    def encode(self, texts: list[str]) -> list[tuple[list[int], "OffsetPositions | EncodingPositions"]]:
         """Token ids of each text (no special tokens added), with where each token sits in the text."""
         if self._encode is not None:
             return [(e.ids, EncodingPositions(e, len(text))) for text, e in zip(texts, self._encode(texts))]
