@@ -62,9 +62,9 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     deduplicates (copies sort next to each other) and orders every split; then pack the requested splits.
     Intermediate results live in Ray's object store (spilling to disk when large).
 
-    The sort has fixed partition boundaries and each sorted block is packed on its own, so a split's rows and
-    their order depend only on the data and the seed — not on file order, block layout, cluster size or task
-    timing. That is what exact resume and reproducible runs rest on."""
+    The sort has fixed partition boundaries and each sorted partition (one block) is packed on its own, so a
+    split's rows and their order depend only on the data and the seed — not on file order, block layout, cluster
+    size or task timing. That is what exact resume and reproducible runs rest on."""
     files = resolve_files(data.train)
     fmt = data.format if data.format != "auto" else detect_file_format(files)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
@@ -96,8 +96,12 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     # later stages and the training stream (idle while the workers evaluate) keep Ray Data's own patience
     defaults = ray.data.DataContext.get_current()
     tokenized.context.execution_no_progress_timeout_s = defaults.execution_no_progress_timeout_s
+    accepted = tokenized.filter(expr=col("reject") == "")
+    # Ray Data cuts a sort's output into blocks of target_max_block_size before the next map sees them, which would
+    # part copies of a conversation that meet at a cut: here (and downstream) a sorted partition stays one block
+    accepted.context.target_max_block_size = None
     ordered = materialize_in_order(
-        tokenized.filter(expr=col("reject") == "")
+        accepted
         .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
         # batch_size=None: one call per sorted block, which holds every copy of its conversations
         .map_batches(mark_duplicates, fn_kwargs=dict(dedup=data.dedup), batch_size=None, batch_format="pyarrow")

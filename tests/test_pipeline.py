@@ -115,6 +115,20 @@ def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
     assert {r["detail"] for r in dups} == {f"same conversation as {folder / 'a.jsonl'}:1"}
 
 
+def test_duplicates_are_found_however_large_the_sorted_blocks(ray_cluster, artifacts, tmp_path, monkeypatch):
+    """Ray Data cuts a sort's output into blocks of at most `target_max_block_size` before the next map sees them;
+    every copy of a conversation must still meet its first (here blocks of 4 KiB would cut the run of copies)."""
+    import ray.data
+
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "target_max_block_size", 4096)
+    lines = [json.dumps(GOOD)] * 60 + [json.dumps({"messages": [
+        {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) for i in range(60)]
+    splits = build_splits(DataConfig(train=write_lines(tmp_path / "d.jsonl", lines)), artifacts["model"])
+    counts = count_records(splits.records)
+    assert counts["rejected"] == {"duplicate": 59}
+    assert sum(counts["records"].values()) == 61
+
+
 def test_alpaca_and_sharegpt_files(ray_cluster, artifacts, tmp_path):
     alpaca = write_lines(tmp_path / "a.jsonl", [json.dumps({"instruction": f"say {i}", "output": str(i)})
                                                 for i in range(40)])
