@@ -267,7 +267,8 @@ def order_key(conversation: str, seed: int) -> int:
 
 
 class Tokenizer:
-    """Ray Data actor: loads the tokenizer once, then renders and tokenizes the accepted records of each batch.
+    """Ray Data actor: holds the model's tokenizer (the driver's, or loaded once here), then renders and tokenizes
+    the accepted records of each batch.
     A record that cannot fit `max_length` becomes a `too_long` reject here; rejected rows pass through."""
 
     def __init__(self, tokenizer, max_length: int, loss_on: str, overlong: str):
