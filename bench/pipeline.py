@@ -68,7 +68,8 @@ def _encode(args) -> int:
     for start in range(0, len(texts), 256):
         batch = texts[start:start + 256]
         if rust:
-            total += sum(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch_fast(batch, add_special_tokens=False))
+            encoded = tokenizer.backend_tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+            total += sum(len(e.ids) for e in encoded)
         else:
             total += sum(len(ids) for ids in tokenizer(batch, add_special_tokens=False)["input_ids"])
     return total

@@ -62,13 +62,14 @@ def pack_batch(batch: pa.Table, max_length: int, seed: int) -> pa.Table:
             sizes.append(len(members))
     taken = np.asarray(order, dtype=np.int64)
     row_lengths = lengths[taken]
-    row_starts = np.cumsum(row_lengths) - row_lengths
+    row_ends = np.cumsum(row_lengths)
+    row_starts = row_ends - row_lengths
     ids = _values(ids_col, taken)
-    labels = _values(labels_col, taken).copy()
+    labels = _values(labels_col, taken)
     labels[row_starts[row_lengths > 0]] = IGNORE  # nothing predicts a conversation's first token
     position = np.arange(len(ids), dtype=np.int32) - np.repeat(row_starts, row_lengths).astype(np.int32)
     # each packed row ends where its last member ends
-    offsets = np.concatenate([[0], (row_starts + row_lengths)[np.cumsum(sizes, dtype=np.int64) - 1]]).astype(np.int32)
+    offsets = np.concatenate([[0], row_ends[np.cumsum(sizes, dtype=np.int64) - 1]]).astype(np.int32)
     return pa.table({
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
         "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32())),
@@ -98,5 +99,5 @@ def _lists(batch: pa.Table, name: str) -> pa.ListArray:
 
 
 def _values(lists: pa.ListArray, rows: np.ndarray) -> np.ndarray:
-    """The tokens of `rows`, one after another, as one int32 array."""
+    """The tokens of `rows`, one after another, as one new (writable) int32 array."""
     return pc.list_flatten(lists.take(pa.array(rows, pa.int64()))).to_numpy(zero_copy_only=False).astype(np.int32)
