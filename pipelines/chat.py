@@ -158,7 +158,7 @@ class EncodingPositions:
     costs a sixth of the tokenization on long texts)."""
 
     def __init__(self, encoding, length: int):
-        self.encoding, self.length, self.n = encoding, length, len(encoding.ids)
+        self.encoding, self.length, self.n = encoding, length, len(encoding)
 
     def starting_from(self, char: int) -> int:
         while char < self.length:
@@ -185,11 +185,16 @@ def _compiled_template(tokenizer) -> Callable[[list[dict[str, Any]], bool], str]
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         compiled = _compile_jinja_template(template)
-        variables = dict(tokenizer.special_tokens_map)
+        # Template.render less what it repeats on every call: copying the template's globals (a ChainMap) into
+        # the context, 60% of rendering a short conversation. They are merged with the constant variables once;
+        # each rendering's context shares a fresh dict of them (jinja's `shared` context: passed as is)
+        constant = {**compiled.globals, "tools": None, "documents": None, **tokenizer.special_tokens_map}
+        concat = compiled.environment.concat
 
         def render(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-            return compiled.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            context = compiled.new_context(
+                {**constant, "messages": messages, "add_generation_prompt": add_generation_prompt}, shared=True)
+            return concat(compiled.root_render_func(context))
 
         compared = 0
         for messages in (_SAMPLE, _SAMPLE[1:]):
