@@ -115,12 +115,13 @@ def zeray(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[int, f
     from pipelines.dataset import build_splits
 
     from cluster.config import ClusterConfig
-    from cluster.local import embedded_cpus
+    from cluster.local import embedded_cpus, embedded_system_config
 
-    # the logical CPUs `zeray train` would give its embedded Ray (2 training workers + the data share); the
-    # physical cores are the machine's, which is what all three ways share
-    ray.init(num_cpus=embedded_cpus(ClusterConfig(), train_cpus=cpus), include_dashboard=False,
-             logging_level="ERROR")
+    # the embedded Ray `zeray train` would start (2 training workers + the data share); the physical cores are
+    # the machine's, which is what all three ways share
+    num_cpus = embedded_cpus(ClusterConfig(), train_cpus=cpus)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
+             _system_config=embedded_system_config(num_cpus))
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         data = DataConfig(train=path, format="messages", max_length=max_length)

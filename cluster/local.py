@@ -26,6 +26,15 @@ def embedded_cpus(cluster: ClusterConfig, train_cpus: float) -> int:
     return max(os.cpu_count() or 1, math.ceil(train_cpus + cluster.data_cpus))
 
 
+def embedded_system_config(num_cpus: int) -> dict:
+    """Settings of the embedded Ray: it keeps up to twice its CPUs in idle worker processes. Ray's default keeps
+    as many as it has CPUs and ends the rest after a second idle, but the pipeline's stages take turns on the
+    same CPUs with different workers (read and parse tasks, the sort's tasks with their own runtime env, the
+    tokenizer actors), and each worker started again costs about a CPU-second of imports: on 2 cores, 40k short
+    conversations took 5.9 s instead of 4.6 s."""
+    return {"num_workers_soft_limit": 2 * num_cpus}
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig, train_cpus: float):
     """Ray for the duration of one command: reuse one already initialised (tests), connect, or embed."""
@@ -39,7 +48,7 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
     else:
         num_cpus = embedded_cpus(cluster, train_cpus)
         ray.init(num_cpus=num_cpus, dashboard_host=cluster.dashboard_host, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING")
+                 configure_logging=True, logging_level="WARNING", _system_config=embedded_system_config(num_cpus))
         where = f"embedded local Ray ({num_cpus} logical CPUs)"
     try:
         yield where

@@ -100,6 +100,9 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     # Ray Data cuts a sort's output into blocks of target_max_block_size before the next map sees them, which would
     # part copies of a conversation that meet at a cut: here (and downstream) a sorted partition stays one block
     accepted.context.target_max_block_size = None
+    # the sort's map tasks take a partition's worth of input each, not Ray's 1 GiB (one task, on one core, for
+    # all but the largest inputs)
+    accepted.context.shuffle_input_batch_bytes = PARTITION_BYTES
     ordered = materialize_in_order(
         accepted
         .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))

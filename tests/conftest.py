@@ -36,10 +36,12 @@ def ray_cluster():
     """One embedded Ray per test session, sized like `zeray train` sizes its own (2 workers + 2 data CPUs)."""
     import ray
 
-    # with its dashboard (on localhost), as `zeray` starts it: Ray Train's placement-group cleaner watches
+    from cluster.local import embedded_system_config
+
+    # with its dashboard (on localhost) and settings, as `zeray` starts it: Ray Train's placement-group cleaner watches
     # controllers through the state API it serves, and a Tune trial stopped early leaves its workers' group to it
     ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
-             configure_logging=True)
+             configure_logging=True, _system_config=embedded_system_config(4))
     yield ray
     ray.shutdown()
 
