@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.exceptions import ExecutionTimeoutError
@@ -94,25 +95,25 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     except ExecutionTimeoutError:
         raise UserError(stalled(actors, wait_s or source.context.execution_no_progress_timeout_s)) from None
     # later stages and the training stream (idle while the workers evaluate) keep Ray Data's own patience
-    defaults = ray.data.DataContext.get_current()
-    tokenized.context.execution_no_progress_timeout_s = defaults.execution_no_progress_timeout_s
-    accepted = tokenized.filter(expr=col("reject") == "")
+    context = tokenized.context
+    context.execution_no_progress_timeout_s = ray.data.DataContext.get_current().execution_no_progress_timeout_s
     # Ray Data cuts a sort's output into blocks of target_max_block_size before the next map sees them, which would
     # part copies of a conversation that meet at a cut: here (and downstream) a sorted partition stays one block
-    accepted.context.target_max_block_size = None
+    context.target_max_block_size = None
     # the sort's map tasks take a partition's worth of input each, not Ray's 1 GiB (one task, on one core, for
     # all but the largest inputs)
-    accepted.context.shuffle_input_batch_bytes = PARTITION_BYTES
-    ordered = materialize_in_order(
-        accepted
+    context.shuffle_input_batch_bytes = PARTITION_BYTES
+    # every record goes through the sort (rejects too: no filtering pass before it), so the sorted records are
+    # also the account of every record
+    records = materialize_in_order(
+        tokenized
         .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
         # batch_size=None: one call per sorted block, which holds every copy of its conversations
         .map_batches(mark_duplicates, fn_kwargs=dict(dedup=data.dedup), batch_size=None, batch_format="pyarrow")
     )
-    records = ordered.union(tokenized.filter(expr=col("reject") != "").drop_columns(["conversation"]))
     out = {split: None for split in SPLITS}
     for split in splits:
-        rows = ordered.filter(expr=(col("reject") == "") & (col("split") == split)).select_columns(
+        rows = records.filter(expr=(col("reject") == "") & (col("split") == split)).select_columns(
             ["input_ids", "labels", "num_tokens", "key"])
         # per sorted block again, so the packing does not depend on how blocks arrive
         if data.packing:
@@ -173,19 +174,23 @@ def materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
 
 
 def mark_duplicates(block: pa.Table, dedup: bool) -> pa.Table:
-    """In a block sorted by (key, source, line): of identical conversations, the first by (source, line) stays
-    and the rest are rejected as `duplicate`, naming the one kept. Drops the conversation text, keeping it as
-    the `record` of a duplicate. Only rows that share a key with a neighbour are looked at one by one."""
+    """In a block sorted by (key, source, line): of identical accepted conversations, the first by (source, line)
+    stays and the rest are rejected as `duplicate`, naming the one kept; rows already rejected are left as they
+    are. Drops the conversation text, keeping it as the `record` of a duplicate. Only accepted rows that share a
+    key with a neighbour are looked at one by one."""
     keys = block.column("key").to_numpy()
-    tied = np.flatnonzero(keys[1:] == keys[:-1]) if dedup and block.num_rows > 1 else []
+    accepted = pc.equal(block.column("reject"), "").to_numpy(zero_copy_only=False)
+    both = accepted[1:] & accepted[:-1]  # rejects do not count as copies (those from parsing all have key 0)
+    tied = np.flatnonzero((keys[1:] == keys[:-1]) & both) if dedup and block.num_rows > 1 else []
     if len(tied):
         conversations = block.column("conversation").to_pylist()
         reject, detail, split, record = (block.column(c).to_pylist() for c in ("reject", "detail", "split", "record"))
         sources, lines = block.column("source").to_pylist(), block.column("line").to_pylist()
         kept: dict[str, int] = {}  # conversation -> row kept, within a run of equal keys
+        run = None
         for i in sorted(set(tied.tolist()) | set((tied + 1).tolist())):
-            if not (i and keys[i] == keys[i - 1]):
-                kept = {}
+            if keys[i] != run:
+                kept, run = {}, keys[i]
             first = kept.setdefault(conversations[i], i)
             if first != i:
                 reject[i], detail[i], split[i] = "duplicate", f"same conversation as {sources[first]}:{lines[first]}", ""

@@ -196,3 +196,11 @@ def test_duplicates_are_found_within_runs_of_equal_keys_only():
     assert out.column("split").to_pylist() == ["train"] * 3 + [""] + ["train"] * 2 + [""]
     assert mark_duplicates(block, dedup=False).column("reject").to_pylist() == [""] * 7
     assert mark_duplicates(block.slice(0, 0), dedup=True).num_rows == 0
+    # records rejected before (all of parsing's rejects share key 0) are neither copies nor originals
+    rejected = pa.table({"key": pa.array([0, 0, 0, 5, 5], pa.int64()), "conversation": ["", "", "", "x", "x"],
+                         "reject": ["unparsable", "empty_content", "", "too_long", ""], "detail": ["e"] * 5,
+                         "split": ["", "", "val", "", "train"], "record": ["r1", "r2", "", "x", ""],
+                         "source": ["f"] * 5, "line": list(range(1, 6))})
+    out = mark_duplicates(rejected, dedup=True)
+    assert out.column("reject").to_pylist() == ["unparsable", "empty_content", "", "too_long", ""]
+    assert out.column("record").to_pylist() == ["r1", "r2", "", "x", ""]
