@@ -139,8 +139,8 @@ def _hf_prepare(batch, model_dir: str, max_length: int, seed: int):
         todo.append(i)
     input_ids, labels = [[] for _ in range(n)], [[] for _ in range(n)]
     for i, tok in zip(todo, tokenizer.tokenize_batch(convs, max_length)):
-        if tok.problem == "too_long":
-            reject[i] = "too_long"
+        if tok.problem in ("too_long", "template_error"):
+            reject[i] = tok.problem
         input_ids[i], labels[i] = tok.input_ids, tok.labels
     return {"reject": reject, "split": split, "key": key, "digest": digest, "input_ids": input_ids,
             "labels": labels}

@@ -30,7 +30,7 @@ class Rendering:
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
-    problem: str = ""  # "" | "truncated" | "too_long"
+    problem: str = ""  # "" | "truncated" | "too_long" | "template_error"
     detail: str = ""
 
 
@@ -105,10 +105,17 @@ class ChatTokenizer:
         A conversation longer than `max_length` tokens is, with `overlong: truncate`, cut after the last assistant
         reply that fits (loss stays on the replies kept, `last` meaning the last one kept); plain text is cut at
         `max_length`. One whose first reply does not fit, or any with `overlong: reject`, comes back `too_long`.
+        One the chat template refuses (many raise on roles that do not alternate, or on a system turn) or renders
+        in a way that hides its replies comes back `template_error`, with the template's message.
         """
-        renderings = [self.render(turns, loss_on) for turns in conversations]
+        renderings = [self._render_or_refuse(turns, loss_on) for turns in conversations]
+        encodings = iter(self.encode([r.text for r in renderings if isinstance(r, Rendering)]))
         out = []
-        for r, (ids, at) in zip(renderings, self.encode([r.text for r in renderings])):
+        for r in renderings:
+            if isinstance(r, Tokenized):  # refused
+                out.append(r)
+                continue
+            ids, at = next(encodings)
             n, problem, detail, spans = len(ids), "", "", r.spans
             if n > max_length:
                 if overlong == "reject":
@@ -136,6 +143,14 @@ class ChatTokenizer:
                 labels[first:end] = ids[first:end]
             out.append(Tokenized(ids, labels, problem, detail))
         return out
+
+
+    def _render_or_refuse(self, turns: Sequence[dict[str, str]], loss_on: str) -> "Rendering | Tokenized":
+        try:
+            return self.render(turns, loss_on)
+        except Exception as exc:  # the template's own raise_exception, or any other error inside the template
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return Tokenized([], [], "template_error", f"the model's chat template refused it: {message}")
 
 
 class OffsetPositions:

@@ -216,10 +216,15 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
                 raise Reject("unparsable", exc.msg) from None
             turns = normalize(record, fmt)
             conversation = json.dumps(turns, ensure_ascii=False, sort_keys=True)
+            try:
+                conversation.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate escaped in the JSON ("\ud800"): not text
+                raise Reject("invalid_utf8", f"lone surrogate {exc.object[exc.start]!r} (escaped in the JSON) is "
+                                             "not valid Unicode") from None
             split = split_of(conversation, val, test, seed)
             key = order_key(conversation, seed)
         except Reject as rej:
-            reason, detail = rej.reason, rej.detail
+            reason, detail, conversation = rej.reason, rej.detail, ""
             original = raw.decode("utf-8", errors="replace")  # kept for rejects.jsonl, so it can be fixed
         rejects.append(reason)
         details.append(detail)
@@ -277,7 +282,8 @@ def order_key(conversation: str, seed: int) -> int:
 class Tokenizer:
     """Ray Data actor: holds the model's tokenizer (the driver's, or loaded once here), then renders and tokenizes
     the accepted records of each batch.
-    A record that cannot fit `max_length` becomes a `too_long` reject here; rejected rows pass through."""
+    A record that cannot fit `max_length` becomes a `too_long` reject here, one the chat template refuses a
+    `template_error`; rejected rows pass through."""
 
     def __init__(self, tokenizer, max_length: int, loss_on: str, overlong: str):
         """`tokenizer`: the model's tokenizer, or the (name_or_path, trust_remote_code) to load it from."""
@@ -300,8 +306,8 @@ class Tokenizer:
         n = batch.num_rows
         input_ids, labels, truncated = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
         for i, tok in zip(todo, done):
-            if tok.problem == "too_long":
-                reject[i], detail[i], split[i], record[i] = "too_long", tok.detail, "", conversation[i]
+            if tok.problem in ("too_long", "template_error"):
+                reject[i], detail[i], split[i], record[i] = tok.problem, tok.detail, "", conversation[i]
                 continue
             input_ids[i], labels[i] = tok.input_ids, tok.labels
             truncated[i] = tok.problem == "truncated"

@@ -6,6 +6,7 @@ number in a JSON Lines file, the 1-based position in a JSON list, the line of a 
 and the 1-based row number in a Parquet file or Arrow shard of a Hugging Face dataset.
 """
 
+import codecs
 import csv
 import glob
 import io
@@ -130,10 +131,13 @@ def _jsonl(f, path: str) -> Iterator[pa.Table]:
     lines: list[bytes] = []
     numbers: list[int] = []
     rest = b""
+    first = True
     while True:
         chunk = f.read(1 << 22)
         if not chunk:
             break
+        if first:  # a byte order mark (Windows tools write one) is not part of the first record
+            chunk, first = chunk.removeprefix(codecs.BOM_UTF8), False
         parts = (rest + chunk).split(b"\n")
         rest = parts.pop()
         for part in parts:
@@ -154,8 +158,10 @@ def _jsonl(f, path: str) -> Iterator[pa.Table]:
 def _json_list(f, path: str) -> Iterator[pa.Table]:
     data = f.read()
     try:
-        records = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+        # invalid UTF-8 inside a string spoils only its own record: its bytes are carried through (see _dump) and
+        # that record is rejected as invalid_utf8, not the whole file as unparsable
+        records = json.loads(data.decode("utf-8-sig", "surrogateescape"))
+    except ValueError:
         # not one JSON document: the whole file is one unparsable record, kept so it shows up in the rejects
         yield _block(path, [0], [data])
         return
@@ -170,7 +176,7 @@ def _csv(f, path: str) -> Iterator[pa.Table]:
     """Rows of a CSV file with a header; every cell stays text (a JSON list in a `messages` cell is decoded later).
     Invalid UTF-8 is carried through as the original bytes, so the record is rejected as such, not altered."""
     csv.field_size_limit(1 << 30)
-    reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", errors="surrogateescape", newline=""))
+    reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline=""))
     lines: list[bytes] = []
     numbers: list[int] = []
     start = 2  # line 1 is the header
@@ -201,7 +207,12 @@ def _table_batches(batches, path: str, first: int) -> Iterator[pa.Table]:
 
 
 def _dump(record) -> bytes:
-    return json.dumps(record, ensure_ascii=False, default=str).encode("utf-8")
+    """A record as JSON bytes; bytes that were not UTF-8 in the file (decoded as surrogate escapes) are put back as
+    they were, and any other lone surrogate (escaped in the JSON itself) stays escaped: parsing rejects both."""
+    try:
+        return json.dumps(record, ensure_ascii=False, default=str).encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return json.dumps(record, default=str).encode("ascii")
 
 
 def _block(path: str, numbers: list[int], lines: list[bytes]) -> pa.Table:

@@ -145,6 +145,30 @@ def test_compiled_template_and_rust_backend_give_what_transformers_gives(tokeniz
             assert at.ending_by(char) == want.ending_by(char)
 
 
+# the guard Mistral's and Llama 2's templates open with (Gemma's refuses a system turn the same way)
+ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{% endif %}{% endfor %}")
+
+
+def test_a_conversation_the_template_refuses_is_that_conversation_s_problem_only(tokenizer):
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = ALTERNATING + tokenizer.chat_template
+    chat = ChatTokenizer(strict)
+    assert chat._render is not None  # the compiled template raises just as apply_chat_template does
+    fine = [CONV[1:3], CONV[1:]]
+    twice = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}, CONV[2]]
+    out = chat.tokenize_batch([fine[0], twice, CONV, fine[1]], max_length=512)
+    assert [t.problem for t in out] == ["", "template_error", "template_error", ""]
+    assert out[1].detail == ("the model's chat template refused it: Conversation roles must alternate "
+                             "user/assistant/user/assistant/...")
+    assert out[1].input_ids == out[1].labels == []
+    expected = ChatTokenizer(tokenizer).tokenize_batch(fine, max_length=512)
+    assert [(t.input_ids, t.labels) for t in (out[0], out[3])] == [(t.input_ids, t.labels) for t in expected]
+
+
 def test_a_template_that_renders_differently_when_compiled_apart_goes_through_transformers(tokenizer):
     """A tokenizer whose apply_chat_template adds variables of its own (here: a date) is not second-guessed."""
     import copy

@@ -60,10 +60,14 @@ def test_parse_batch_keeps_every_line_with_its_reason():
     import pyarrow as pa
 
     raws = [b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
-            b'{"messages": [', b"\xff\xfe", b'{"messages": [{"role": "user", "content": "a"}]}']
-    batch = pa.table({"source": ["f.jsonl"] * 4, "line": [1, 2, 3, 5], "raw": pa.array(raws, pa.binary())})
+            b'{"messages": [', b"\xff\xfe", b'{"messages": [{"role": "user", "content": "a"}]}',
+            # valid UTF-8, but the JSON escapes half a surrogate pair: no Unicode text (nor a tokenizer) takes it
+            b'{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}']
+    batch = pa.table({"source": ["f.jsonl"] * 5, "line": [1, 2, 3, 5, 6], "raw": pa.array(raws, pa.binary())})
     out = parse_batch(batch, "messages", 0.1, 0.1, 42).to_pylist()
-    assert [r["reject"] for r in out] == ["", "unparsable", "invalid_utf8", "no_assistant_turn"]
-    assert [r["line"] for r in out] == [1, 2, 3, 5]
+    assert [r["reject"] for r in out] == ["", "unparsable", "invalid_utf8", "no_assistant_turn", "invalid_utf8"]
+    assert out[4]["detail"] == "lone surrogate '\\ud800' (escaped in the JSON) is not valid Unicode"
+    assert out[4]["record"] == raws[4].decode()
+    assert [r["line"] for r in out] == [1, 2, 3, 5, 6]
     assert out[0]["split"] in ("train", "val", "test") and out[1]["split"] == ""
     assert json.loads(out[0]["conversation"])[1] == {"role": "assistant", "content": "b"}

@@ -115,6 +115,28 @@ def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
     assert {r["detail"] for r in dups} == {f"same conversation as {folder / 'a.jsonl'}:1"}
 
 
+def test_conversations_the_chat_template_refuses_are_rejected_not_fatal(ray_cluster, artifacts, tmp_path):
+    """Many models' templates raise on roles that do not alternate (or on a system turn): those conversations are
+    rejected with the template's message, the rest are trained on."""
+    import shutil
+
+    model = shutil.copytree(artifacts["model"], tmp_path / "strict-model")
+    template = model / "chat_template.jinja"
+    template.write_text("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                        "{% endfor %}" + template.read_text())
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+             for i in range(40)]
+    lines[7] = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"},
+                                        {"role": "assistant", "content": "a"}]})
+    splits = build_splits(DataConfig(train=write_lines(tmp_path / "d.jsonl", lines), format="messages"), str(model))
+    counts = count_records(splits.records)
+    assert counts["rejected"] == {"template_error": 1} and sum(counts["records"].values()) == 39
+    [refused] = splits.records.filter(expr=col("reject") == "template_error").take_all()
+    assert refused["line"] == 8 and refused["detail"].endswith("Conversation roles must alternate user/assistant")
+    assert json.loads(refused["record"])[1] == {"role": "user", "content": "again"}
+
+
 def test_duplicates_are_found_however_large_the_sorted_blocks(ray_cluster, artifacts, tmp_path, monkeypatch):
     """Ray Data cuts a sort's output into blocks of at most `target_max_block_size` before the next map sees them;
     every copy of a conversation must still meet its first (here blocks of 4 KiB would cut the run of copies)."""

@@ -13,7 +13,7 @@ from zeray.cli import main
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.reliability("bad input", "a dirty JSONL with one of each defect (unparsable, shapes, roles, empty, duplicate, too long, invalid UTF-8)")
+@pytest.mark.reliability("bad input", "a dirty JSONL (byte order mark first) with one of each defect (unparsable, shapes, roles, empty, duplicate, too long, invalid UTF-8, escaped lone surrogate)")
 def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifacts, tmp_path):
     unique = {}
     for line in open(artifacts["data"], encoding="utf-8"):  # chatterbot repeats itself: keep distinct ones
@@ -30,6 +30,9 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
         52: (json.dumps({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]}),
              "empty_content"),
         99: (json.dumps(["not", "an", "object"]), "wrong_shape"),
+        # valid UTF-8 whose JSON escapes half a surrogate pair
+        120: ('{"messages": [{"role": "user", "content": "a\\udc80"}, {"role": "assistant", "content": "b"}]}',
+              "invalid_utf8"),
         200: (lines[10], "duplicate"),  # the same conversation again, 190 lines later
         300: (json.dumps({"messages": [{"role": "user", "content": "tell me " * 300},
                                        {"role": "assistant", "content": "no"}]}), "too_long"),
@@ -37,7 +40,8 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     for index, (text, _) in defects.items():
         lines[index] = text
     data = tmp_path / "dirty.jsonl"
-    raw = "\n".join(lines).encode("utf-8") + b"\n" + b'{"messages": "\xff\xfe"}\n'  # + one invalid UTF-8 line
+    # a byte order mark first (the first record stays good), and one line of invalid UTF-8 last
+    raw = b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8") + b"\n" + b'{"messages": "\xff\xfe"}\n'
     data.write_bytes(raw)
 
     config = write_config(
@@ -51,10 +55,10 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     report = json.loads((out / "report.json").read_text())
     assert report["records_in"] == 401
     assert report["rejected"] == {"unparsable": 1, "no_assistant_turn": 1, "unknown_role": 1, "empty_content": 1,
-                                  "wrong_shape": 1, "invalid_utf8": 1, "duplicate": 1, "too_long": 1}
-    assert report["records_out"] == 393 == sum(report["records"].values())
+                                  "wrong_shape": 1, "invalid_utf8": 2, "duplicate": 1, "too_long": 1}
+    assert report["records_out"] == 392 == sum(report["records"].values())
     assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
-    assert 0.7 < report["records"]["train"] / 393 < 0.9
+    assert 0.7 < report["records"]["train"] / 392 < 0.9
     # packed: fewer rows than records, each at most max_length, mostly full
     assert report["packing"] and report["rows"]["train"] < report["records"]["train"] / 2
     assert report["packing_efficiency"]["train"] > 0.8

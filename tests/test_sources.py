@@ -56,6 +56,38 @@ def test_json_list(tmp_path, suffix):
     assert rows == list(zip(range(1, 26), RECORDS))
 
 
+def test_json_list_with_invalid_utf8_in_one_record_keeps_the_others(tmp_path):
+    """Bytes that are not UTF-8 inside one record's string spoil that record only: it keeps its position and its
+    original bytes (parsing rejects it as invalid_utf8); the others read as they are."""
+    items = [json.dumps(r, ensure_ascii=False).encode() for r in RECORDS[:5]]
+    items[2] = items[2].replace("答案".encode(), b"\xff\xfe")
+    path = tmp_path / "d.json"
+    path.write_bytes(b"[" + b",\n".join(items) + b"]")
+    with pa.input_stream(str(path)) as f:
+        rows = [row for block in read_records(f, str(path)) for row in block.to_pylist()]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [json.loads(rows[i]["raw"]) for i in (0, 1, 3, 4)] == [RECORDS[i] for i in (0, 1, 3, 4)]
+    assert rows[2]["raw"] == items[2]  # as it was in the file, invalid bytes included
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv"])
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
+    """Files saved by Windows tools start with a UTF-8 byte order mark; the first record (or CSV header) reads
+    as if it were not there."""
+    if name.endswith(".csv"):
+        text = "instruction,input,output\nsay 1,,1\n"
+        expected = [(2, {"instruction": "say 1", "input": "", "output": "1"})]
+    elif name.endswith(".jsonl"):
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS[:2]) + "\n"
+        expected = [(1, RECORDS[0]), (2, RECORDS[1])]
+    else:
+        text = json.dumps(RECORDS[:2], ensure_ascii=False)
+        expected = [(1, RECORDS[0]), (2, RECORDS[1])]
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert read_all(str(path)) == expected
+
+
 def test_broken_json_file_is_one_unparsable_record(tmp_path):
     path = write(tmp_path / "bad.json", '[{"messages": ')
     with pa.input_stream(path) as f:
