@@ -214,6 +214,8 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise Reject("unparsable", exc.msg) from None
+            except RecursionError:
+                raise Reject("unparsable", "nested too deeply") from None
             turns = normalize(record, fmt)
             conversation = json.dumps(turns, ensure_ascii=False, sort_keys=True)
             try:
@@ -334,7 +336,7 @@ def detect_file_format(files: list[str], probe_lines: int = 100) -> str:
         for raw in first_records(path, probe_lines):
             try:
                 fmt = detect_format(json.loads(raw))
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
                 continue
             if fmt:
                 seen[fmt] = seen.get(fmt, 0) + 1

@@ -77,7 +77,7 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[
     if isinstance(items, str) and items.lstrip().startswith("["):  # a CSV cell holding the list as JSON
         try:
             items = json.loads(items)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Reject("wrong_shape", f"`{key}` is text that is not a JSON list") from None
     if not isinstance(items, list) or not items:
         raise Reject("wrong_shape", f"`{key}` must be a non-empty list")

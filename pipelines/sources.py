@@ -161,7 +161,7 @@ def _json_list(f, path: str) -> Iterator[pa.Table]:
         # invalid UTF-8 inside a string spoils only its own record: its bytes are carried through (see _dump) and
         # that record is rejected as invalid_utf8, not the whole file as unparsable
         records = json.loads(data.decode("utf-8-sig", "surrogateescape"))
-    except ValueError:
+    except (ValueError, RecursionError):
         # not one JSON document: the whole file is one unparsable record, kept so it shows up in the rejects
         yield _block(path, [0], [data])
         return

@@ -19,6 +19,7 @@ def test_each_format_normalises_to_turns():
 @pytest.mark.parametrize("record, reason", [
     ([1, 2], "wrong_shape"),
     ({"messages": "hi"}, "wrong_shape"),
+    ({"messages": "[" * 100_000 + "]" * 100_000}, "wrong_shape"),  # a CSV cell of JSON nested too deep to parse
     ({"messages": [{"role": "user", "content": 3}]}, "wrong_shape"),
     ({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}, "unknown_role"),
     ({"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "y"}]}, "empty_content"),
@@ -62,12 +63,15 @@ def test_parse_batch_keeps_every_line_with_its_reason():
     raws = [b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}',
             b'{"messages": [', b"\xff\xfe", b'{"messages": [{"role": "user", "content": "a"}]}',
             # valid UTF-8, but the JSON escapes half a surrogate pair: no Unicode text (nor a tokenizer) takes it
-            b'{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}']
-    batch = pa.table({"source": ["f.jsonl"] * 5, "line": [1, 2, 3, 5, 6], "raw": pa.array(raws, pa.binary())})
+            b'{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
+            b"[" * 100_000 + b"]" * 100_000]  # deeper than Python's parser recurses
+    batch = pa.table({"source": ["f.jsonl"] * 6, "line": [1, 2, 3, 5, 6, 7], "raw": pa.array(raws, pa.binary())})
     out = parse_batch(batch, "messages", 0.1, 0.1, 42).to_pylist()
-    assert [r["reject"] for r in out] == ["", "unparsable", "invalid_utf8", "no_assistant_turn", "invalid_utf8"]
+    assert [r["reject"] for r in out] == ["", "unparsable", "invalid_utf8", "no_assistant_turn", "invalid_utf8",
+                                          "unparsable"]
     assert out[4]["detail"] == "lone surrogate '\\ud800' (escaped in the JSON) is not valid Unicode"
     assert out[4]["record"] == raws[4].decode()
-    assert [r["line"] for r in out] == [1, 2, 3, 5, 6]
+    assert out[5]["detail"] == "nested too deeply"
+    assert [r["line"] for r in out] == [1, 2, 3, 5, 6, 7]
     assert out[0]["split"] in ("train", "val", "test") and out[1]["split"] == ""
     assert json.loads(out[0]["conversation"])[1] == {"role": "assistant", "content": "b"}

@@ -88,11 +88,12 @@ def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
     assert read_all(str(path)) == expected
 
 
-def test_broken_json_file_is_one_unparsable_record(tmp_path):
-    path = write(tmp_path / "bad.json", '[{"messages": ')
+@pytest.mark.parametrize("text", ['[{"messages": ', "[" * 100_000 + "]" * 100_000])  # cut short; too deep
+def test_broken_json_file_is_one_unparsable_record(tmp_path, text):
+    path = write(tmp_path / "bad.json", text)
     with pa.input_stream(path) as f:
         rows = [row for block in read_records(f, path) for row in block.to_pylist()]
-    assert [(r["line"], r["raw"]) for r in rows] == [(0, b'[{"messages": ')]
+    assert [(r["line"], r["raw"]) for r in rows] == [(0, text.encode())]
 
 
 def test_parquet_with_nested_messages(tmp_path):
