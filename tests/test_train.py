@@ -101,6 +101,18 @@ def test_contradicting_deepspeed_file_is_refused_before_workers_start(trained, t
 
 
 @pytest.mark.reliability("bad input", "resuming a run with other settings")
+def test_data_with_no_usable_record_is_refused_with_the_reasons(ray_cluster, artifacts, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{not json\n{"messages": [{"role": "user", "content": "no reply"}]}\n')
+    config = write_config(tmp_path / "bad.yaml", name="bad", storage=str(tmp_path / "runs"),
+                          data={"train": str(bad), "format": "messages"}, model={"name_or_path": artifacts["model"]})
+    capsys.readouterr()
+    assert main(["train", config]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data.train: no record to train on (2 records in, rejected: no_assistant_turn 1, unparsable 1); "
+        "`zeray prep` writes each rejected record with its reason to data/rejects.jsonl")
+
+
 def test_resuming_with_other_settings_is_refused(trained, capsys):
     capsys.readouterr()
     assert main(["train", trained["config"], "train.micro_batch_size=4", "train.lr=0.1"]) == 2

@@ -137,6 +137,10 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
               + (", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "0")
               + f"; truncated {counts['truncated']}; {counts['rows']['train']} training rows"
               + (f" (packed to {d.max_length} tokens)" if d.packing else ""), flush=True)
+    if counts["rows"]["train"] == 0:
+        rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
+        raise UserError(f"data.train: no record to train on ({counts['records_in']} records in, rejected: {rejected}); "
+                        "`zeray prep` writes each rejected record with its reason to data/rejects.jsonl")
     for split in ("val", "test"):
         if counts["rows"][split] == 0:
             raise UserError(f"data.split.{split}: no {split} records; raise data.split.{split} or add data")
