@@ -26,14 +26,15 @@ HF_ARROW = ".arrow"  # shards of a saved Hugging Face dataset (found through `da
 ROWS_PER_BLOCK = 8192  # ~ a few MB of conversations: big enough to amortise, small enough to stream
 
 
-def resolve_files(spec: str) -> list[str]:
+def resolve_files(spec: str, announce: bool = True) -> list[str]:
     """The data files that `spec` names (a file, a glob, a directory, or a saved Hugging Face dataset
-    directory), sorted; a UserError if there are none or one has an unsupported type."""
+    directory), sorted; a UserError if there are none or one has an unsupported type. `announce`: say which split
+    of a Hugging Face DatasetDict is used."""
     if any(ch in spec for ch in "*?["):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
     elif os.path.isdir(spec):
         if is_hf_dataset(spec):
-            return hf_dataset_files(spec)
+            return hf_dataset_files(spec, announce)
         files = sorted(os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
                        if name.endswith(SUFFIXES))
     elif os.path.isfile(spec):
@@ -55,7 +56,7 @@ def is_hf_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
 
 
-def hf_dataset_files(path: str) -> list[str]:
+def hf_dataset_files(path: str, announce: bool = True) -> list[str]:
     """The Arrow shards of a `save_to_disk` dataset; of a DatasetDict, those of its `train` split."""
     import datasets
 
@@ -68,7 +69,8 @@ def hf_dataset_files(path: str) -> list[str]:
         if "train" not in loaded:
             raise UserError(f"data.train: the Hugging Face DatasetDict at {path} has no `train` split "
                             f"(it has {', '.join(loaded)}); point data.train at one split's folder")
-        print(f"data.train: using the `train` split of the Hugging Face DatasetDict at {path}")
+        if announce:
+            print(f"data.train: using the `train` split of the Hugging Face DatasetDict at {path}")
         loaded = loaded["train"]
     if loaded._indices is not None:  # a filtered/shuffled view: its Arrow files would not be the rows it shows
         raise UserError(f"data.train: the Hugging Face dataset at {path} is an index view; save it with "

@@ -111,7 +111,7 @@ def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> N
     else:
         from pipelines.sources import resolve_files  # local: keeps config import light
 
-        resolve_files(cfg.data.train)  # raises UserError naming the path
+        resolve_files(cfg.data.train, announce=False)  # raises UserError naming the path; the pipeline announces
     if cfg.train.deepspeed and not prep_only:
         from trainers.deepspeed_config import load_user_deepspeed
 
