@@ -45,7 +45,8 @@ def normalize(record: Any, fmt: str) -> list[dict[str, str]]:
     if fmt == "messages":
         turns = _turns(record, "messages", "role", "content", {r: r for r in ROLES})
     elif fmt == "sharegpt":
-        turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+        # ShareGPT's turns are {"from", "value"}; many datasets that follow it write {"role", "content"} instead
+        turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES, alternate=("role", "content"))
     elif fmt == "alpaca":
         turns = _alpaca(record)
     elif fmt == "text":
@@ -72,7 +73,8 @@ def clean_text(text: str) -> str:
     return CONTROL.sub("", unicodedata.normalize("NFC", text))
 
 
-def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
+def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str],
+           alternate: tuple[str, str] | None = None) -> list[dict[str, str]]:
     items = record.get(key)
     if isinstance(items, str) and items.lstrip().startswith("["):  # a CSV cell holding the list as JSON
         try:
@@ -83,12 +85,15 @@ def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[
         raise Reject("wrong_shape", f"`{key}` must be a non-empty list")
     turns = []
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get(content_key), str):
-            raise Reject("wrong_shape", f"{key}[{i}] must be an object with a string `{content_key}`")
-        role = roles.get(item.get(role_key)) if isinstance(item.get(role_key), str) else None
+        rk, ck = role_key, content_key
+        if alternate and isinstance(item, dict) and ck not in item and alternate[1] in item:
+            rk, ck = alternate
+        if not isinstance(item, dict) or not isinstance(item.get(ck), str):
+            raise Reject("wrong_shape", f"{key}[{i}] must be an object with a string `{ck}`")
+        role = roles.get(item.get(rk)) if isinstance(item.get(rk), str) else None
         if role is None:
-            raise Reject("unknown_role", f"{key}[{i}].{role_key}={item.get(role_key)!r}")
-        content = clean_text(item[content_key])
+            raise Reject("unknown_role", f"{key}[{i}].{rk}={item.get(rk)!r}")
+        content = clean_text(item[ck])
         if not content.strip():
             raise Reject("empty_content", f"{key}[{i}] is empty")
         turns.append({"role": role, "content": content})

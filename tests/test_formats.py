@@ -11,6 +11,11 @@ def test_each_format_normalises_to_turns():
                      "messages") == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     assert normalize({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
                      "sharegpt") == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    # ShareGPT-style data that spells its turns {"role", "content"}
+    assert normalize({"conversations": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+                     "sharegpt") == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(Reject, match="unknown_role: conversations.1..role='bot'"):
+        normalize({"conversations": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}, "sharegpt")
     assert normalize({"instruction": "do", "input": "this", "output": "done"}, "alpaca") == [
         {"role": "user", "content": "do\n\nthis"}, {"role": "assistant", "content": "done"}]
     assert normalize({"text": "hello"}, "text") == [{"role": "text", "content": "hello"}]
