@@ -144,7 +144,6 @@ class ChatTokenizer:
             out.append(Tokenized(ids, labels, problem, detail))
         return out
 
-
     def _render_or_refuse(self, turns: Sequence[dict[str, str]], loss_on: str) -> "Rendering | Tokenized":
         try:
             return self.render(turns, loss_on)
