@@ -111,7 +111,7 @@ def jsonl_lines(draw) -> list[bytes]:
     """Lines as users' files have them: good and bad records, truncated JSON, raw bytes, huge and blank lines."""
     lines = []
     for _ in range(draw(st.integers(0, 12))):
-        kind = draw(st.sampled_from(["record", "truncated", "bytes", "huge", "blank", "latin1"]))
+        kind = draw(st.sampled_from(["record", "truncated", "bytes", "huge", "blank", "latin1", "surrogate", "deep"]))
         text = json.dumps(draw(record), ensure_ascii=draw(st.booleans())).encode()
         if kind == "truncated":
             text = text[: draw(st.integers(0, max(0, len(text) - 1)))]
@@ -124,6 +124,11 @@ def jsonl_lines(draw) -> list[bytes]:
             text = b"   "
         elif kind == "latin1":
             text = '{"text": "caf\u00e9"}'.encode("latin-1")
+        elif kind == "surrogate":  # valid UTF-8, but half a surrogate pair escaped in the JSON
+            text = b'{"messages": [{"role": "user", "content": "a\\ud83d"}, {"role": "assistant", "content": "b"}],'
+            text += b' "text": "\\udc00", "instruction": "i", "output": "o"}'
+        elif kind == "deep":  # deeper than Python's JSON parser recurses
+            text = b"[" * 20_000 + b"]" * 20_000
         lines.append(text.replace(b"\n", b" ").replace(b"\r", b" "))
     return lines
 
@@ -145,10 +150,10 @@ def _accounted(rows: list[dict]) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(lines=jsonl_lines(), fmt=st.sampled_from(sorted(FORMATS)), gz=st.booleans())
-@pytest.mark.reliability("bad input", "random JSONL (plain and gzip): truncated JSON, raw bytes, huge lines, Latin-1, blank lines, every format")
-def test_every_jsonl_line_is_kept_or_rejected_once(lines, fmt, gz):
-    content = b"\n".join(lines) + b"\n"
+@given(lines=jsonl_lines(), fmt=st.sampled_from(sorted(FORMATS)), gz=st.booleans(), bom=st.booleans())
+@pytest.mark.reliability("bad input", "random JSONL (plain and gzip, with or without a byte order mark): truncated JSON, raw bytes, huge lines, Latin-1, escaped lone surrogates, deep nesting, blank lines, every format")
+def test_every_jsonl_line_is_kept_or_rejected_once(lines, fmt, gz, bom):
+    content = b"\xef\xbb\xbf" * bom + b"\n".join(lines) + b"\n"
     path = "fuzz.jsonl.gz" if gz else "fuzz.jsonl"
     rows = _parsed(gzip.compress(content) if gz else content, path, fmt)
     records = [i + 1 for i, line in enumerate(lines) if line.strip()]
