@@ -160,9 +160,11 @@ def _jsonl(f, path: str) -> Iterator[pa.Table]:
 def _json_list(f, path: str) -> Iterator[pa.Table]:
     data = f.read()
     try:
+        encoding = json.detect_encoding(data)  # what json.loads would decode it as: UTF-8, or UTF-16/32 by its BOM
         # invalid UTF-8 inside a string spoils only its own record: its bytes are carried through (see _dump) and
         # that record is rejected as invalid_utf8, not the whole file as unparsable
-        records = json.loads(data.decode("utf-8-sig", "surrogateescape"))
+        text = data.decode("utf-8-sig", "surrogateescape") if encoding.startswith("utf-8") else data.decode(encoding)
+        records = json.loads(text)
     except (ValueError, RecursionError):
         # not one JSON document: the whole file is one unparsable record, kept so it shows up in the rejects
         yield _block(path, [0], [data])

@@ -70,6 +70,14 @@ def test_json_list_with_invalid_utf8_in_one_record_keeps_the_others(tmp_path):
     assert rows[2]["raw"] == items[2]  # as it was in the file, invalid bytes included
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_json_list_in_utf16_or_utf32_reads_as_json_itself_would(tmp_path, encoding):
+    """Windows PowerShell's `ConvertTo-Json | Out-File` writes UTF-16: the encoding json.loads detects is used."""
+    path = tmp_path / "d.json"
+    path.write_bytes(json.dumps(RECORDS[:3], ensure_ascii=False).encode(encoding))
+    assert read_all(str(path)) == list(zip(range(1, 4), RECORDS[:3]))
+
+
 @pytest.mark.parametrize("name", ["d.jsonl", "d.json", "d.csv"])
 def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, name):
     """Files saved by Windows tools start with a UTF-8 byte order mark; the first record (or CSV header) reads
