@@ -146,12 +146,6 @@ def _hf_prepare(batch, model_dir: str, max_length: int, seed: int):
             "labels": labels}
 
 
-def _hf_pack(batch, max_length: int, seed: int):
-    from pipelines.packing import pack_batch
-
-    return pack_batch(batch, max_length, seed)
-
-
 def hf_datasets(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[int, float]:
     """The same work as zeray's pipeline, the way `datasets` does it: `map(num_proc)` parses, cleans, splits and
     tokenizes; the driver finds exact duplicates across the whole dataset by digest (keeping the first), then per
@@ -159,7 +153,7 @@ def hf_datasets(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[
     import datasets
     import pandas as pd
 
-    from pipelines.packing import CHUNK_ROWS
+    from pipelines.packing import CHUNK_ROWS, pack_batch
 
     datasets.disable_progress_bars()
     seed = 42
@@ -177,7 +171,7 @@ def hf_datasets(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[
             rows = np.flatnonzero(kept.to_numpy() & (splits == split))
             rows = rows[np.argsort(keys[rows], kind="stable")]
             packed = ds.select(rows).select_columns(["input_ids", "labels", "key"]).with_format("arrow").map(
-                _hf_pack, batched=True, batch_size=CHUNK_ROWS, num_proc=cpus, remove_columns=["key"],
+                pack_batch, batched=True, batch_size=CHUNK_ROWS, num_proc=cpus, remove_columns=["key"],
                 fn_kwargs=dict(max_length=max_length, seed=seed))
             tokens += int(pc.sum(packed.data.table.column("num_tokens")).as_py() or 0)
         return tokens, time.perf_counter() - started
