@@ -8,9 +8,8 @@
    4M demo model ZeRO's fixed buffers would be a third of it), in fp32 and in bf16 (what GPUs train in), against
    the estimate `zeray plan` uses: the bytes held by tensors when every model state exists at once — after the
    second step's backward pass, before its optimizer step (parameters, gradients, AdamW's moments made by the first
-   step, DeepSpeed's partitions and buffers). In fp32, ZeRO 1-3 keep a separate fp32 master partition beside the
-   fp32 weights (DeepSpeed's stage 3 means to alias them but compares a torch.device with a device string), so
-   ZeRO 3 at 2 workers holds 10 of stage 0's 16 bytes per parameter.
+   step, DeepSpeed's partitions and buffers). In fp32, ZeRO 1 and 2 keep a separate fp32 master partition beside
+   the fp32 weights; ZeRO 3 means not to, and does not with zeray's correction (trainers/deepspeed_fixes.py).
 """
 
 import argparse
@@ -100,7 +99,9 @@ def memory_worker(config: dict) -> dict:
 
     from trainers.config import TrainConfig
     from trainers.deepspeed_config import deepspeed_config
+    from trainers.deepspeed_fixes import share_fp32_master_partitions
 
+    share_fp32_master_partitions()  # as zeray's training loop does
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
     train = TrainConfig(zero_stage=config["stage"], micro_batch_size=1, grad_clip=0.0)

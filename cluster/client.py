@@ -41,8 +41,10 @@ def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool
         print(f"zeray {argv[0]}: driving the cluster at {address}; the command runs there", flush=True)
         ref = _command.remote(argv)
         # the task runs off its process's main thread, where the placement watchdog cannot interrupt it: watch
-        # here (the task's placement groups are this job's) and cancel it with the explanation
-        watch = PlacementWatchdog(placement_timeout(cfg.cluster)) if watch_placement else contextlib.nullcontext()
+        # here (the task's placement groups are this job's, and an elastic fit announces itself under the job) and
+        # cancel it with the explanation
+        watch = (PlacementWatchdog(placement_timeout(cfg.cluster), from_job=True) if watch_placement
+                 else contextlib.nullcontext())
         try:
             with python_sigint(), watch:
                 code, error = ray.get(ref)

@@ -6,6 +6,7 @@ hangs forever at "backpressured: ResourceBudget". Logical CPUs are scheduling sl
 Ray gets the workers' CPUs plus `cluster.data_cpus` for the pipeline, however many cores the machine has.
 """
 
+import json
 import math
 import os
 import threading
@@ -149,7 +150,8 @@ def fit_or_explain(trainer, timeout_s: float, elastic_min: tuple[int, dict] | No
     watchdog's explanation replaces it. `elastic_min`: (min workers, resources per worker) of an elastic run, which
     waits with no group at all while fewer than min fit."""
     if threading.current_thread() is not threading.main_thread():
-        return trainer.fit()
+        with announced(elastic_min):  # a ray:// command's task: the client watches
+            return trainer.fit()
     with python_sigint(), PlacementWatchdog(timeout_s, elastic_min=elastic_min) as watchdog:
         try:
             return trainer.fit()
@@ -160,6 +162,39 @@ def fit_or_explain(trainer, timeout_s: float, elastic_min: tuple[int, dict] | No
 
 
 RETRY_GAP_S = 3.0  # a moment without a pending group that is only a retry between two of them
+_KV_NAMESPACE = "zeray"
+
+
+def _elastic_key(job: str) -> str:
+    return f"elastic-fit-{job}"
+
+
+@contextmanager
+def announced(elastic_min: tuple[int, dict] | None):
+    """While an elastic fit runs where no watchdog can interrupt it (a ray:// command's task, off its process's
+    main thread), its minimum sits in the GCS under its job: the client that started the command watches from
+    there (`PlacementWatchdog(from_job=True)`) and learns both that the fit began and what it needs."""
+    if not elastic_min:
+        yield
+        return
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
+
+    key = _elastic_key(ray.get_runtime_context().get_job_id())
+    _internal_kv_put(key, json.dumps(elastic_min), namespace=_KV_NAMESPACE)
+    try:
+        yield
+    finally:
+        _internal_kv_del(key, namespace=_KV_NAMESPACE)
+
+
+def _announced_minimum(job: str) -> tuple[int, dict] | None:
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    value = _internal_kv_get(_elastic_key(job), namespace=_KV_NAMESPACE)
+    if not value:
+        return None
+    workers, per_worker = json.loads(value)
+    return workers, per_worker
 
 
 class PlacementWatchdog:
@@ -170,11 +205,13 @@ class PlacementWatchdog:
     block: Ray Train's handler acts on the first and exits at the third.
 
     An elastic run (`elastic_min`: its min workers and each one's resources) asks for no group until min workers
-    fit: there, no group of this job at all for the timeout is what a hang looks like."""
+    fit: there, no group of this job at all for the timeout is what a hang looks like. `from_job`: the job's
+    elastic fit runs elsewhere (a ray:// command's task) and announces its minimum while it runs (`announced`)."""
 
     def __init__(self, timeout_s: float, poll_s: float = 1.0, resend_s: float = 10.0,
-                 elastic_min: tuple[int, dict] | None = None):
+                 elastic_min: tuple[int, dict] | None = None, from_job: bool = False):
         self.elastic_min = elastic_min
+        self.from_job = from_job
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.resend_s = resend_s
@@ -205,6 +242,15 @@ class PlacementWatchdog:
                 self.error = repr(exc)
                 continue
             now = time.monotonic()
+            if self.from_job:
+                try:
+                    minimum = _announced_minimum(job)
+                except Exception as exc:
+                    self.error = repr(exc)
+                    continue
+                if minimum and not self.elastic_min:  # the elastic fit began: its clock starts now
+                    groupless_since = now
+                self.elastic_min = minimum
             if self.elastic_min:
                 if any(pg_id.endswith(job) and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
                        for pg_id, info in table.items()):

@@ -86,6 +86,50 @@ def test_watchdog_sees_through_a_pending_group_replaced_before_the_timeout(ray_c
             remove_placement_group(pg)
 
 
+@pytest.mark.reliability("fault", "an elastic fit that cannot reach its minimum, inside a ray:// command's task")
+def test_client_watchdog_explains_an_elastic_fit_announced_by_the_command(ray_cluster):
+    """A ray:// command runs as a task off its process's main thread, where no watchdog can interrupt it; the
+    client watches. An elastic fit waiting for its minimum asks for no group at all, so it announces itself under
+    the job: the client's clock starts when the fit begins (preprocessing longer than the timeout is no hang)."""
+    import threading
+
+    from cluster.local import _announced_minimum, fit_or_explain
+
+    release, returned = threading.Event(), []
+
+    class StillWaiting:  # Ray Train's elastic fit before min workers fit: no placement group
+        def fit(self):
+            release.wait(60)
+            return "fitted"
+
+    def command():  # what the task does: preprocess, then fit
+        time.sleep(3)
+        returned.append(fit_or_explain(StillWaiting(), 2, elastic_min=(2, {"CPU": 1.5})))
+
+    thread = threading.Thread(target=command)
+    started = time.monotonic()
+    thread.start()
+    try:
+        with python_sigint(), PlacementWatchdog(timeout_s=2, poll_s=0.2, from_job=True) as dog:
+            try:
+                while thread.is_alive():
+                    time.sleep(0.1)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        thread.join(30)
+    assert interrupted, (dog.message, dog.error)
+    assert 5 <= took < 20, took  # 3 s before the fit began + the 2 s timeout
+    assert dog.message.startswith("the elastic run could not start its workers within cluster.placement_timeout_s=2s"
+                                  ": it needs at least train.num_workers[0]=2 x 1.5 CPU, the cluster has 4 CPU"), dog.message
+    assert returned == ["fitted"]
+    job = ray_cluster.get_runtime_context().get_job_id()
+    assert _announced_minimum(job) is None  # gone with the fit: a client watching on sees no elastic fit
+
+
 def test_placement_timeout_waits_longer_for_an_autoscaler(monkeypatch):
     import cluster.local as local
     from cluster.local import placement_timeout

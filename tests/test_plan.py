@@ -30,15 +30,16 @@ def test_stages_without_an_estimator_use_the_same_bytes_per_parameter():
     # stage 2 here agrees with DeepSpeed's formula (2P + 18P/N) up to rounding
     dev, _ = model_states_bytes(P, LARGEST, 2, "none", 8, mixed=True)
     assert dev == 2 * P + int(18 * P / 8)
-    # fp32: weights + grads (8) and two moments (8); from stage 1 on DeepSpeed's own fp32 master copy (4) too
+    # fp32: weights + grads (8) and two moments (8); at stages 1 and 2 DeepSpeed's own fp32 master copy (4) too,
+    # at stage 3 the optimizer steps the fp32 parameter partition itself (trainers/deepspeed_fixes.py)
     assert model_states_bytes(P, LARGEST, 0, "none", 2, mixed=False) == (16 * P, 0)
     assert model_states_bytes(P, LARGEST, 2, "none", 2, mixed=False) == (4 * P + 4 * P // 2 + 12 * P // 2, 0)
-    assert model_states_bytes(P, LARGEST, 3, "none", 2, mixed=False) == (20 * P // 2 + 4 * LARGEST, 0)
-    # more sharding never needs more device memory
+    assert model_states_bytes(P, LARGEST, 3, "none", 2, mixed=False) == (16 * P // 2 + 4 * LARGEST, 0)
+    # more sharding never needs more device memory; ZeRO-3 at 2 workers about half of stage 0
     for mixed in (False, True):
         devs = [model_states_bytes(P, LARGEST, s, "none", 2, mixed=mixed)[0] for s in (0, 1, 2, 3)]
         assert devs == sorted(devs, reverse=True)
-    assert devs[3] <= 0.6 * devs[0]  # mixed precision, 2 workers
+        assert devs[3] <= 0.6 * devs[0]
 
 
 @pytest.mark.integration

@@ -41,6 +41,7 @@ def train_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
     from trainers.deepspeed_config import deepspeed_config, precision
+    from trainers.deepspeed_fixes import share_fp32_master_partitions
 
     # DeepSpeed still calls torch's deprecated all_gather_into_tensor path; the warning is not the user's.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -90,6 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     # grew or shrank) are converted to DeepSpeed's universal checkpoint and loaded as such
     universal = checkpoint is not None and saved_world != world and train.zero_stage > 0
     per_rank = -(-train.grad_accum * train.max_workers // world)  # micro-batches per rank per step (see deal())
+    share_fp32_master_partitions()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -58,8 +58,9 @@ def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str
                                                             cpu_offload=cpu_offload, cpu_offload_params=cpu_offload)
         return dev, cpu
     # bytes per parameter: working weights + their gradients, then what ZeRO shards from stage 1 on: fp32 master
-    # weights, fp32 gradients when mixed, and AdamW's two moments. DeepSpeed keeps its own fp32 master partition
-    # even when the working weights are fp32 (measured by bench/train.py), so fp32 shards 12 bytes, not 8.
+    # weights, fp32 gradients when mixed, and AdamW's two moments. ZeRO-1/2 keep their own fp32 master partition
+    # even when the working weights are fp32 (measured by bench/train.py), so fp32 shards 12 bytes there; ZeRO-3
+    # steps an fp32 parameter partition in place (trainers/deepspeed_fixes.py) unless the optimizer is offloaded.
     working = 4 if mixed else 8            # 16-bit weights + 16-bit grads, or fp32 weights + fp32 grads
     sharded = 16 if mixed else 12          # fp32 master weights (+ fp32 grads when mixed) + 2 moments
     offloaded = 16                         # on the CPU with offload: fp32 master weights, grads and 2 moments
@@ -75,7 +76,7 @@ def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str
     # stage 3, fp32: everything sharded; offload moves all of it to CPU but the layer being computed
     if cpu_offload:
         return 4 * largest_layer, int((working + sharded) * params * ADDITIONAL_BUFFER)
-    return (working + sharded) * params // world + 4 * largest_layer, 0
+    return (working + (sharded if mixed else 8)) * params // world + 4 * largest_layer, 0
 
 
 def shape_states_bytes(shape: dict, stage: int, offload: str, world: int, mixed: bool) -> tuple[int, int]:

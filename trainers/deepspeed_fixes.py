@@ -1,0 +1,35 @@
+"""A correction to the installed DeepSpeed (0.19), for a bug that costs memory, checked by tests/test_deepspeed_fixes.py.
+
+ZeRO-3 means to use a parameter partition that is already fp32, on the optimizer's device, as the optimizer's fp32
+master partition instead of copying it (`_create_fp32_partitions`: "we don't need another copy of the weights").
+Its test compares the partition's `torch.device` with the accelerator's device name, a string, which torch never
+finds equal: an fp32 ZeRO-3 run keeps two fp32 copies of its partition, 10 bytes per parameter and worker at 2
+workers instead of 8. Comparing with the device the string names gives what DeepSpeed intends; the optimizer then
+steps the partition the model gathers from, which holds the same numbers the copy-back held before.
+"""
+
+import functools
+
+import torch
+
+
+def share_fp32_master_partitions() -> None:
+    """Let ZeRO-3's test for an fp32 partition on its own device see it (idempotent; once per worker process)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    create = Stage3._create_fp32_partitions
+    if getattr(create, "zeray_fixed", False):
+        return
+
+    @functools.wraps(create)
+    def create_with_a_device(self):
+        named = self.device
+        if isinstance(named, str):
+            self.device = torch.device(named)
+        try:
+            create(self)
+        finally:
+            self.device = named
+
+    create_with_a_device.zeray_fixed = True
+    Stage3._create_fp32_partitions = create_with_a_device
