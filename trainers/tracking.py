@@ -11,6 +11,7 @@ ones): the config refuses a URI with a user or password in it, since it is writt
 import json
 import math
 import os
+import sys
 import time
 
 from ray.train.v2.api.callback import UserCallback
@@ -28,6 +29,11 @@ def _client(uri: str):
     except ImportError:
         raise UserError("train.mlflow_uri needs MLflow: pip install 'zeray[mlflow]' (or mlflow)") from None
     return MlflowClient(tracking_uri=uri)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 def start_mlflow_run(cfg, run_dir: str) -> str:
@@ -54,8 +60,7 @@ def start_mlflow_run(cfg, run_dir: str) -> str:
     except UserError:
         raise
     except Exception as exc:  # unreachable server, refused credentials, a bad URI
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"train.mlflow_uri={t.mlflow_uri}: {first[:300]}") from None
+        raise UserError(f"train.mlflow_uri={t.mlflow_uri}: {_first_line(exc)}") from None
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"run_id": run.info.run_id, "experiment_id": experiment_id}, f)
     return run.info.run_id
@@ -92,8 +97,13 @@ class Tracking:
         return self
 
     def __exit__(self, *exc):
-        if self.mlflow_run:
+        if not self.mlflow_run:
+            return
+        try:
             end_mlflow_run(self.mlflow_uri, self.mlflow_run, self.summary if exc[0] is None else None)
+        except Exception as error:  # the tracking server gone by the end: the run's own outcome stands
+            print(f"warning: train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({_first_line(error)}); "
+                  "the run's results are in its folder", file=sys.stderr, flush=True)
 
 
 class Trackers(UserCallback):

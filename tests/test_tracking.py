@@ -1,0 +1,39 @@
+"""trainers/tracking.py without a training run: what the MLflow side does when its server goes away."""
+
+import json
+import os
+
+import pytest
+
+from cluster.storage import run_store
+from conftest import write_config
+from trainers.tracking import MLFLOW_RUN_FILE, Tracking
+from zeray.config import load_config
+
+
+@pytest.mark.reliability("fault", "the MLflow tracking store gone when the run ends")
+@pytest.mark.parametrize("failed", [False, True])
+def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, tmp_path, capsys, failed):
+    db = tmp_path / "mlflow.db"
+    cfg = load_config(write_config(
+        tmp_path / "run.yaml", name="tracked", storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages"}, model={"name_or_path": artifacts["model"]},
+        train={"mlflow_uri": f"sqlite:///{db}", "mlflow_experiment": "tests"}))
+
+    def run():
+        with run_store(cfg.run_dir) as store, Tracking(cfg, store) as tracking:
+            assert json.load(open(os.path.join(cfg.run_dir, MLFLOW_RUN_FILE)))["run_id"] == tracking.mlflow_run
+            os.remove(db)  # the tracking store gone before the run is closed
+            if failed:
+                raise RuntimeError("the run's own error")
+            tracking.summary = {"steps": 4, "eval_loss": 1.5}
+            return tracking.mlflow_run
+
+    if failed:  # the run's error, not the tracker's, reaches the user
+        with pytest.raises(RuntimeError, match="the run's own error"):
+            run()
+    else:  # a finished run stays finished
+        run_id = run()
+        assert run_id
+    err = capsys.readouterr().err
+    assert "warning: train.mlflow_uri: could not close MLflow run" in err and "the run's results are in its folder" in err
