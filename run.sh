@@ -16,6 +16,8 @@ setup() {
   [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[test]'
+  # DeepSpeed's C++ ops compiled now (about a minute), not inside the first training run
+  .venv/bin/python -m trainers.deepspeed_ops
   rm -f .venv/.zeray-installed-*
   touch "$stamp"
 }
@@ -30,7 +32,7 @@ demo() {
 
 case "${1:-}" in
   demo) shift; setup; demo "$@" ;;
-  test) shift; setup; .venv/bin/python -m pytest "$@" ;;
+  test) shift; setup; .venv/bin/python -m pytest --durations=15 "$@" ;;
   reliability) shift; setup; .venv/bin/python -m pytest -m reliability --reliability-report=RELIABILITY.md "$@" ;;
   *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args] | ./run.sh reliability" >&2; exit 2 ;;
 esac

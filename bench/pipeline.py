@@ -48,9 +48,15 @@ def write_data(path: str, n: int, turns: int = 0, per_message: int = 1) -> None:
     if turns:
         utterances = [u for _, _, conv in conversations() for u in conv]
         step = turns * per_message
-        base = [to_messages([" ".join(utterances[(k * step + t * per_message + j) % len(utterances)]
-                                      for j in range(per_message)) for t in range(turns)])
-                for k in range(len(utterances) // step)]
+        base = [
+            to_messages(
+                [
+                    " ".join(utterances[(k * step + t * per_message + j) % len(utterances)] for j in range(per_message))
+                    for t in range(turns)
+                ]
+            )
+            for k in range(len(utterances) // step)
+        ]
     else:
         base = [to_messages(u) for _, _, u in conversations()]
     with open(path, "w", encoding="utf-8") as f:
@@ -74,7 +80,7 @@ def _encode(args) -> int:
     tokenizer = _load(model_dir).tokenizer
     total = 0
     for start in range(0, len(texts), 256):
-        batch = texts[start:start + 256]
+        batch = texts[start : start + 256]
         if rust:
             encoded = tokenizer.backend_tokenizer.encode_batch_fast(batch, add_special_tokens=False)
             total += sum(len(e.ids) for e in encoded)
@@ -112,8 +118,14 @@ def hf_datasets_map(model_dir: str, path: str, cpus: int, max_length: int) -> tu
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache)
-        ds = ds.map(_hf_tokenize, batched=True, batch_size=256, num_proc=cpus, remove_columns=ds.column_names,
-                    fn_kwargs=dict(model_dir=model_dir, max_length=max_length))
+        ds = ds.map(
+            _hf_tokenize,
+            batched=True,
+            batch_size=256,
+            num_proc=cpus,
+            remove_columns=ds.column_names,
+            fn_kwargs=dict(model_dir=model_dir, max_length=max_length),
+        )
         tokens = sum(len(ids) for ids in ds["input_ids"])
         return tokens, time.perf_counter() - started
 
@@ -142,8 +154,7 @@ def _hf_prepare(batch, model_dir: str, max_length: int, seed: int):
         if tok.problem in ("too_long", "template_error"):
             reject[i] = tok.problem
         input_ids[i], labels[i] = tok.input_ids, tok.labels
-    return {"reject": reject, "split": split, "key": key, "digest": digest, "input_ids": input_ids,
-            "labels": labels}
+    return {"reject": reject, "split": split, "key": key, "digest": digest, "input_ids": input_ids, "labels": labels}
 
 
 def hf_datasets(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[int, float]:
@@ -160,19 +171,37 @@ def hf_datasets(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[
     with tempfile.TemporaryDirectory() as cache:
         started = time.perf_counter()
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache)
-        ds = ds.map(_hf_prepare, batched=True, batch_size=256, num_proc=cpus, remove_columns=ds.column_names,
-                    fn_kwargs=dict(model_dir=model_dir, max_length=max_length, seed=seed))
+        ds = ds.map(
+            _hf_prepare,
+            batched=True,
+            batch_size=256,
+            num_proc=cpus,
+            remove_columns=ds.column_names,
+            fn_kwargs=dict(model_dir=model_dir, max_length=max_length, seed=seed),
+        )
         table = ds.data.table
-        kept = pd.Series(table.column("reject").to_numpy(zero_copy_only=False) == "") & \
-            ~pd.Series(table.column("digest").to_pylist()).duplicated()
+        kept = (
+            pd.Series(table.column("reject").to_numpy(zero_copy_only=False) == "")
+            & ~pd.Series(table.column("digest").to_pylist()).duplicated()
+        )
         keys, splits = table.column("key").to_numpy(), table.column("split").to_numpy(zero_copy_only=False)
         tokens = 0
         for split in ("train", "val", "test"):
             rows = np.flatnonzero(kept.to_numpy() & (splits == split))
             rows = rows[np.argsort(keys[rows], kind="stable")]
-            packed = ds.select(rows).select_columns(["input_ids", "labels", "key"]).with_format("arrow").map(
-                pack_batch, batched=True, batch_size=CHUNK_ROWS, num_proc=cpus, remove_columns=["key"],
-                fn_kwargs=dict(max_length=max_length, seed=seed))
+            packed = (
+                ds.select(rows)
+                .select_columns(["input_ids", "labels", "key"])
+                .with_format("arrow")
+                .map(
+                    pack_batch,
+                    batched=True,
+                    batch_size=CHUNK_ROWS,
+                    num_proc=cpus,
+                    remove_columns=["key"],
+                    fn_kwargs=dict(max_length=max_length, seed=seed),
+                )
+            )
             tokens += int(pc.sum(packed.data.table.column("num_tokens")).as_py() or 0)
         return tokens, time.perf_counter() - started
 
@@ -180,17 +209,20 @@ def hf_datasets(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[
 def zeray(model_dir: str, path: str, cpus: int, max_length: int) -> tuple[int, float, float]:
     import ray
 
-    from pipelines.config import DataConfig
-    from pipelines.dataset import build_splits
-
     from cluster.config import ClusterConfig
     from cluster.local import embedded_cpus, embedded_system_config
+    from pipelines.config import DataConfig
+    from pipelines.dataset import build_splits
 
     # the embedded Ray `zeray train` would start (2 training workers + the data share); the physical cores are
     # the machine's, which is what all three ways share
     num_cpus = embedded_cpus(ClusterConfig(), train_cpus=cpus)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="ERROR",
-             _system_config=embedded_system_config(num_cpus))
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level="ERROR",
+        _system_config=embedded_system_config(num_cpus),
+    )
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per execution
@@ -233,11 +265,18 @@ def run(profile: str, model_dir: str, root: str, cpus: int, conversations: int |
     print(f"{profile}: {n} conversations, {results['limit'][0] / n:.0f} tokens each, {cpus} cores")
     for name, (tokens, seconds) in results.items():
         print(f"  {name:9s} {tokens:>10d} tokens in {seconds:7.2f} s = {rate[name]:>10.0f} tokens/s")
-    print(f"  (zeray's first run in its Ray, as a fresh `zeray prep` runs, with worker processes starting: {cold:.2f} s)")
-    print(f"  zeray / limit    = {rate['zeray'] / rate['limit']:.2f}  (target >= 0.80; "
-          f"against encode_batch_fast {rate['zeray'] / rate['rust']:.2f})")
-    print(f"  zeray / datasets = {rate['zeray'] / rate['datasets']:.2f}  (target > 1.00; against its map of the "
-          f"per-record work alone {rate['zeray'] / rate['ds-map']:.2f})", flush=True)
+    print(
+        f"  (zeray's first run in its Ray, as a fresh `zeray prep` runs, with worker processes starting: {cold:.2f} s)"
+    )
+    print(
+        f"  zeray / limit    = {rate['zeray'] / rate['limit']:.2f}  (target >= 0.80; "
+        f"against encode_batch_fast {rate['zeray'] / rate['rust']:.2f})"
+    )
+    print(
+        f"  zeray / datasets = {rate['zeray'] / rate['datasets']:.2f}  (target > 1.00; against its map of the "
+        f"per-record work alone {rate['zeray'] / rate['ds-map']:.2f})",
+        flush=True,
+    )
 
 
 def main() -> None:

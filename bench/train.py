@@ -32,13 +32,25 @@ def zeray_tokens_per_s(root: str, data: str, model: str, steps: int) -> float:
 
     config = os.path.join(root, "bench.yaml")
     with open(config, "w") as f:
-        yaml.safe_dump({
-            "name": "bench", "storage": os.path.join(root, "runs"),
-            "data": {"train": data, "format": "messages", "max_length": 512},
-            "model": {"name_or_path": model},
-            "train": {"num_workers": 2, "max_steps": steps, "micro_batch_size": 1, "lr": 3e-3, "zero_stage": 2,
-                      "eval_every": 10_000, "checkpoint_every": 10_000, "log_every": 5},
-        }, f)
+        yaml.safe_dump(
+            {
+                "name": "bench",
+                "storage": os.path.join(root, "runs"),
+                "data": {"train": data, "format": "messages", "max_length": 512},
+                "model": {"name_or_path": model},
+                "train": {
+                    "num_workers": 2,
+                    "max_steps": steps,
+                    "micro_batch_size": 1,
+                    "lr": 3e-3,
+                    "zero_stage": 2,
+                    "eval_every": 10_000,
+                    "checkpoint_every": 10_000,
+                    "log_every": 5,
+                },
+            },
+            f,
+        )
     assert main(["train", config]) == 0
     with open(os.path.join(root, "runs", "bench", "summary.json")) as f:
         return json.load(f)["tokens_per_s"]  # steady windows: the first (start-up) is left out
@@ -52,8 +64,9 @@ def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
     from pipelines.dataset import build_splits
     from trainers.loop import Collate, forward, token_loss_sum
 
-    rows = build_splits(DataConfig(train=data, format="messages", max_length=512), model_dir,
-                        splits=("train",)).train.take_all()
+    rows = build_splits(
+        DataConfig(train=data, format="messages", max_length=512), model_dir, splits=("train",)
+    ).train.take_all()
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
@@ -63,8 +76,10 @@ def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
         if step == warmup:
             tokens, started = 0, time.perf_counter()
         picked = [rows[(2 * step + i) % len(rows)] for i in range(2)]
-        batch = collate({k: [r[k] for r in picked] for k in ("input_ids", "labels", "position_ids")}
-                        | {"num_tokens": torch.tensor([r["num_tokens"] for r in picked]).numpy()})
+        batch = collate(
+            {k: [r[k] for r in picked] for k in ("input_ids", "labels", "position_ids")}
+            | {"num_tokens": torch.tensor([r["num_tokens"] for r in picked]).numpy()}
+        )
         labels = batch["labels"]
         loss = token_loss_sum(forward(model, batch), labels) / max(int((labels[:, 1:] != -100).sum()), 1)
         loss.backward()
@@ -105,8 +120,11 @@ def memory_worker(config: dict) -> dict:
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
     train = TrainConfig(zero_stage=config["stage"], micro_batch_size=1, grad_clip=0.0)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                      config=deepspeed_config(train, 2, config["dtype"], model.config.hidden_size))
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=list(model.parameters()),
+        config=deepspeed_config(train, 2, config["dtype"], model.config.hidden_size),
+    )
     ids = torch.randint(0, model.config.vocab_size, (1, 64))
     engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
     engine.step()  # AdamW's moments exist from here on
@@ -124,9 +142,11 @@ def zero_memory(model_dir: str, dtype: str) -> dict[int, int]:
 
     out = {}
     for stage in (0, 1, 2, 3):
-        trainer = TorchTrainer(memory_worker,
-                               train_loop_config={"model": model_dir, "stage": stage, "dtype": dtype},
-                               scaling_config=ScalingConfig(num_workers=2))
+        trainer = TorchTrainer(
+            memory_worker,
+            train_loop_config={"model": model_dir, "stage": stage, "dtype": dtype},
+            scaling_config=ScalingConfig(num_workers=2),
+        )
         out[stage] = trainer.fit().return_value["bytes"]
     return out
 
@@ -163,10 +183,13 @@ def main() -> None:
     for dtype, stages in measured.items():
         print(f"model-state memory per worker, small model {small_shape['params'] / 1e6:.1f}M (2 workers, {dtype})")
         for stage, got in stages.items():
-            estimate = model_states_bytes(small_shape["params"], small_shape["largest_layer_params"], stage, "none",
-                                          2, mixed=dtype != "fp32")[0]
-            print(f"  ZeRO {stage}: {got / 2**20:8.1f} MiB   vs stage 0 {got / stages[0]:.2f}   "
-                  f"vs estimate {estimate / 2**20:7.1f} MiB = {got / estimate:.2f}")
+            estimate = model_states_bytes(
+                small_shape["params"], small_shape["largest_layer_params"], stage, "none", 2, mixed=dtype != "fp32"
+            )[0]
+            print(
+                f"  ZeRO {stage}: {got / 2**20:8.1f} MiB   vs stage 0 {got / stages[0]:.2f}   "
+                f"vs estimate {estimate / 2**20:7.1f} MiB = {got / estimate:.2f}"
+            )
         print(f"{dtype}: ZeRO 3 / ZeRO 0 = {stages[3] / stages[0]:.2f}  (target <= 0.60)")
 
 

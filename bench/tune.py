@@ -27,21 +27,43 @@ def campaign(root: str, data: str, model: str, scheduler: str, lrs: list[float],
 
     config = os.path.join(root, f"{scheduler}.yaml")
     with open(config, "w") as f:
-        yaml.safe_dump({
-            "name": scheduler, "storage": os.path.join(root, "runs"),
-            "data": {"train": data, "format": "messages", "max_length": 128},
-            "model": {"name_or_path": model},
-            "train": {"num_workers": 1, "max_steps": steps, "micro_batch_size": 8, "zero_stage": 2,
-                      "warmup_ratio": 0.0, "eval_every": 5, "checkpoint_every": steps, "log_every": 5},
-            "tune": {"search": "grid", "scheduler": scheduler, "grace_period": 5, "reduction_factor": rf,
-                     "space": {"train.lr": {"grid": lrs}}},
-        }, f)
+        yaml.safe_dump(
+            {
+                "name": scheduler,
+                "storage": os.path.join(root, "runs"),
+                "data": {"train": data, "format": "messages", "max_length": 128},
+                "model": {"name_or_path": model},
+                "train": {
+                    "num_workers": 1,
+                    "max_steps": steps,
+                    "micro_batch_size": 8,
+                    "zero_stage": 2,
+                    "warmup_ratio": 0.0,
+                    "eval_every": 5,
+                    "checkpoint_every": steps,
+                    "log_every": 5,
+                },
+                "tune": {
+                    "search": "grid",
+                    "scheduler": scheduler,
+                    "grace_period": 5,
+                    "reduction_factor": rf,
+                    "space": {"train.lr": {"grid": lrs}},
+                },
+            },
+            f,
+        )
     started = time.perf_counter()
     assert main(["tune", config]) == 0
     with open(os.path.join(root, "runs", scheduler, "tune", "best.json")) as f:
         best = json.load(f)
-    return {"steps": best["steps_trained"], "best": best["value"], "lr": best["config"]["train.lr"],
-            "wall_s": time.perf_counter() - started, "trials": best["trials"]}
+    return {
+        "steps": best["steps_trained"],
+        "best": best["value"],
+        "lr": best["config"]["train.lr"],
+        "wall_s": time.perf_counter() - started,
+        "trials": best["trials"],
+    }
 
 
 def main() -> None:
@@ -69,10 +91,15 @@ def main() -> None:
         asha = campaign(root, data, model, "asha", lrs, args.steps, args.reduction_factor)
     finally:
         ray.shutdown()
-    print(f"\n{args.trials} trials, learning rates {lrs}, up to {args.steps} steps each, ASHA reduction factor {args.reduction_factor}")
+    print(
+        f"\n{args.trials} trials, learning rates {lrs}, up to {args.steps} steps each, "
+        f"ASHA reduction factor {args.reduction_factor}"
+    )
     for name, r in (("fifo", fifo), ("asha", asha)):
-        print(f"{name}: {r['steps']} trial-steps, best eval_loss {r['best']:.4f} (lr {r['lr']:g}), "
-              f"{r['wall_s']:.0f}s wall, trials {r['trials']}")
+        print(
+            f"{name}: {r['steps']} trial-steps, best eval_loss {r['best']:.4f} (lr {r['lr']:g}), "
+            f"{r['wall_s']:.0f}s wall, trials {r['trials']}"
+        )
     print(f"compute: asha / fifo = {asha['steps'] / fifo['steps']:.2f} (target <= 0.5)")
     print(f"best: asha vs fifo = {(asha['best'] - fifo['best']) / fifo['best']:+.2%} (target within 2%)")
     print(f"wall: asha / fifo = {asha['wall_s'] / fifo['wall_s']:.2f}")

@@ -43,8 +43,11 @@ def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool
         # the task runs off its process's main thread, where the placement watchdog cannot interrupt it: watch
         # here (the task's placement groups are this job's, and an elastic fit announces itself under the job) and
         # cancel it with the explanation
-        watch = (PlacementWatchdog(placement_timeout(cfg.cluster), from_job=True) if watch_placement
-                 else contextlib.nullcontext())
+        watch = (
+            PlacementWatchdog(placement_timeout(cfg.cluster), from_job=True)
+            if watch_placement
+            else contextlib.nullcontext()
+        )
         try:
             with python_sigint(), watch:
                 code, error = ray.get(ref)
@@ -80,8 +83,12 @@ def _connect(address: str, env: dict, attempts: int = 4, pause_s: float = 5.0) -
         except ConnectionAbortedError as exc:
             if not any(sign in str(exc) for sign in _SERVER_DIED) or attempt == attempts:
                 raise
-            print(f"the cluster's client server did not start (attempt {attempt} of {attempts}); "
-                  f"again in {pause_s:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"the cluster's client server did not start (attempt {attempt} of {attempts}); "
+                f"again in {pause_s:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(pause_s)
 
 

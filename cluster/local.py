@@ -9,9 +9,9 @@ Ray gets the workers' CPUs plus `cluster.data_cpus` for the pipeline, however ma
 import json
 import math
 import os
+import signal
 import threading
 import time
-import signal
 from contextlib import contextmanager
 
 import ray
@@ -48,8 +48,14 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
         where = f"Ray cluster at {address}"
     else:
         num_cpus = embedded_cpus(cluster, train_cpus)
-        ray.init(num_cpus=num_cpus, dashboard_host=cluster.dashboard_host, log_to_driver=True,
-                 configure_logging=True, logging_level="WARNING", _system_config=embedded_system_config(num_cpus))
+        ray.init(
+            num_cpus=num_cpus,
+            dashboard_host=cluster.dashboard_host,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+            _system_config=embedded_system_config(num_cpus),
+        )
         where = f"embedded local Ray ({num_cpus} logical CPUs)"
     try:
         yield where
@@ -66,8 +72,10 @@ def cluster_address(cluster: ClusterConfig) -> str | None:
         return os.environ.get("RAY_ADDRESS") or "auto"
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
-        raise UserError(f"{address} is a Ray dashboard, where jobs are submitted: run there with "
-                        "`zeray submit CONFIG --address ...`, or drive from here with ray://<head>:10001")
+        raise UserError(
+            f"{address} is a Ray dashboard, where jobs are submitted: run there with "
+            "`zeray submit CONFIG --address ...`, or drive from here with ray://<head>:10001"
+        )
     return address
 
 
@@ -91,14 +99,28 @@ def describe_fit(workers: int, per_worker: dict[str, float], data_cpus: float, m
     """One line for `zeray plan`: the request, the cluster now and at the autoscaler's maximum, the verdict
     (`minimum`: of an elastic run's fewest workers)."""
     fit = resource_fit(workers, per_worker, data_cpus)
-    verdict = ("fits now" if fit["fits_now"] else "does not fit" if not fit["fits"]
-               else "fits once the autoscaler adds nodes" if fit["most"] else "fits only if the autoscaler adds nodes")
-    return (f"cluster: {'at its minimum ' if minimum else ''}the run needs {_fmt(fit['need'])} "
-            f"({workers} workers x {_fmt(per_worker)} + "
-            f"{data_cpus:g} CPU for Ray Data); the cluster has {_fmt(fit['now'])} now"
-            + (f", up to {_fmt(fit['most'])} with its autoscaler" if fit["most"]
-               else ", and an autoscaler that does not say how far it grows" if fit["most"] == {} else "")
-            + f": {verdict}")
+    verdict = (
+        "fits now"
+        if fit["fits_now"]
+        else "does not fit"
+        if not fit["fits"]
+        else "fits once the autoscaler adds nodes"
+        if fit["most"]
+        else "fits only if the autoscaler adds nodes"
+    )
+    return (
+        f"cluster: {'at its minimum ' if minimum else ''}the run needs {_fmt(fit['need'])} "
+        f"({workers} workers x {_fmt(per_worker)} + "
+        f"{data_cpus:g} CPU for Ray Data); the cluster has {_fmt(fit['now'])} now"
+        + (
+            f", up to {_fmt(fit['most'])} with its autoscaler"
+            if fit["most"]
+            else ", and an autoscaler that does not say how far it grows"
+            if fit["most"] == {}
+            else ""
+        )
+        + f": {verdict}"
+    )
 
 
 def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> None:
@@ -112,8 +134,10 @@ def check_fits(workers: int, per_worker: dict[str, float], data_cpus: float) -> 
         if need > have.get(name, 0.0) + 1e-9:
             raise UserError(
                 f"train.num_workers={workers} needs {_fmt({name: need})} "
-                f"({workers} x {_fmt(per_worker)}" + (f" + {data_cpus:g} CPU for Ray Data" if name == "CPU" else "")
-                + f") but the cluster has {_fmt(have)}" + (" at its autoscaler's maximum" if fit["most"] else "")
+                f"({workers} x {_fmt(per_worker)}"
+                + (f" + {data_cpus:g} CPU for Ray Data" if name == "CPU" else "")
+                + f") but the cluster has {_fmt(have)}"
+                + (" at its autoscaler's maximum" if fit["most"] else "")
                 + "; lower train.num_workers or train.cpus_per_worker, or raise cluster.num_cpus"
             )
 
@@ -208,8 +232,14 @@ class PlacementWatchdog:
     fit: there, no group of this job at all for the timeout is what a hang looks like. `from_job`: the job's
     elastic fit runs elsewhere (a ray:// command's task) and announces its minimum while it runs (`announced`)."""
 
-    def __init__(self, timeout_s: float, poll_s: float = 1.0, resend_s: float = 10.0,
-                 elastic_min: tuple[int, dict] | None = None, from_job: bool = False):
+    def __init__(
+        self,
+        timeout_s: float,
+        poll_s: float = 1.0,
+        resend_s: float = 10.0,
+        elastic_min: tuple[int, dict] | None = None,
+        from_job: bool = False,
+    ):
         self.elastic_min = elastic_min
         self.from_job = from_job
         self.timeout_s = timeout_s
@@ -252,14 +282,15 @@ class PlacementWatchdog:
                     groupless_since = now
                 self.elastic_min = minimum
             if self.elastic_min:
-                if any(pg_id.endswith(job) and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
-                       for pg_id, info in table.items()):
+                if any(
+                    pg_id.endswith(job) and info.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
+                    for pg_id, info in table.items()
+                ):
                     groupless_since = now
                 elif now - groupless_since > self.timeout_s:
                     self.message = self._explain_elastic()
                     break
-            pending = [info for pg_id, info in table.items()
-                       if info.get("state") == "PENDING" and pg_id.endswith(job)]
+            pending = [info for pg_id, info in table.items() if info.get("state") == "PENDING" and pg_id.endswith(job)]
             if pending:
                 last_pending = now
                 pending_since = pending_since or now
@@ -277,16 +308,20 @@ class PlacementWatchdog:
         workers, per_worker = self.elastic_min
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        return (f"the elastic run could not start its workers within cluster.placement_timeout_s={self.timeout_s:g}s: "
-                f"it needs at least train.num_workers[0]={workers} x {_fmt(per_worker)}, the cluster has "
-                f"{_fmt(have)} in total and {_fmt(free)} free")
+        return (
+            f"the elastic run could not start its workers within cluster.placement_timeout_s={self.timeout_s:g}s: "
+            f"it needs at least train.num_workers[0]={workers} x {_fmt(per_worker)}, the cluster has "
+            f"{_fmt(have)} in total and {_fmt(free)} free"
+        )
 
     def _explain(self, bundles: dict) -> str:
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
-        return (f"the training workers could not be placed within cluster.placement_timeout_s={self.timeout_s:g}s: "
-                f"asked for {_fmt(_sum_bundles(bundles))} in {len(bundles)} bundles, the cluster has {_fmt(have)} "
-                f"in total and {_fmt(free)} free")
+        return (
+            f"the training workers could not be placed within cluster.placement_timeout_s={self.timeout_s:g}s: "
+            f"asked for {_fmt(_sum_bundles(bundles))} in {len(bundles)} bundles, the cluster has {_fmt(have)} "
+            f"in total and {_fmt(free)} free"
+        )
 
 
 def capacity() -> dict[str, float]:

@@ -98,7 +98,8 @@ def check_storage(cfg) -> None:
         f"storage: {cfg.storage} is a path on this node, but the cluster has {where}: checkpoints, data and "
         "metrics written on the other nodes would land on their own disks. Point storage at an object store "
         "(s3://, gs://, abfs://) or at a directory every node mounts (and data.train, model.name_or_path there "
-        "too) and set cluster.shared_storage: true")
+        "too) and set cluster.shared_storage: true"
+    )
 
 
 def remove_orphaned_staging() -> None:

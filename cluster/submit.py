@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import time
+
 import tomllib
 
 from zeray.errors import UserError
@@ -21,8 +22,25 @@ from zeray.fs import is_uri
 # never uploaded: the environment, history, outputs, caches
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"]
 # never uploaded, and named when present so the user knows they stayed home
-SECRET_PATTERNS = [".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".netrc", ".npmrc", ".pypirc",
-                   ".aws", ".ssh", ".gcloud", "credentials*", "*credentials.json", "*.p12", "*.pfx", ".git-credentials"]
+SECRET_PATTERNS = [
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".npmrc",
+    ".pypirc",
+    ".aws",
+    ".ssh",
+    ".gcloud",
+    "credentials*",
+    "*credentials.json",
+    "*.p12",
+    "*.pfx",
+    ".git-credentials",
+]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -46,8 +64,12 @@ def secrets_in(root: str) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel = os.path.relpath(dirpath, root)
-        dirnames[:] = [d for d in dirnames if d not in (".venv", ".git", "runs", "__pycache__")
-                       and not _is_secret(d, os.path.normpath(os.path.join(rel, d)), found)]
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in (".venv", ".git", "runs", "__pycache__")
+            and not _is_secret(d, os.path.normpath(os.path.join(rel, d)), found)
+        ]
         for name in filenames:
             _is_secret(name, os.path.normpath(os.path.join(rel, name)), found)
     return sorted(found)
@@ -79,8 +101,16 @@ def dependencies(root: str) -> list[str]:
         return list(tomllib.load(f)["project"]["dependencies"])
 
 
-def submit(config_path: str, overrides: list[str], command: list[str], address: str | None, follow: bool,
-           install: bool, root: str | None = None, out=sys.stdout) -> int:
+def submit(
+    config_path: str,
+    overrides: list[str],
+    command: list[str],
+    address: str | None,
+    follow: bool,
+    install: bool,
+    root: str | None = None,
+    out=sys.stdout,
+) -> int:
     """Submit the job; print its id; with `follow`, stream its logs and return its exit status."""
     from zeray.config import load_config
 
@@ -89,22 +119,31 @@ def submit(config_path: str, overrides: list[str], command: list[str], address: 
     cfg = load_config(config_path, overrides, check_paths=False)
     rel_config = os.path.relpath(os.path.abspath(config_path), root)
     if rel_config.startswith("..") and not command:
-        raise UserError(f"{config_path} is outside the project {root} that the job gets as its working_dir; "
-                        "move it into the project or give the command after --")
+        raise UserError(
+            f"{config_path} is outside the project {root} that the job gets as its working_dir; "
+            "move it into the project or give the command after --"
+        )
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if not address:
-        raise UserError("zeray submit needs a cluster: give --address http://<head>:8265, set cluster.address in "
-                        f"{config_path}, or set RAY_ADDRESS")
+        raise UserError(
+            "zeray submit needs a cluster: give --address http://<head>:8265, set cluster.address in "
+            f"{config_path}, or set RAY_ADDRESS"
+        )
     if address.startswith("ray://"):
-        raise UserError(f"--address {address}: Ray Jobs are submitted to the dashboard, http://<head>:8265, "
-                        "not to the ray:// client port")
+        raise UserError(
+            f"--address {address}: Ray Jobs are submitted to the dashboard, http://<head>:8265, "
+            "not to the ray:// client port"
+        )
     client = _client(address)
     left_home = secrets_in(root)
     if left_home:
         print(f"not uploaded (look like secrets): {', '.join(left_home)}", file=out, flush=True)
     entrypoint = job_command(command, rel_config)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(root, cfg.storage, install),
-                               metadata={"zeray_config": rel_config, "zeray_run": cfg.name})
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env(root, cfg.storage, install),
+        metadata={"zeray_config": rel_config, "zeray_run": cfg.name},
+    )
     print(f"submitted job {job_id} to {address}: {entrypoint}", file=out, flush=True)
     if not follow:
         print(f"follow it with: ray job logs --address {address} --follow {job_id}", file=out, flush=True)
@@ -114,6 +153,7 @@ def submit(config_path: str, overrides: list[str], command: list[str], address: 
 
 def follow_job(client, job_id: str, out=sys.stdout) -> int:
     """Stream the job's logs until it ends; its exit status: the driver's exit code, 1 if it has none."""
+
     async def tail():
         async for lines in client.tail_job_logs(job_id):
             out.write(lines)
@@ -129,8 +169,11 @@ def follow_job(client, job_id: str, out=sys.stdout) -> int:
         time.sleep(0.5)
         info = client.get_job_info(job_id)
     status = str(info.status)
-    print(f"job {job_id} {status.lower()}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""),
-          file=out, flush=True)
+    print(
+        f"job {job_id} {status.lower()}" + (f": {info.message}" if status != "SUCCEEDED" and info.message else ""),
+        file=out,
+        flush=True,
+    )
     if status == "SUCCEEDED":
         return 0
     return info.driver_exit_code if info.driver_exit_code not in (None, 0) else 1
@@ -144,11 +187,15 @@ def _client(address: str):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as exc:
-        raise UserError(f"the cluster at {address} refused the token: {str(exc).splitlines()[0]} "
-                        "(Ray reads it from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") from None
+        raise UserError(
+            f"the cluster at {address} refused the token: {str(exc).splitlines()[0]} "
+            "(Ray reads it from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
+        ) from None
     except ConnectionError as exc:
-        raise UserError(f"no Ray dashboard answers at {address} ({exc}); is the cluster up, and is the address "
-                        "the dashboard's http://<head>:8265?") from None
+        raise UserError(
+            f"no Ray dashboard answers at {address} ({exc}); is the cluster up, and is the address "
+            "the dashboard's http://<head>:8265?"
+        ) from None
 
 
 def _use_token_if_present() -> None:

@@ -61,8 +61,10 @@ class ChatTokenizer:
         if self._encode is not None:
             return [(e.ids, EncodingPositions(e, len(text))) for text, e in zip(texts, self._encode(texts))]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [(ids, OffsetPositions([tuple(o) for o in offsets]))
-                for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])]
+        return [
+            (ids, OffsetPositions([tuple(o) for o in offsets]))
+            for ids, offsets in zip(enc["input_ids"], enc["offset_mapping"])
+        ]
 
     def render(self, turns: Sequence[dict[str, str]], loss_on: str = "assistant") -> Rendering:
         """Render with the chat template and locate what is trained: `assistant` replies, only the `last` reply,
@@ -98,8 +100,13 @@ class ChatTokenizer:
             spans.append((len(before), len(upto)))
         return spans
 
-    def tokenize_batch(self, conversations: list[list[dict[str, str]]], max_length: int,
-                       loss_on: str = "assistant", overlong: str = "truncate") -> list[Tokenized]:
+    def tokenize_batch(
+        self,
+        conversations: list[list[dict[str, str]]],
+        max_length: int,
+        loss_on: str = "assistant",
+        overlong: str = "truncate",
+    ) -> list[Tokenized]:
         """Token ids and labels (IGNORE outside loss spans) for a batch of conversations.
 
         A conversation longer than `max_length` tokens is, with `overlong: truncate`, cut after the last assistant
@@ -128,8 +135,15 @@ class ChatTokenizer:
                     ends = [at.ending_by(hi) for _, hi in r.replies]
                     fitting = [(k, reply) for k, reply in zip(ends, r.replies) if k <= max_length]
                     if not fitting:
-                        out.append(Tokenized([], [], "too_long", f"its first reply ends at token {ends[0]}, over "
-                                                                 f"data.max_length {max_length}; cannot cut at a turn"))
+                        out.append(
+                            Tokenized(
+                                [],
+                                [],
+                                "too_long",
+                                f"its first reply ends at token {ends[0]}, over "
+                                f"data.max_length {max_length}; cannot cut at a turn",
+                            )
+                        )
                         continue
                     keep, last_kept = fitting[-1]
                     if loss_on == "last":
@@ -207,14 +221,17 @@ def _compiled_template(tokenizer) -> Callable[[list[dict[str, Any]], bool], str]
 
         def render(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
             context = compiled.new_context(
-                {**constant, "messages": messages, "add_generation_prompt": add_generation_prompt}, shared=True)
+                {**constant, "messages": messages, "add_generation_prompt": add_generation_prompt}, shared=True
+            )
             return concat(compiled.root_render_func(context))
 
         compared = 0
         for messages in (_SAMPLE, _SAMPLE[1:]):
             try:  # some templates refuse a system turn
-                expected = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-                            for prompt in (False, True)]
+                expected = [
+                    tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+                    for prompt in (False, True)
+                ]
             except Exception:
                 continue
             if [render(messages, prompt) for prompt in (False, True)] != expected:
@@ -238,8 +255,9 @@ def _backend_encoder(tokenizer) -> Callable[[list[str]], list] | None:
         return backend.encode_batch(texts, add_special_tokens=False)
 
     got = encode(sample)
-    if [e.ids for e in got] != expected["input_ids"] or \
-            [e.offsets for e in got] != [[tuple(o) for o in x] for x in expected["offset_mapping"]]:
+    if [e.ids for e in got] != expected["input_ids"] or [e.offsets for e in got] != [
+        [tuple(o) for o in x] for x in expected["offset_mapping"]
+    ]:
         return None
     return encode
 
@@ -271,4 +289,3 @@ def check_tokenizer(tokenizer, name: str, loss_on: str = "assistant") -> None:
             raise TemplateError(f"{name}: {inner}") from None
         except Exception:
             raise TemplateError(f"{name}: its chat template fails on a plain conversation: {exc}") from None
-

@@ -51,14 +51,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {name_or_path}: {_first_line(exc)}") from None
+        raise UserError(
+            f"model.name_or_path: cannot load a tokenizer from {name_or_path}: {_first_line(exc)}"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = False,
-                 splits: tuple[str, ...] = SPLITS, wait_s: float | None = None) -> Splits:
+def build_splits(
+    data: DataConfig,
+    model_path: str,
+    trust_remote_code: bool = False,
+    splits: tuple[str, ...] = SPLITS,
+    wait_s: float | None = None,
+) -> Splits:
     """Read, parse, clean and tokenize every record once; then one sort by a seeded hash of the conversation
     deduplicates (copies sort next to each other) and orders every split; then pack the requested splits.
     Intermediate results live in Ray's object store (spilling to disk when large).
@@ -76,8 +83,12 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
             raise UserError(f"model.name_or_path: {exc}") from None
     # the actors get the tokenizer loaded here: unpickling it skips AutoTokenizer and the torch import that comes
     # with it (seconds per actor); one whose classes are the model's own code loads in each actor
-    tokenizer_args = dict(tokenizer=(model_path, True) if trust_remote_code else tokenizer,
-                          max_length=data.max_length, loss_on=data.loss_on, overlong=data.overlong)
+    tokenizer_args = dict(
+        tokenizer=(model_path, True) if trust_remote_code else tokenizer,
+        max_length=data.max_length,
+        loss_on=data.loss_on,
+        overlong=data.overlong,
+    )
     source = ray.data.read_datasource(RecordSource(files))
     if wait_s:
         # the stage that needs CPUs beside the training workers' (a pool of actors + read tasks): Ray Data's stall
@@ -85,13 +96,23 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
         source.context.execution_no_progress_timeout_s = wait_s
     actors = tokenizer_pool(data.tokenizer_actors)
     try:
-        tokenized = source.map_batches(
-            parse_batch, fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
-            batch_size=data.batch_size, batch_format="pyarrow",
-        ).map_batches(
-            Tokenizer, fn_constructor_kwargs=tokenizer_args, batch_size=data.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-        ).materialize()
+        tokenized = (
+            source.map_batches(
+                parse_batch,
+                fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
+                batch_size=data.batch_size,
+                batch_format="pyarrow",
+            )
+            .map_batches(
+                Tokenizer,
+                fn_constructor_kwargs=tokenizer_args,
+                batch_size=data.batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_cpus=1,
+            )
+            .materialize()
+        )
     except ExecutionTimeoutError:
         raise UserError(stalled(actors, wait_s or source.context.execution_no_progress_timeout_s)) from None
     # later stages and the training stream (idle while the workers evaluate) keep Ray Data's own patience
@@ -106,19 +127,23 @@ def build_splits(data: DataConfig, model_path: str, trust_remote_code: bool = Fa
     # every record goes through the sort (rejects too: no filtering pass before it), so the sorted records are
     # also the account of every record
     records = materialize_in_order(
-        tokenized
-        .sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
+        tokenized.sort(["key", "source", "line"], boundaries=_boundaries(_partitions(files)))
         # batch_size=None: one call per sorted block, which holds every copy of its conversations
         .map_batches(mark_duplicates, fn_kwargs=dict(dedup=data.dedup), batch_size=None, batch_format="pyarrow")
     )
     out = {split: None for split in SPLITS}
     for split in splits:
         rows = records.filter(expr=(col("reject") == "") & (col("split") == split)).select_columns(
-            ["input_ids", "labels", "num_tokens", "key"])
+            ["input_ids", "labels", "num_tokens", "key"]
+        )
         # per sorted block again, so the packing does not depend on how blocks arrive
         if data.packing:
-            rows = rows.map_batches(pack_batch, fn_kwargs=dict(max_length=data.max_length, seed=data.split.seed),
-                                    batch_size=None, batch_format="pyarrow")
+            rows = rows.map_batches(
+                pack_batch,
+                fn_kwargs=dict(max_length=data.max_length, seed=data.split.seed),
+                batch_size=None,
+                batch_format="pyarrow",
+            )
         else:
             rows = rows.map_batches(unpacked_batch, batch_size=None, batch_format="pyarrow")
         out[split] = materialize_in_order(rows)
@@ -136,8 +161,11 @@ def tokenizer_pool(setting: int | str) -> int:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         return min(most, os.cpu_count() or 1) if len(alive) <= 1 else most
     if setting > most:
-        print(f"data.tokenizer_actors={setting} capped to {most}: the cluster has {cpus} CPUs free and reading "
-              "and parsing need one", flush=True)
+        print(
+            f"data.tokenizer_actors={setting} capped to {most}: the cluster has {cpus} CPUs free and reading "
+            "and parsing need one",
+            flush=True,
+        )
         return most
     return setting
 
@@ -145,10 +173,12 @@ def tokenizer_pool(setting: int | str) -> int:
 def stalled(actors: int, wait_s: float) -> str:
     """Why preprocessing stopped: what it needs against what the cluster has and has free right now."""
     total, free = ray.cluster_resources().get("CPU", 0), ray.available_resources().get("CPU", 0)
-    return (f"data: preprocessing could not go on for {wait_s:g}s (cluster.placement_timeout_s): it needs 1 CPU "
-            f"to read and {actors} for its tokenizer actors (data.tokenizer_actors), and the cluster has {total:g} "
-            f"CPU in total, {free:g} free now; wait for the work holding them to finish, lower "
-            "data.tokenizer_actors, or add CPUs")
+    return (
+        f"data: preprocessing could not go on for {wait_s:g}s (cluster.placement_timeout_s): it needs 1 CPU "
+        f"to read and {actors} for its tokenizer actors (data.tokenizer_actors), and the cluster has {total:g} "
+        f"CPU in total, {free:g} free now; wait for the work holding them to finish, lower "
+        "data.tokenizer_actors, or add CPUs"
+    )
 
 
 def _partitions(files: list[str]) -> int:
@@ -193,7 +223,11 @@ def mark_duplicates(block: pa.Table, dedup: bool) -> pa.Table:
                 kept, run = {}, keys[i]
             first = kept.setdefault(conversations[i], i)
             if first != i:
-                reject[i], detail[i], split[i] = "duplicate", f"same conversation as {sources[first]}:{lines[first]}", ""
+                reject[i], detail[i], split[i] = (
+                    "duplicate",
+                    f"same conversation as {sources[first]}:{lines[first]}",
+                    "",
+                )
                 record[i] = conversations[i]
         for name, values in (("reject", reject), ("detail", detail), ("split", split), ("record", record)):
             block = block.set_column(block.schema.get_field_index(name), name, pa.array(values, pa.string()))
@@ -221,8 +255,10 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
             try:
                 conversation.encode("utf-8")
             except UnicodeEncodeError as exc:  # a lone surrogate escaped in the JSON ("\ud800"): not text
-                raise Reject("invalid_utf8", f"lone surrogate {exc.object[exc.start]!r} (escaped in the JSON) is "
-                                             "not valid Unicode") from None
+                raise Reject(
+                    "invalid_utf8",
+                    f"lone surrogate {exc.object[exc.start]!r} (escaped in the JSON) is not valid Unicode",
+                ) from None
             split = split_of(conversation, val, test, seed)
             key = order_key(conversation, seed)
         except Reject as rej:
@@ -234,16 +270,18 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
         conversations.append(conversation)
         originals.append(original)
         keys.append(key)
-    return pa.table({
-        "source": batch.column("source"),
-        "line": batch.column("line"),
-        "split": pa.array(splits, pa.string()),
-        "reject": pa.array(rejects, pa.string()),
-        "detail": pa.array(details, pa.string()),
-        "conversation": pa.array(conversations, pa.string()),
-        "record": pa.array(originals, pa.string()),
-        "key": pa.array(keys, pa.int64()),
-    })
+    return pa.table(
+        {
+            "source": batch.column("source"),
+            "line": batch.column("line"),
+            "split": pa.array(splits, pa.string()),
+            "reject": pa.array(rejects, pa.string()),
+            "detail": pa.array(details, pa.string()),
+            "conversation": pa.array(conversations, pa.string()),
+            "record": pa.array(originals, pa.string()),
+            "key": pa.array(keys, pa.int64()),
+        }
+    )
 
 
 def count_records(records: ray.data.Dataset) -> dict:
@@ -259,8 +297,12 @@ def count_records(records: ray.data.Dataset) -> dict:
         else:
             splits[row["split"]] += n
             truncated += n if row["truncated"] else 0
-    return {"records_in": sum(splits.values()) + sum(rejected.values()), "records": splits,
-            "rejected": dict(sorted(rejected.items())), "truncated": truncated}
+    return {
+        "records_in": sum(splits.values()) + sum(rejected.values()),
+        "records": splits,
+        "rejected": dict(sorted(rejected.items())),
+        "truncated": truncated,
+    }
 
 
 def split_of(conversation: str, val: float, test: float, seed: int) -> str:
@@ -303,8 +345,9 @@ class Tokenizer:
         record = batch.column("record").to_pylist()
         conversation = batch.column("conversation").to_pylist()
         todo = [i for i, r in enumerate(reject) if not r]
-        done = self.chat.tokenize_batch([json.loads(conversation[i]) for i in todo], self.max_length,
-                                        self.loss_on, self.overlong)
+        done = self.chat.tokenize_batch(
+            [json.loads(conversation[i]) for i in todo], self.max_length, self.loss_on, self.overlong
+        )
         n = batch.num_rows
         input_ids, labels, truncated = [[] for _ in range(n)], [[] for _ in range(n)], [False] * n
         for i, tok in zip(todo, done):
@@ -313,20 +356,22 @@ class Tokenizer:
                 continue
             input_ids[i], labels[i] = tok.input_ids, tok.labels
             truncated[i] = tok.problem == "truncated"
-        return pa.table({
-            "source": batch.column("source"),
-            "line": batch.column("line"),
-            "split": pa.array(split, pa.string()),
-            "reject": pa.array(reject, pa.string()),
-            "detail": pa.array(detail, pa.string()),
-            "record": pa.array(record, pa.string()),
-            "key": batch.column("key"),
-            "conversation": batch.column("conversation"),
-            "truncated": pa.array(truncated, pa.bool_()),
-            "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
-            "labels": pa.array(labels, pa.list_(pa.int32())),
-            "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
-        })
+        return pa.table(
+            {
+                "source": batch.column("source"),
+                "line": batch.column("line"),
+                "split": pa.array(split, pa.string()),
+                "reject": pa.array(reject, pa.string()),
+                "detail": pa.array(detail, pa.string()),
+                "record": pa.array(record, pa.string()),
+                "key": batch.column("key"),
+                "conversation": batch.column("conversation"),
+                "truncated": pa.array(truncated, pa.bool_()),
+                "input_ids": pa.array(input_ids, pa.list_(pa.int32())),
+                "labels": pa.array(labels, pa.list_(pa.int32())),
+                "num_tokens": pa.array([len(ids) for ids in input_ids], pa.int32()),
+            }
+        )
 
 
 def detect_file_format(files: list[str], probe_lines: int = 100) -> str:
@@ -343,8 +388,10 @@ def detect_file_format(files: list[str], probe_lines: int = 100) -> str:
         if seen:
             break
     if not seen:
-        raise UserError(f"data.format: auto found no record it recognises in {files[0]}; "
-                        f"set data.format to one of {', '.join(FORMATS)}")
+        raise UserError(
+            f"data.format: auto found no record it recognises in {files[0]}; "
+            f"set data.format to one of {', '.join(FORMATS)}"
+        )
     fmt = max(seen, key=seen.get)
     print(f"data.format auto: detected {fmt} from {files[0]}")
     return fmt

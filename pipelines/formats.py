@@ -73,8 +73,14 @@ def clean_text(text: str) -> str:
     return CONTROL.sub("", unicodedata.normalize("NFC", text))
 
 
-def _turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str],
-           alternate: tuple[str, str] | None = None) -> list[dict[str, str]]:
+def _turns(
+    record: dict,
+    key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    alternate: tuple[str, str] | None = None,
+) -> list[dict[str, str]]:
     items = record.get(key)
     if isinstance(items, str) and items.lstrip().startswith("["):  # a CSV cell holding the list as JSON
         try:

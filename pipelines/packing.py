@@ -54,9 +54,9 @@ def pack_batch(batch: pa.Table, max_length: int, seed: int) -> pa.Table:
     order: list[int] = []  # input rows in the order their tokens are laid out
     sizes: list[int] = []  # input rows per packed row
     for start in range(0, len(lengths), CHUNK_ROWS):
-        chunk = lengths[start:start + CHUNK_ROWS].tolist()
+        chunk = lengths[start : start + CHUNK_ROWS].tolist()
         bins = pack_lengths(chunk, max_length)
-        random.Random(seed ^ int(keys[start:start + len(chunk)].min())).shuffle(bins)
+        random.Random(seed ^ int(keys[start : start + len(chunk)].min())).shuffle(bins)
         for members in bins:
             order.extend(start + j for j in members)
             sizes.append(len(members))
@@ -70,12 +70,14 @@ def pack_batch(batch: pa.Table, max_length: int, seed: int) -> pa.Table:
     position = np.arange(len(ids), dtype=np.int32) - np.repeat(row_starts, row_lengths).astype(np.int32)
     # each packed row ends where its last member ends
     offsets = np.concatenate([[0], row_ends[np.cumsum(sizes, dtype=np.int64) - 1]]).astype(np.int32)
-    return pa.table({
-        "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
-        "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32())),
-        "position_ids": pa.ListArray.from_arrays(offsets, pa.array(position, pa.int32())),
-        "num_tokens": pa.array(np.diff(offsets), pa.int32()),
-    })
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels, pa.int32())),
+            "position_ids": pa.ListArray.from_arrays(offsets, pa.array(position, pa.int32())),
+            "num_tokens": pa.array(np.diff(offsets), pa.int32()),
+        }
+    )
 
 
 def unpacked_batch(batch: pa.Table) -> pa.Table:
@@ -84,13 +86,16 @@ def unpacked_batch(batch: pa.Table) -> pa.Table:
     offsets = ids.offsets.to_numpy()
     lengths = np.diff(offsets)
     position = np.arange(offsets[-1] - offsets[0], dtype=np.int32) - np.repeat(offsets[:-1] - offsets[0], lengths)
-    return pa.table({
-        "input_ids": batch.column("input_ids"),
-        "labels": batch.column("labels"),
-        "position_ids": pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()),
-                                                 pa.array(position, pa.int32())),
-        "num_tokens": batch.column("num_tokens"),
-    })
+    return pa.table(
+        {
+            "input_ids": batch.column("input_ids"),
+            "labels": batch.column("labels"),
+            "position_ids": pa.ListArray.from_arrays(
+                pa.array(offsets - offsets[0], pa.int32()), pa.array(position, pa.int32())
+            ),
+            "num_tokens": batch.column("num_tokens"),
+        }
+    )
 
 
 def _lists(batch: pa.Table, name: str) -> pa.ListArray:

@@ -28,8 +28,9 @@ REJECTS = "rejects.jsonl"
 HISTOGRAM_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 1 << 20]
 
 
-def prepare(data: DataConfig, model_path: str, out_dir: str, trust_remote_code: bool = False,
-            wait_s: float | None = None) -> dict:
+def prepare(
+    data: DataConfig, model_path: str, out_dir: str, trust_remote_code: bool = False, wait_s: float | None = None
+) -> dict:
     """Write `out_dir/{train,val,test}/*.parquet`, `rejects.jsonl` and `report.json` (`out_dir`: a path or a URI);
     returns the report. `wait_s`: how long the pipeline may wait for CPUs before it explains and stops."""
     splits = build_splits(data, model_path, trust_remote_code, wait_s=wait_s)
@@ -96,12 +97,25 @@ def _alive(pid: int) -> bool:
 def write_rejects(splits: Splits, fs, path: str) -> None:
     """One JSON line per rejected record: source, line, reason, detail, and the original text to fix."""
     rejects = splits.records.filter(expr=col("reject") != "").select_columns(
-        ["source", "line", "reject", "detail", "record"])
+        ["source", "line", "reject", "detail", "record"]
+    )
     with fs.open_output_stream(path) as f:
         for row in rejects.iter_rows():
-            f.write((json.dumps({"source": row["source"], "line": row["line"], "reason": row["reject"],
-                                 "detail": row["detail"], "record": row["record"]}, ensure_ascii=False)
-                     + "\n").encode())
+            f.write(
+                (
+                    json.dumps(
+                        {
+                            "source": row["source"],
+                            "line": row["line"],
+                            "reason": row["reject"],
+                            "detail": row["detail"],
+                            "record": row["record"],
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                ).encode()
+            )
 
 
 def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path: str) -> dict:
@@ -130,9 +144,11 @@ def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path:
     rejected = sum(counts["rejected"].values())
     lines = _count_lines(fs, f"{out_dir}/{REJECTS}")
     if counts["records_in"] != records_out + rejected or lines != rejected or tokens != expected_tokens:
-        raise RuntimeError(f"accounting failed: {counts['records_in']} records in, {records_out} out + {rejected} "
-                           f"rejected ({lines} lines in {REJECTS}); tokens written {tokens}, expected "
-                           f"{expected_tokens}; nothing was written in place")
+        raise RuntimeError(
+            f"accounting failed: {counts['records_in']} records in, {records_out} out + {rejected} "
+            f"rejected ({lines} lines in {REJECTS}); tokens written {tokens}, expected "
+            f"{expected_tokens}; nothing was written in place"
+        )
     return {
         "records_in": counts["records_in"],
         "records_out": records_out,
@@ -143,15 +159,19 @@ def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path:
         "tokens": tokens,
         "packing": data.packing,
         # real tokens per slot of max_length: how full the packed sequences are (padding is the rest)
-        "packing_efficiency": {s: round(tokens[s] / (rows[s] * data.max_length), 4) if rows[s] else None
-                               for s in SPLITS},
+        "packing_efficiency": {
+            s: round(tokens[s] / (rows[s] * data.max_length), 4) if rows[s] else None for s in SPLITS
+        },
         "format": splits.format,
         "files": splits.files,
         "max_length": data.max_length,
         "split": data.split.model_dump(),
         "model": model_path,
-        "length_histogram": {f"{lo + 1}-{hi}": int(n) for lo, hi, n in
-                             zip(HISTOGRAM_EDGES[:-1], HISTOGRAM_EDGES[1:], histogram) if lo < data.max_length},
+        "length_histogram": {
+            f"{lo + 1}-{hi}": int(n)
+            for lo, hi, n in zip(HISTOGRAM_EDGES[:-1], HISTOGRAM_EDGES[1:], histogram)
+            if lo < data.max_length
+        },
     }
 
 
@@ -164,8 +184,9 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
         raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
     report = json.loads(read_bytes(fs, f"{root}/{REPORT}"))
     if "packing" not in report:
-        raise UserError(f"data.prepared: {path} was written by an older zeray (no packing fields); "
-                        "run `zeray prep` again")
+        raise UserError(
+            f"data.prepared: {path} was written by an older zeray (no packing fields); run `zeray prep` again"
+        )
     datasets = {}
     for split in SPLITS:
         ds = _read_split(fs, root, split, columns=list(ROW_COLUMNS))
@@ -178,11 +199,16 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
 def summary_line(report: dict) -> str:
     rej = ", ".join(f"{k} {v}" for k, v in report["rejected"].items()) or "none"
     records, rows, tokens = report["records"], report["rows"], report["tokens"]
-    packed = (f", packing efficiency {report['packing_efficiency']['train']:.0%}"
-              if report["packing"] and rows["train"] else "")
-    return (f"{report['records_in']} records in -> {report['records_out']} out (train {records['train']} / val "
-            f"{records['val']} / test {records['test']}), rejected: {rej}; truncated {report['truncated']}; "
-            f"train {rows['train']} rows, {tokens['train']} tokens{packed}")
+    packed = (
+        f", packing efficiency {report['packing_efficiency']['train']:.0%}"
+        if report["packing"] and rows["train"]
+        else ""
+    )
+    return (
+        f"{report['records_in']} records in -> {report['records_out']} out (train {records['train']} / val "
+        f"{records['val']} / test {records['test']}), rejected: {rej}; truncated {report['truncated']}; "
+        f"train {rows['train']} rows, {tokens['train']} tokens{packed}"
+    )
 
 
 def _read_split(fs, root: str, split: str, columns: list[str]):

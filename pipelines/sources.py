@@ -35,20 +35,26 @@ def resolve_files(spec: str, announce: bool = True) -> list[str]:
     elif os.path.isdir(spec):
         if is_hf_dataset(spec):
             return hf_dataset_files(spec, announce)
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                       if name.endswith(SUFFIXES))
+        files = sorted(
+            os.path.join(root, name) for root, _, names in os.walk(spec) for name in names if name.endswith(SUFFIXES)
+        )
     elif os.path.isfile(spec):
         files = [spec]
     else:
-        raise UserError(f"data.train: {spec} does not exist (give a file, a glob, a directory or a saved "
-                        "Hugging Face dataset)")
+        raise UserError(
+            f"data.train: {spec} does not exist (give a file, a glob, a directory or a saved Hugging Face dataset)"
+        )
     if not files:
-        raise UserError(f"data.train: no data files found at {spec} (valid: {', '.join(BASE_SUFFIXES)}, "
-                        "optionally .gz/.zst, or a saved Hugging Face dataset directory)")
+        raise UserError(
+            f"data.train: no data files found at {spec} (valid: {', '.join(BASE_SUFFIXES)}, "
+            "optionally .gz/.zst, or a saved Hugging Face dataset directory)"
+        )
     for path in files:
         if not path.endswith(SUFFIXES):
-            raise UserError(f"data.train: {path} is not a supported file type "
-                            f"(valid: {', '.join(BASE_SUFFIXES)}, optionally .gz/.zst)")
+            raise UserError(
+                f"data.train: {path} is not a supported file type "
+                f"(valid: {', '.join(BASE_SUFFIXES)}, optionally .gz/.zst)"
+            )
     return files
 
 
@@ -63,18 +69,24 @@ def hf_dataset_files(path: str, announce: bool = True) -> list[str]:
     try:
         loaded = datasets.load_from_disk(path)
     except Exception as exc:
-        raise UserError(f"data.train: {path} looks like a saved Hugging Face dataset but cannot be loaded: "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UserError(
+            f"data.train: {path} looks like a saved Hugging Face dataset but cannot be loaded: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise UserError(f"data.train: the Hugging Face DatasetDict at {path} has no `train` split "
-                            f"(it has {', '.join(loaded)}); point data.train at one split's folder")
+            raise UserError(
+                f"data.train: the Hugging Face DatasetDict at {path} has no `train` split "
+                f"(it has {', '.join(loaded)}); point data.train at one split's folder"
+            )
         if announce:
             print(f"data.train: using the `train` split of the Hugging Face DatasetDict at {path}")
         loaded = loaded["train"]
     if loaded._indices is not None:  # a filtered/shuffled view: its Arrow files would not be the rows it shows
-        raise UserError(f"data.train: the Hugging Face dataset at {path} is an index view; save it with "
-                        "`dataset.flatten_indices().save_to_disk(...)`")
+        raise UserError(
+            f"data.train: the Hugging Face dataset at {path} is an index view; save it with "
+            "`dataset.flatten_indices().save_to_disk(...)`"
+        )
     return [entry["filename"] for entry in loaded.cache_files]
 
 
@@ -100,8 +112,9 @@ def read_records(f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
     try:
         yield from _records(f, path)
     except (OSError, pa.ArrowException, csv.Error, EOFError) as exc:
-        raise UserError(f"data.train: {path} cannot be read ({type(exc).__name__}: {exc}); repair or remove "
-                        "it") from None
+        raise UserError(
+            f"data.train: {path} cannot be read ({type(exc).__name__}: {exc}); repair or remove it"
+        ) from None
 
 
 def _records(f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
@@ -172,7 +185,7 @@ def _json_list(f, path: str) -> Iterator[pa.Table]:
     if not isinstance(records, list):
         records = [records]
     for start in range(0, len(records), ROWS_PER_BLOCK):
-        chunk = records[start:start + ROWS_PER_BLOCK]
+        chunk = records[start : start + ROWS_PER_BLOCK]
         yield _block(path, list(range(start + 1, start + 1 + len(chunk))), [_dump(r) for r in chunk])
 
 
@@ -186,8 +199,11 @@ def _csv(f, path: str) -> Iterator[pa.Table]:
     start = 2  # line 1 is the header
     for row in reader:
         numbers.append(start)
-        lines.append(json.dumps({k: ("" if v is None else v) for k, v in row.items() if k is not None},
-                                ensure_ascii=False).encode("utf-8", "surrogateescape"))
+        lines.append(
+            json.dumps(
+                {k: ("" if v is None else v) for k, v in row.items() if k is not None}, ensure_ascii=False
+            ).encode("utf-8", "surrogateescape")
+        )
         start = reader.line_num + 1  # a quoted cell may span lines: the next record starts after this one
         if len(lines) >= ROWS_PER_BLOCK:
             yield _block(path, numbers, lines)
@@ -220,9 +236,10 @@ def _dump(record) -> bytes:
 
 
 def _block(path: str, numbers: list[int], lines: list[bytes]) -> pa.Table:
-    return pa.table({
-        "source": pa.array([path] * len(lines), pa.string()),
-        "line": pa.array(numbers, pa.int64()),
-        "raw": pa.array(lines, pa.binary()),
-    })
-
+    return pa.table(
+        {
+            "source": pa.array([path] * len(lines), pa.string()),
+            "line": pa.array(numbers, pa.int64()),
+            "raw": pa.array(lines, pa.binary()),
+        }
+    )

@@ -1,11 +1,10 @@
 """Shared fixtures: the demo data and a tiny model built once, and one local Ray for the whole session."""
 
 import os
+from contextlib import contextmanager
 
 import pytest
-
-from reliability_report import (pytest_addoption, pytest_configure, pytest_runtest_makereport,  # noqa: F401
-                                pytest_sessionfinish)
+from reliability_report import pytest_addoption, pytest_configure, pytest_runtest_makereport, pytest_sessionfinish  # noqa: F401
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,19 +39,46 @@ def ray_cluster():
 
     # with its dashboard (on localhost) and settings, as `zeray` starts it: Ray Train's placement-group cleaner watches
     # controllers through the state API it serves, and a Tune trial stopped early leaves its workers' group to it
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="WARNING",
-             configure_logging=True, _system_config=embedded_system_config(4))
+    ray.init(
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level="WARNING",
+        configure_logging=True,
+        _system_config=embedded_system_config(4),
+    )
     yield ray
     ray.shutdown()
 
 
+# Ray Train's own report pace (its controller takes one report per 2 s) instead of zeray's 0.1 s, for a run that a
+# test strikes at a logged step, or trials that must overlap: at zeray's pace the tiny test model's whole run takes a
+# few seconds, so a fault aimed at step N would land past the end, and a PBT trial could finish before its rival has
+# started. Only the run that is struck needs it (its reference runs go at full speed): exactness after the fault
+# does not depend on the pace.
+PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
+
+
+@contextmanager
+def paced():
+    """The in-process runs inside the block report at Ray Train's own pace (see PACED)."""
+    before = {key: os.environ.get(key) for key in PACED}
+    os.environ.update(PACED)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture
-def paced_reports(monkeypatch):
-    """Ray Train's own report pace (its controller takes one report per 2 s) instead of zeray's 0.1 s, for tests
-    that strike a run at a logged step, or need trials that overlap: at zeray's pace the tiny test model's whole
-    run takes a few seconds, so a fault aimed at step N would land past the end, and a PBT trial could finish
-    before its rival has started. Exactness after the fault does not depend on the pace."""
-    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")
+def paced_reports():
+    """The whole test's runs at Ray Train's own pace (see PACED)."""
+    with paced():
+        yield
 
 
 SECRETS = {  # credentials users keep in their environment, with distinctive values: finding one is a leak

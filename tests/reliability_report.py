@@ -20,13 +20,17 @@ OUTCOME = {
 
 
 def pytest_addoption(parser):
-    parser.addoption("--reliability-report", metavar="PATH",
-                     help="write the table of faults and bad inputs tried by tests marked `reliability` to PATH")
+    parser.addoption(
+        "--reliability-report",
+        metavar="PATH",
+        help="write the table of faults and bad inputs tried by tests marked `reliability` to PATH",
+    )
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "reliability(kind, what): a fault or bad input inflicted on zeray, reported "
-                                       "in RELIABILITY.md")
+    config.addinivalue_line(
+        "markers", "reliability(kind, what): a fault or bad input inflicted on zeray, reported in RELIABILITY.md"
+    )
     config._reliability_rows = {}
 
 
@@ -55,8 +59,13 @@ def pytest_runtest_makereport(item, call):
         outcome = "not run (skipped)"
     else:
         outcome = OUTCOME[kind]
-    rows[item.nodeid] = {"kind": kind, "what": what, "runs": runs(item), "outcome": outcome,
-                         "seconds": rows.get(item.nodeid, {}).get("seconds", 0.0) + report.duration}
+    rows[item.nodeid] = {
+        "kind": kind,
+        "what": what,
+        "runs": runs(item),
+        "outcome": outcome,
+        "seconds": rows.get(item.nodeid, {}).get("seconds", 0.0) + report.duration,
+    }
 
 
 def pytest_sessionfinish(session):
@@ -65,8 +74,12 @@ def pytest_sessionfinish(session):
     if not path or not rows:
         return
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=session.config.rootpath).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=session.config.rootpath
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         commit = "unknown"
     ordered = sorted(rows.items(), key=lambda kv: (kv[1]["kind"] != "fault", kv[0]))
@@ -85,7 +98,8 @@ def pytest_sessionfinish(session):
         "|---|---|---:|---|---|---:|",
     ]
     for nodeid, row in ordered:
-        lines.append(f"| {row['kind']} | {row['what']} | {row['runs']} | {row['outcome']} | `{nodeid}` | "
-                     f"{row['seconds']:.0f} |")
+        lines.append(
+            f"| {row['kind']} | {row['what']} | {row['runs']} | {row['outcome']} | `{nodeid}` | {row['seconds']:.0f} |"
+        )
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,7 +1,8 @@
 """Chat-template rendering and loss masking, checked token by token on the project's own tiny model."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.chat import IGNORE, ChatTokenizer, OffsetPositions, TemplateError, check_tokenizer
 
@@ -16,7 +17,7 @@ CONV = [
 
 def pieces(tokenizer, ids, labels):
     """(token text, has loss) pairs."""
-    return [(tokenizer.decode([i]), l != IGNORE) for i, l in zip(ids, labels)]
+    return [(tokenizer.decode([i]), label != IGNORE) for i, label in zip(ids, labels)]
 
 
 def one(tokenizer, conv, **kwargs):
@@ -31,10 +32,12 @@ def test_loss_only_on_assistant_replies_and_their_end_marker(tokenizer):
     trained = "".join(text for text, on in got if on)
     assert trained == "Hello! 你好<|end|>\nGoodbye.<|end|>\n"
     untrained = "".join(text for text, on in got if not on)
-    assert untrained == ("<|begin|><|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n"
-                         "<|user|>\nBye<|end|>\n<|assistant|>\n")
+    assert untrained == (
+        "<|begin|><|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\n"
+        "<|user|>\nBye<|end|>\n<|assistant|>\n"
+    )
     # labels are the token ids themselves where trained
-    assert all(l == i for i, l in zip(ids, labels) if l != IGNORE)
+    assert all(label == i for i, label in zip(ids, labels) if label != IGNORE)
 
 
 def test_loss_on_all_tokens(tokenizer):
@@ -71,8 +74,10 @@ def test_overlong_conversation_whose_first_reply_does_not_fit_is_rejected(tokeni
     first_reply = one(tokenizer, CONV[:3])[0]
     out = ChatTokenizer(tokenizer).tokenize_batch([CONV], max_length=len(first_reply) - 1)[0]
     assert (out.problem, out.input_ids, out.labels) == ("too_long", [], [])
-    assert out.detail == (f"its first reply ends at token {len(first_reply)}, over data.max_length "
-                          f"{len(first_reply) - 1}; cannot cut at a turn")
+    assert out.detail == (
+        f"its first reply ends at token {len(first_reply)}, over data.max_length "
+        f"{len(first_reply) - 1}; cannot cut at a turn"
+    )
 
 
 def test_overlong_reject_mode_and_text_truncation(tokenizer):
@@ -106,17 +111,27 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=30).filter(str.strip),
-                          st.text(min_size=1, max_size=30).filter(str.strip)), min_size=1, max_size=4))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=30).filter(str.strip), st.text(min_size=1, max_size=30).filter(str.strip)
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
 def test_masking_property(tokenizer, turns):
     """For any conversation, the trained tokens decode to exactly the replies, each with its end marker."""
     from pipelines.formats import clean_text
 
     conv = []
     for question, answer in turns:
-        conv += [{"role": "user", "content": clean_text(question)}, {"role": "assistant", "content": clean_text(answer)}]
+        conv += [
+            {"role": "user", "content": clean_text(question)},
+            {"role": "assistant", "content": clean_text(answer)},
+        ]
     ids, labels = one(tokenizer, conv, max_length=4096)
-    trained = [i for i, l in zip(ids, labels) if l != IGNORE]
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE]
     expected = "".join(m["content"] + "<|end|>\n" for m in conv if m["role"] == "assistant")
     assert tokenizer.decode(trained) == expected
 
@@ -135,8 +150,9 @@ def test_compiled_template_and_rust_backend_give_what_transformers_gives(tokeniz
     assert text == tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=prompt)
     texts = [text, contents[0]]
     expected = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    for (ids, at), t, want_ids, offsets in zip(chat.encode(texts), texts, expected["input_ids"],
-                                               expected["offset_mapping"]):
+    for (ids, at), t, want_ids, offsets in zip(
+        chat.encode(texts), texts, expected["input_ids"], expected["offset_mapping"]
+    ):
         assert ids == want_ids
         # token positions asked of the Rust encoding agree with the offsets transformers gives, at every character
         want = OffsetPositions([tuple(o) for o in offsets])
@@ -146,9 +162,11 @@ def test_compiled_template_and_rust_backend_give_what_transformers_gives(tokeniz
 
 
 # the guard Mistral's and Llama 2's templates open with (Gemma's refuses a system turn the same way)
-ALTERNATING = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-               "{% endif %}{% endfor %}")
+ALTERNATING = (
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% endfor %}"
+)
 
 
 def test_a_conversation_the_template_refuses_is_that_conversation_s_problem_only(tokenizer):
@@ -162,8 +180,9 @@ def test_a_conversation_the_template_refuses_is_that_conversation_s_problem_only
     twice = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "again"}, CONV[2]]
     out = chat.tokenize_batch([fine[0], twice, CONV, fine[1]], max_length=512)
     assert [t.problem for t in out] == ["", "template_error", "template_error", ""]
-    assert out[1].detail == ("the model's chat template refused it: Conversation roles must alternate "
-                             "user/assistant/user/assistant/...")
+    assert out[1].detail == (
+        "the model's chat template refused it: Conversation roles must alternate user/assistant/user/assistant/..."
+    )
     assert out[1].input_ids == out[1].labels == []
     expected = ChatTokenizer(tokenizer).tokenize_batch(fine, max_length=512)
     assert [(t.input_ids, t.labels) for t in (out[0], out[3])] == [(t.input_ids, t.labels) for t in expected]

@@ -10,8 +10,6 @@ from cluster.config import ClusterConfig
 from cluster.local import PlacementWatchdog, check_fits, embedded_cpus, python_sigint
 from zeray.errors import UserError
 
-pytestmark = pytest.mark.integration
-
 
 def test_embedded_ray_leaves_room_for_the_data_pipeline():
     assert embedded_cpus(ClusterConfig(), train_cpus=2) >= 4
@@ -19,6 +17,7 @@ def test_embedded_ray_leaves_room_for_the_data_pipeline():
     assert embedded_cpus(ClusterConfig(num_cpus=6), train_cpus=2) == 6
 
 
+@pytest.mark.integration
 @pytest.mark.reliability("bad input", "more workers than the cluster can ever hold")
 def test_too_many_workers_is_a_clear_error(ray_cluster):
     with pytest.raises(UserError) as err:
@@ -28,6 +27,7 @@ def test_too_many_workers_is_a_clear_error(ray_cluster):
     check_fits(2, {"CPU": 1.0}, data_cpus=2)  # the session's own sizing fits
 
 
+@pytest.mark.integration
 @pytest.mark.reliability("bad input", "GPUs asked of a CPU-only cluster")
 def test_gpu_request_on_cpu_cluster(ray_cluster):
     with pytest.raises(UserError, match="needs 2 GPU .* the cluster has 4 CPU"):
@@ -49,6 +49,7 @@ def interrupted_by_watchdog(timeout_s: float, wait) -> PlacementWatchdog:
     return dog
 
 
+@pytest.mark.integration
 @pytest.mark.reliability("fault", "a placement group that can never be placed, under the watchdog")
 def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -63,6 +64,7 @@ def test_watchdog_interrupts_a_pending_placement_and_explains(ray_cluster):
         remove_placement_group(pg)
 
 
+@pytest.mark.integration
 @pytest.mark.reliability("fault", "a worker group that cannot be placed, asked for again and again (Ray Train's retry)")
 def test_watchdog_sees_through_a_pending_group_replaced_before_the_timeout(ray_cluster):
     """Ray Train gives up on a worker group after 60 s and asks for a new one at once: no single group stays
@@ -86,6 +88,7 @@ def test_watchdog_sees_through_a_pending_group_replaced_before_the_timeout(ray_c
             remove_placement_group(pg)
 
 
+@pytest.mark.integration
 @pytest.mark.reliability("fault", "an elastic fit that cannot reach its minimum, inside a ray:// command's task")
 def test_client_watchdog_explains_an_elastic_fit_announced_by_the_command(ray_cluster):
     """A ray:// command runs as a task off its process's main thread, where no watchdog can interrupt it; the
@@ -123,8 +126,10 @@ def test_client_watchdog_explains_an_elastic_fit_announced_by_the_command(ray_cl
         thread.join(30)
     assert interrupted, (dog.message, dog.error)
     assert 5 <= took < 20, took  # 3 s before the fit began + the 2 s timeout
-    assert dog.message.startswith("the elastic run could not start its workers within cluster.placement_timeout_s=2s"
-                                  ": it needs at least train.num_workers[0]=2 x 1.5 CPU, the cluster has 4 CPU"), dog.message
+    assert dog.message.startswith(
+        "the elastic run could not start its workers within cluster.placement_timeout_s=2s"
+        ": it needs at least train.num_workers[0]=2 x 1.5 CPU, the cluster has 4 CPU"
+    ), dog.message
     assert returned == ["fitted"]
     job = ray_cluster.get_runtime_context().get_job_id()
     assert _announced_minimum(job) is None  # gone with the fit: a client watching on sees no elastic fit
@@ -143,16 +148,17 @@ def test_placement_timeout_waits_longer_for_an_autoscaler(monkeypatch):
     assert placement_timeout(ClusterConfig(placement_timeout_s=30)) == 30
 
 
-
 def pending_run(tmp_path, artifacts, held_cpus: float, **train) -> tuple[int, float]:
     """The real command on the session's 4-CPU Ray while another job holds `held_cpus` of them."""
+    from conftest import write_config
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from conftest import write_config
     from zeray.cli import main
 
     config = write_config(
-        tmp_path / "pending.yaml", name="pending", storage=str(tmp_path / "runs"),
+        tmp_path / "pending.yaml",
+        name="pending",
+        storage=str(tmp_path / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "max_steps": 4, "micro_batch_size": 8, "zero_stage": 0, **train},
@@ -179,9 +185,10 @@ def own_output(err: str) -> str:
     return "\n".join(line for line in err.splitlines() if not re.search(r"^\S*\(TrainController pid=\d+\)", line))
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.reliability("fault", "`zeray train` whose workers cannot be placed (another job holds the CPUs)")
-def test_train_whose_workers_cannot_be_placed_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path,
-                                                                           capsys):
+def test_train_whose_workers_cannot_be_placed_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path, capsys):
     handler = signal.getsignal(signal.SIGINT)
     capsys.readouterr()
     # 2 x 1.5 CPU + 1 for Ray Data fit the cluster on paper; with 2 CPUs held, the data pipeline runs (1 actor +
@@ -196,27 +203,37 @@ def test_train_whose_workers_cannot_be_placed_exits_2_with_the_explanation(ray_c
     # leaves its own handler behind)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.reliability("fault", "an elastic `zeray train` whose minimum of workers cannot be placed")
-def test_an_elastic_run_that_cannot_reach_its_minimum_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path,
-                                                                                  capsys):
+def test_an_elastic_run_that_cannot_reach_its_minimum_exits_2_with_the_explanation(
+    ray_cluster, artifacts, tmp_path, capsys
+):
     capsys.readouterr()
     code, took = pending_run(tmp_path, artifacts, held_cpus=2, num_workers=[2, 3], cpus_per_worker=1.5)
     err = capsys.readouterr().err
     assert code == 2 and took < 120, (code, took, err)
     # Ray Train's elastic policy asks for what the cluster's nodes hold (2 workers here), which stays pending
-    assert re.search(r"could not be placed within cluster.placement_timeout_s=5s: asked for 3 CPU in 2 bundles"
-                     r"|the elastic run could not start its workers within cluster.placement_timeout_s=5s"
-                     # (an earlier test's aborted controller may still hold CPUs: the pipeline is starved first)
-                     r"|data: preprocessing could not go on for 5s \(cluster.placement_timeout_s\)", err), err
+    assert re.search(
+        r"could not be placed within cluster.placement_timeout_s=5s: asked for 3 CPU in 2 bundles"
+        r"|the elastic run could not start its workers within cluster.placement_timeout_s=5s"
+        # (an earlier test's aborted controller may still hold CPUs: the pipeline is starved first)
+        r"|data: preprocessing could not go on for 5s \(cluster.placement_timeout_s\)",
+        err,
+    ), err
     assert "Traceback" not in own_output(err), err[-3000:]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.reliability("fault", "preprocessing starved of CPUs by another job")
 def test_data_pipeline_starved_of_cpus_exits_2_with_the_explanation(ray_cluster, artifacts, tmp_path, capsys):
     capsys.readouterr()
     code, took = pending_run(tmp_path, artifacts, held_cpus=3)  # 1 CPU left: its tokenizer actor or its reads
     err = capsys.readouterr().err
     assert code == 2 and took < 120, (code, took, err)
-    assert ("data: preprocessing could not go on for 5s (cluster.placement_timeout_s): it needs 1 CPU to read and "
-            "1 for its tokenizer actors (data.tokenizer_actors), and the cluster has 4 CPU in total") in err, err
+    assert (
+        "data: preprocessing could not go on for 5s (cluster.placement_timeout_s): it needs 1 CPU to read and "
+        "1 for its tokenizer actors (data.tokenizer_actors), and the cluster has 4 CPU in total"
+    ) in err, err
     assert "Traceback" not in own_output(err), err[-3000:]

@@ -55,21 +55,27 @@ def test_launcher_configs_validate_against_rays_schema(name):
 
 
 def _kuberay_autoscaling(cluster_spec: dict, name: str) -> dict:
-    return _derive_autoscaling_config_from_ray_cr({"metadata": {"name": name, "namespace": "default"},
-                                                   "spec": cluster_spec})
+    return _derive_autoscaling_config_from_ray_cr(
+        {"metadata": {"name": name, "namespace": "default"}, "spec": cluster_spec}
+    )
 
 
 def _pvc_claims(cluster_spec: dict) -> set[str]:
     groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
-    return {v["persistentVolumeClaim"]["claimName"] for g in groups for v in g["template"]["spec"]["volumes"]
-            if "persistentVolumeClaim" in v}
+    return {
+        v["persistentVolumeClaim"]["claimName"]
+        for g in groups
+        for v in g["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
 
 
 @pytest.mark.parametrize("manifest", ["raycluster.yaml", "rayjob.yaml"])
 def test_kuberay_manifests_are_autoscaling_gpu_clusters_with_token_auth(manifest):
     doc = _load("kuberay", manifest)
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == ("RayCluster" if manifest == "raycluster.yaml"
-                                                                else "RayJob")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == (
+        "RayCluster" if manifest == "raycluster.yaml" else "RayJob"
+    )
     spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == ray.__version__ and spec["authOptions"] == {"mode": "token"}
     assert spec["enableInTreeAutoscaling"] is True
@@ -90,8 +96,7 @@ def test_kuberay_manifests_are_autoscaling_gpu_clusters_with_token_auth(manifest
     claim = _load("kuberay", "storage.yaml")
     assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert _pvc_claims(spec) == {claim["metadata"]["name"]}
-    mounts = {m["mountPath"] for g in groups for c in g["template"]["spec"]["containers"]
-              for m in c["volumeMounts"]}
+    mounts = {m["mountPath"] for g in groups for c in g["template"]["spec"]["containers"] for m in c["volumeMounts"]}
     assert "/mnt/zeray" in mounts and "/dev/shm" in mounts
 
 

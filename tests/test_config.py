@@ -3,16 +3,21 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, write_config
+
 from zeray.config import load_config, parse_value
 from zeray.errors import UserError
 
 
 @pytest.fixture
 def config(tmp_path, artifacts):
-    return write_config(tmp_path / "run.yaml", name="t", data={"train": artifacts["data"]},
-                        model={"name_or_path": artifacts["model"]}, train={"lr": 1.0e-3})
+    return write_config(
+        tmp_path / "run.yaml",
+        name="t",
+        data={"train": artifacts["data"]},
+        model={"name_or_path": artifacts["model"]},
+        train={"lr": 1.0e-3},
+    )
 
 
 def test_demo_config_is_valid_as_shipped():
@@ -39,23 +44,28 @@ def test_unknown_key_names_key_file_and_suggestion(config):
 
 def test_unknown_key_in_file(tmp_path, artifacts):
     path = write_config(tmp_path / "bad.yaml", data={"train": artifacts["data"], "max_lenght": 10})
-    with pytest.raises(UserError, match=r"unknown key data.max_lenght in .*bad.yaml \(did you mean data.max_length\?\)"):
+    with pytest.raises(
+        UserError, match=r"unknown key data.max_lenght in .*bad.yaml \(did you mean data.max_length\?\)"
+    ):
         load_config(path)
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.lr=abc", "invalid value for train.lr"),
-    ("train.zero_stage=4", "invalid value for train.zero_stage"),
-    ("train.num_workers=0", "invalid value for train.num_workers"),
-    ("data.split.val=1.5", "invalid value for data.split.val"),
-    ("data.format=xml", "invalid value for data.format"),
-    ("model.trust_remote_code=maybe", "invalid value for model.trust_remote_code"),
-    ("train.offload=gpu", "invalid value for train.offload"),
-    ("data.overlong=drop", "invalid value for data.overlong"),
-    # a union says each way to be valid, under the key's own name
-    ("data.tokenizer_actors=0", "invalid value for data.tokenizer_actors in"),
-    ("data.tokenizer_actors=0", "greater than or equal to 1 or Input should be 'auto' (got 0)"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr=abc", "invalid value for train.lr"),
+        ("train.zero_stage=4", "invalid value for train.zero_stage"),
+        ("train.num_workers=0", "invalid value for train.num_workers"),
+        ("data.split.val=1.5", "invalid value for data.split.val"),
+        ("data.format=xml", "invalid value for data.format"),
+        ("model.trust_remote_code=maybe", "invalid value for model.trust_remote_code"),
+        ("train.offload=gpu", "invalid value for train.offload"),
+        ("data.overlong=drop", "invalid value for data.overlong"),
+        # a union says each way to be valid, under the key's own name
+        ("data.tokenizer_actors=0", "invalid value for data.tokenizer_actors in"),
+        ("data.tokenizer_actors=0", "greater than or equal to 1 or Input should be 'auto' (got 0)"),
+    ],
+)
 def test_bad_values_are_one_line_errors(config, override, needle):
     with pytest.raises(UserError) as err:
         load_config(config, [override])
@@ -105,8 +115,13 @@ def test_parse_value():
 
 def test_cli_exits_2_with_one_line_naming_the_key():
     """The acceptance check, through the real entry point in a fresh process (no Ray is started)."""
-    proc = subprocess.run([sys.executable, "-m", "zeray", "train", "configs/demo.yaml", "train.lrr=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zeray", "train", "configs/demo.yaml", "train.lrr=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

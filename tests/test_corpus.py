@@ -5,7 +5,10 @@ from pipelines.corpus import to_messages, write_demo_data
 
 def test_turns_alternate_user_assistant():
     assert to_messages(["a", "b", "c"]) == [
-        {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ]
 
 
 def test_demo_data_has_english_and_chinese_conversations(tmp_path):
@@ -23,7 +26,8 @@ def test_yaml_scalars_stay_text_and_short_conversations_are_skipped(tmp_path, mo
 
     (tmp_path / "english").mkdir()
     (tmp_path / "english" / "t.yml").write_text(
-        "conversations:\n- - Are you a robot?\n  - Yes\n- - alone\n- - 1.50\n  - 'on'\n  - off\n")
+        "conversations:\n- - Are you a robot?\n  - Yes\n- - alone\n- - 1.50\n  - 'on'\n  - off\n"
+    )
     monkeypatch.setattr(corpus, "corpus_dir", lambda: str(tmp_path))
     got = [u for _, _, u in corpus.conversations(("english",))]
     assert got == [["Are you a robot?", "Yes"], ["1.50", "on", "off"]]

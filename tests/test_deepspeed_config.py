@@ -14,10 +14,17 @@ def build(user, **train):
 
 
 def test_users_extra_settings_and_overridable_defaults_are_kept():
-    user = {"zero_optimization": {"overlap_comm": False, "contiguous_gradients": True, "stage": 3,
-                                  "reduce_bucket_size": 123},
-            "activation_checkpointing": {"partition_activations": True}, "steps_per_print": 5,
-            "train_batch_size": 8}  # equal to zeray's: allowed
+    user = {
+        "zero_optimization": {
+            "overlap_comm": False,
+            "contiguous_gradients": True,
+            "stage": 3,
+            "reduce_bucket_size": 123,
+        },
+        "activation_checkpointing": {"partition_activations": True},
+        "steps_per_print": 5,
+        "train_batch_size": 8,
+    }  # equal to zeray's: allowed
     merged = build(user, zero_stage=3, micro_batch_size=4)
     assert merged["zero_optimization"]["overlap_comm"] is False
     assert merged["zero_optimization"]["reduce_bucket_size"] == 123  # the user's, over zeray's default
@@ -27,13 +34,19 @@ def test_users_extra_settings_and_overridable_defaults_are_kept():
     assert merged["train_batch_size"] == 8 and merged["train_micro_batch_size_per_gpu"] == 4
 
 
-@pytest.mark.parametrize("user, needle", [
-    ({"train_batch_size": 64}, "sets train_batch_size=64 but zeray sets 8 from train.micro_batch_size x "
-                               "train.grad_accum x train.num_workers"),
-    ({"zero_optimization": {"stage": 3}}, "sets zero_optimization.stage=3 but zeray sets 2 from train.zero_stage"),
-    ({"bf16": {"enabled": True}}, "sets bf16.enabled=true but zeray sets false from model.dtype"),
-    ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, "sets optimizer="),
-])
+@pytest.mark.parametrize(
+    "user, needle",
+    [
+        (
+            {"train_batch_size": 64},
+            "sets train_batch_size=64 but zeray sets 8 from train.micro_batch_size x "
+            "train.grad_accum x train.num_workers",
+        ),
+        ({"zero_optimization": {"stage": 3}}, "sets zero_optimization.stage=3 but zeray sets 2 from train.zero_stage"),
+        ({"bf16": {"enabled": True}}, "sets bf16.enabled=true but zeray sets false from model.dtype"),
+        ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, "sets optimizer="),
+    ],
+)
 def test_contradictions_name_the_setting_and_the_zeray_key(user, needle):
     with pytest.raises(UserError) as err:
         build(user, micro_batch_size=4)

@@ -44,10 +44,23 @@ print(json.dumps({"shared": shared, "losses": losses}))
 
 
 def _train(model: str, fixed: bool, out: str) -> dict:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-               WORLD_SIZE="1", PYTHONPATH=REPO)
-    done = subprocess.run([sys.executable, "-c", STEPS, model, "fixed" if fixed else "as-is", out], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        PYTHONPATH=REPO,
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", STEPS, model, "fixed" if fixed else "as-is", out],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

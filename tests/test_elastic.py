@@ -55,6 +55,7 @@ def test_fewer_workers_accumulate_more_micro_batches_for_the_same_global_batch()
 
 def test_worker_ranges_are_validated_and_an_equal_range_is_a_fixed_run(tmp_path):
     from conftest import write_config
+
     from zeray.config import load_config
 
     config = write_config(tmp_path / "c.yaml", train={"num_workers": [2, 2]})
@@ -69,9 +70,14 @@ def test_worker_ranges_are_validated_and_an_equal_range_is_a_fixed_run(tmp_path)
 
 def test_a_campaign_refuses_an_elastic_range(artifacts, tmp_path, capsys):
     from conftest import write_config
+
     from zeray.cli import main
 
-    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
-                          model={"name_or_path": artifacts["model"]}, train={"num_workers": [1, 2]})
+    config = write_config(
+        tmp_path / "c.yaml",
+        data={"train": artifacts["data"]},
+        model={"name_or_path": artifacts["model"]},
+        train={"num_workers": [1, 2]},
+    )
     assert main(["tune", config]) == 2
     assert "error: train.num_workers: a campaign runs trials side by side" in capsys.readouterr().err

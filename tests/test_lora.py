@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-
 from conftest import write_config
+
 from zeray.cli import main
 
 pytestmark = pytest.mark.integration
@@ -18,12 +18,23 @@ TARGETS = ("q_proj", "v_proj")
 
 def lora_config(root, name, artifacts, **train):
     return write_config(
-        root / f"{name}.yaml", name=name, storage=str(root / "runs"),
+        root / f"{name}.yaml",
+        name=name,
+        storage=str(root / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
-        model={"name_or_path": artifacts["model"],
-               "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": list(TARGETS)}},
-        train={"num_workers": 2, "micro_batch_size": 8, "lr": 2.0e-2, "warmup_ratio": 0.0, "eval_every": 1000,
-               "log_every": 2, **train},
+        model={
+            "name_or_path": artifacts["model"],
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": list(TARGETS)},
+        },
+        train={
+            "num_workers": 2,
+            "micro_batch_size": 8,
+            "lr": 2.0e-2,
+            "warmup_ratio": 0.0,
+            "eval_every": 1000,
+            "log_every": 2,
+            **train,
+        },
     )
 
 
@@ -35,6 +46,7 @@ def logits(model_dir: str) -> torch.Tensor:
         return model(input_ids=torch.arange(3, 40)[None]).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluster, artifacts, tmp_path, stage):
     from safetensors.torch import load_file
@@ -54,12 +66,26 @@ def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluste
 
     # the same checkpoint exported as adapters alone (consolidated from its DeepSpeed files, not the loop's
     # export): loaded on the base it names, it computes what the merged model computes
-    assert main(["export", str(run), "--checkpoint", summary["checkpoint"], "--out", str(tmp_path / "adapter"),
-                 "--lora", "adapter"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run),
+                "--checkpoint",
+                summary["checkpoint"],
+                "--out",
+                str(tmp_path / "adapter"),
+                "--lora",
+                "adapter",
+            ]
+        )
+        == 0
+    )
     adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == artifacts["model"] and adapter_config["r"] == 4
     assert sorted(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))) == sorted(
-        f"base_model.model.{k[:-len('.weight')]}.lora_{ab}.weight" for k in changed for ab in "AB")
+        f"base_model.model.{k[: -len('.weight')]}.lora_{ab}.weight" for k in changed for ab in "AB"
+    )
     assert torch.allclose(logits(str(tmp_path / "adapter")), logits(str(run / "model")), atol=1e-5)
 
     # an earlier checkpoint, merged from its DeepSpeed files: the base kept, the adapters of step 3 in
@@ -70,19 +96,25 @@ def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluste
     assert all(not torch.equal(step3[k], merged[k]) for k in changed)
 
 
-@pytest.mark.reliability("fault", "a worker of a LoRA run (ZeRO-3, adapter dropout) SIGKILLed at step 10 or later of 16")
-def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path, capsys, paced_reports):
+@pytest.mark.slow
+@pytest.mark.reliability(
+    "fault", "a worker of a LoRA run (ZeRO-3, adapter dropout) SIGKILLed at step 10 or later of 16"
+)
+def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path, capsys):
     """Adapter dropout draws random numbers every step: a run resumed from its checkpoint must draw the same ones
     as the run that wrote it (each rank reseeds at every checkpoint), or the weights would differ."""
+    from conftest import paced
     from test_resume import assert_same_run, kill_workers_at, logged_steps
 
     train = dict(zero_stage=3, max_steps=16, checkpoint_every=4, max_failures=2)
     assert main(["train", lora_config(tmp_path, "straight", artifacts, **train)]) == 0
     done: list = []
-    killer = threading.Thread(target=kill_workers_at, daemon=True,
-                              args=(str(tmp_path / "runs" / "killed"), [10], done, random.Random(0)))
+    killer = threading.Thread(
+        target=kill_workers_at, daemon=True, args=(str(tmp_path / "runs" / "killed"), [10], done, random.Random(0))
+    )
     killer.start()
-    assert main(["train", lora_config(tmp_path, "killed", artifacts, **train)]) == 0
+    with paced():
+        assert main(["train", lora_config(tmp_path, "killed", artifacts, **train)]) == 0
     killer.join(timeout=5)
     assert len(done) == 1 and done[0][0] < 16, done
     straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs" / "killed"
@@ -97,4 +129,4 @@ def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluste
     assert main(["eval", str(tmp_path / "killed.yaml"), "--model", str(tmp_path / "adapter")]) == 0
     out = capsys.readouterr().out
     summary = json.loads((killed / "summary.json").read_text())
-    assert json.loads(out[out.index("{"):])["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
+    assert json.loads(out[out.index("{") :])["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)

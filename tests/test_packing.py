@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.chat import IGNORE
 from pipelines.packing import CHUNK_ROWS, pack_batch, pack_lengths, unpacked_batch
@@ -30,12 +31,14 @@ def test_row_longer_than_max_length_is_refused():
 
 
 def table(rows):
-    return pa.table({
-        "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
-        "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
-        "num_tokens": pa.array([len(r[0]) for r in rows], pa.int32()),
-        "key": pa.array([r[2] for r in rows], pa.int64()),
-    })
+    return pa.table(
+        {
+            "input_ids": pa.array([r[0] for r in rows], pa.list_(pa.int32())),
+            "labels": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
+            "num_tokens": pa.array([len(r[0]) for r in rows], pa.int32()),
+            "key": pa.array([r[2] for r in rows], pa.int64()),
+        }
+    )
 
 
 def test_packed_rows_restart_positions_and_mask_each_first_token():
@@ -52,15 +55,17 @@ def test_packed_rows_restart_positions_and_mask_each_first_token():
     assert by_len[10]["position_ids"] == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]
     # a's first token is not predicted from c's last: its label is IGNORE; the rest is as it was
     assert by_len[10]["labels"] == [IGNORE, IGNORE, 10, 11, 12, 13, IGNORE, 2, 3, 4]
-    assert by_len[3] == {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "position_ids": [0, 1, 2],
-                         "num_tokens": 3}
+    assert by_len[3] == {"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7], "position_ids": [0, 1, 2], "num_tokens": 3}
     # deterministic: the same rows give the same sequences in the same order
     assert pack_batch(table([a, b, c]), max_length=10, seed=1).to_pylist() == out
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=40), min_size=0, max_size=60),
-       st.integers(40, 100), st.integers(0, 5))
+@given(
+    st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=40), min_size=0, max_size=60),
+    st.integers(40, 100),
+    st.integers(0, 5),
+)
 def test_packing_lays_out_each_bin_row_by_row(rows, max_length, slice_from):
     """Any rows (also a slice of a larger block, or none): each packed row is its bin's conversations one after
     another, labels as given but the first of each, positions from 0 for each."""
@@ -69,7 +74,7 @@ def test_packing_lays_out_each_bin_row_by_row(rows, max_length, slice_from):
     out = pack_batch(block, max_length=max_length, seed=3).to_pylist()
     expected = []
     for start in range(0, len(rows), CHUNK_ROWS):
-        chunk = rows[start:start + CHUNK_ROWS]
+        chunk = rows[start : start + CHUNK_ROWS]
         bins = pack_lengths([len(r[0]) for r in chunk], max_length)
         random.Random(3 ^ min(r[2] for r in chunk)).shuffle(bins)
         for members in bins:
@@ -108,8 +113,13 @@ def test_model_keeps_packed_conversations_apart(artifacts):
         apart = 0.0
         for ids, labels, _ in (a, b):
             one = Collate(pad_id=0, device=torch.device("cpu"), packed=False)(
-                {"input_ids": [ids], "labels": [labels], "position_ids": [list(range(len(ids)))],
-                 "num_tokens": np.array([len(ids)])})
+                {
+                    "input_ids": [ids],
+                    "labels": [labels],
+                    "position_ids": [list(range(len(ids)))],
+                    "num_tokens": np.array([len(ids)]),
+                }
+            )
             apart += token_loss_sum(forward(model, one), one["labels"]).item()
     assert together == pytest.approx(apart, rel=1e-5)
     assert batch["num_tokens"] == 9 and "attention_mask" not in batch
@@ -125,8 +135,12 @@ def test_a_model_that_ignores_packing_is_refused(artifacts):
     plain = model.forward
 
     def leaky(input_ids, position_ids, use_cache):  # attends across the whole row, whatever the positions
-        return plain(input_ids=input_ids, position_ids=position_ids,
-                     attention_mask=torch.ones_like(input_ids), use_cache=use_cache)
+        return plain(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=torch.ones_like(input_ids),
+            use_cache=use_cache,
+        )
 
     model.forward = leaky
     with pytest.raises(UserError, match="set data.packing: false"):

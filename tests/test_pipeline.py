@@ -10,8 +10,6 @@ from pipelines.chat import IGNORE
 from pipelines.config import DataConfig
 from pipelines.dataset import build_splits, count_records
 
-pytestmark = pytest.mark.integration
-
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
 
@@ -23,11 +21,13 @@ def write_lines(path, lines, compress=False):
     return str(path)
 
 
+@pytest.mark.integration
 def test_counts_rejects_and_tokens(ray_cluster, artifacts, tmp_path):
     lines = []
     for i in range(300):
-        rec = {"messages": [{"role": "user", "content": f"question {i}"},
-                            {"role": "assistant", "content": f"answer {i}"}]}
+        rec = {
+            "messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]
+        }
         lines.append(json.dumps(rec))
     lines[10] = "{not json"
     lines[20] = json.dumps({"messages": [{"role": "user", "content": "no reply"}]})
@@ -43,7 +43,10 @@ def test_counts_rejects_and_tokens(ray_cluster, artifacts, tmp_path):
 
     rejects = splits.records.filter(expr=col("reject") != "").take_all()
     assert sorted((r["line"], r["reject"]) for r in rejects) == [
-        (11, "unparsable"), (21, "no_assistant_turn"), (31, "unknown_role")]
+        (11, "unparsable"),
+        (21, "no_assistant_turn"),
+        (31, "unknown_role"),
+    ]
     assert all(r["source"] == path for r in rejects)
 
     # packed rows: every token of every training record, in sequences of at most max_length
@@ -53,19 +56,28 @@ def test_counts_rejects_and_tokens(ray_cluster, artifacts, tmp_path):
     assert sum(r["num_tokens"] for r in rows) == sum(r["num_tokens"] for r in records)
     for row in rows:
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["position_ids"]) == row["num_tokens"] <= 64
-        assert any(l != IGNORE for l in row["labels"]) and row["labels"][0] == IGNORE
+        assert any(label != IGNORE for label in row["labels"]) and row["labels"][0] == IGNORE
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert all(row["labels"][i] == IGNORE for i in starts) and len(starts) >= 1
 
 
+@pytest.mark.integration
 def test_order_and_packing_do_not_depend_on_files_or_blocks(ray_cluster, artifacts, tmp_path):
     """The same records in one file, or shuffled across three files read in other blocks, give the same
     splits and the same training rows in the same order: what reproducible runs and exact resume rest on."""
     import random
 
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"question {i}"},
-                                      {"role": "assistant", "content": "answer " * (i % 7 + 1)}]})
-             for i in range(400)]
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": "answer " * (i % 7 + 1)},
+                ]
+            }
+        )
+        for i in range(400)
+    ]
     one = write_lines(tmp_path / "one.jsonl", lines)
     random.Random(3).shuffle(lines)
     folder = tmp_path / "three"
@@ -80,11 +92,16 @@ def test_order_and_packing_do_not_depend_on_files_or_blocks(ray_cluster, artifac
     assert 0.75 < count_records(a.records)["records"]["train"] / 400 < 0.85
 
 
+@pytest.mark.integration
 def test_overlong_records_are_truncated_or_rejected(ray_cluster, artifacts, tmp_path):
-    turn = lambda i: [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "word " * 12}]
-    lines = [json.dumps({"messages": turn(0) + turn(1) + turn(2)}),   # truncated after its first reply
-             json.dumps({"messages": [{"role": "user", "content": "long " * 200}] + turn(3)}),  # too long
-             json.dumps(GOOD)]
+    def turn(i):
+        return [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "word " * 12}]
+
+    lines = [
+        json.dumps({"messages": turn(0) + turn(1) + turn(2)}),  # truncated after its first reply
+        json.dumps({"messages": [{"role": "user", "content": "long " * 200}] + turn(3)}),  # too long
+        json.dumps(GOOD),
+    ]
     path = write_lines(tmp_path / "long.jsonl", lines)
     splits = build_splits(DataConfig(train=path, max_length=80, dedup=False), artifacts["model"])
     counts = count_records(splits.records)
@@ -98,6 +115,7 @@ def test_overlong_records_are_truncated_or_rejected(ray_cluster, artifacts, tmp_
     assert count_records(splits.records)["rejected"] == {"too_long": 2}
 
 
+@pytest.mark.integration
 def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
     folder = tmp_path / "many"
     folder.mkdir()
@@ -115,6 +133,7 @@ def test_gzip_directory_and_auto_format(ray_cluster, artifacts, tmp_path):
     assert {r["detail"] for r in dups} == {f"same conversation as {folder / 'a.jsonl'}:1"}
 
 
+@pytest.mark.integration
 def test_conversations_the_chat_template_refuses_are_rejected_not_fatal(ray_cluster, artifacts, tmp_path):
     """Many models' templates raise on roles that do not alternate (or on a system turn): those conversations are
     rejected with the template's message, the rest are trained on."""
@@ -122,13 +141,24 @@ def test_conversations_the_chat_template_refuses_are_rejected_not_fatal(ray_clus
 
     model = shutil.copytree(artifacts["model"], tmp_path / "strict-model")
     template = model / "chat_template.jinja"
-    template.write_text("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-                        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
-                        "{% endfor %}" + template.read_text())
-    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
-             for i in range(40)]
-    lines[7] = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"},
-                                        {"role": "assistant", "content": "a"}]})
+    template.write_text(
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+        "{% endfor %}" + template.read_text()
+    )
+    lines = [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        for i in range(40)
+    ]
+    lines[7] = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "user", "content": "again"},
+                {"role": "assistant", "content": "a"},
+            ]
+        }
+    )
     splits = build_splits(DataConfig(train=write_lines(tmp_path / "d.jsonl", lines), format="messages"), str(model))
     counts = count_records(splits.records)
     assert counts["rejected"] == {"template_error": 1} and sum(counts["records"].values()) == 39
@@ -137,49 +167,63 @@ def test_conversations_the_chat_template_refuses_are_rejected_not_fatal(ray_clus
     assert json.loads(refused["record"])[1] == {"role": "user", "content": "again"}
 
 
+@pytest.mark.integration
 def test_duplicates_are_found_however_large_the_sorted_blocks(ray_cluster, artifacts, tmp_path, monkeypatch):
     """Ray Data cuts a sort's output into blocks of at most `target_max_block_size` before the next map sees them;
     every copy of a conversation must still meet its first (here blocks of 4 KiB would cut the run of copies)."""
     import ray.data
 
     monkeypatch.setattr(ray.data.DataContext.get_current(), "target_max_block_size", 4096)
-    lines = [json.dumps(GOOD)] * 60 + [json.dumps({"messages": [
-        {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) for i in range(60)]
+    lines = [json.dumps(GOOD)] * 60 + [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+        for i in range(60)
+    ]
     splits = build_splits(DataConfig(train=write_lines(tmp_path / "d.jsonl", lines)), artifacts["model"])
     counts = count_records(splits.records)
     assert counts["rejected"] == {"duplicate": 59}
     assert sum(counts["records"].values()) == 61
 
 
+@pytest.mark.integration
 def test_alpaca_and_sharegpt_files(ray_cluster, artifacts, tmp_path):
-    alpaca = write_lines(tmp_path / "a.jsonl", [json.dumps({"instruction": f"say {i}", "output": str(i)})
-                                                for i in range(40)])
+    alpaca = write_lines(
+        tmp_path / "a.jsonl", [json.dumps({"instruction": f"say {i}", "output": str(i)}) for i in range(40)]
+    )
     splits = build_splits(DataConfig(train=alpaca), artifacts["model"])
     assert splits.format == "alpaca"
     counts = count_records(splits.records)
     assert sum(counts["records"].values()) == 40 and counts["rejected"] == {}
-    share = write_lines(tmp_path / "s.jsonl", [json.dumps({"conversations": [
-        {"from": "human", "value": "hi"}, {"from": "gpt", "value": f"yo {i}"}]}) for i in range(40)])
+    share = write_lines(
+        tmp_path / "s.jsonl",
+        [
+            json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": f"yo {i}"}]})
+            for i in range(40)
+        ],
+    )
     splits = build_splits(DataConfig(train=share), artifacts["model"])
     assert splits.format == "sharegpt"
     assert sum(count_records(splits.records)["records"].values()) == 40
 
 
+@pytest.mark.integration
 def test_every_file_type_in_one_directory(ray_cluster, artifacts, tmp_path):
     """JSONL, JSON, Parquet, CSV (gzip/zstd too) in one tree: every record read, parsed and counted once."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    records = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-               for i in range(60)]
+    records = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(60)
+    ]
     folder = tmp_path / "mixed"
     folder.mkdir()
     write_lines(folder / "a.jsonl", [json.dumps(r) for r in records[:10]])
     write_lines(folder / "b.jsonl.gz", [json.dumps(r) for r in records[10:20]], compress=True)
     (folder / "c.json").write_text(json.dumps(records[20:30]))
     pq.write_table(pa.Table.from_pylist(records[30:40]), str(folder / "d.parquet"))
-    csv_text = "messages\n" + "".join('"' + json.dumps(r["messages"]).replace('"', '""') + '"\n'
-                                     for r in records[40:50])
+    csv_text = "messages\n" + "".join(
+        '"' + json.dumps(r["messages"]).replace('"', '""') + '"\n' for r in records[40:50]
+    )
     (folder / "e.csv").write_text(csv_text)
     with pa.output_stream(str(folder / "f.jsonl.zst"), compression="zstd") as out:
         out.write("".join(json.dumps(r) + "\n" for r in records[50:]).encode())
@@ -207,9 +251,18 @@ def test_duplicates_are_found_within_runs_of_equal_keys_only():
 
     from pipelines.dataset import mark_duplicates
 
-    block = pa.table({"key": pa.array([1, 2, 2, 2, 3, 4, 4], pa.int64()),
-                      "conversation": ["a", "b", "c", "b", "d", "e", "e"], "reject": [""] * 7, "detail": [""] * 7,
-                      "split": ["train"] * 7, "record": [""] * 7, "source": ["f"] * 7, "line": list(range(1, 8))})
+    block = pa.table(
+        {
+            "key": pa.array([1, 2, 2, 2, 3, 4, 4], pa.int64()),
+            "conversation": ["a", "b", "c", "b", "d", "e", "e"],
+            "reject": [""] * 7,
+            "detail": [""] * 7,
+            "split": ["train"] * 7,
+            "record": [""] * 7,
+            "source": ["f"] * 7,
+            "line": list(range(1, 8)),
+        }
+    )
     out = mark_duplicates(block, dedup=True)
     assert "conversation" not in out.column_names
     assert out.column("reject").to_pylist() == ["", "", "", "duplicate", "", "", "duplicate"]
@@ -219,10 +272,18 @@ def test_duplicates_are_found_within_runs_of_equal_keys_only():
     assert mark_duplicates(block, dedup=False).column("reject").to_pylist() == [""] * 7
     assert mark_duplicates(block.slice(0, 0), dedup=True).num_rows == 0
     # records rejected before (all of parsing's rejects share key 0) are neither copies nor originals
-    rejected = pa.table({"key": pa.array([0, 0, 0, 5, 5], pa.int64()), "conversation": ["", "", "", "x", "x"],
-                         "reject": ["unparsable", "empty_content", "", "too_long", ""], "detail": ["e"] * 5,
-                         "split": ["", "", "val", "", "train"], "record": ["r1", "r2", "", "x", ""],
-                         "source": ["f"] * 5, "line": list(range(1, 6))})
+    rejected = pa.table(
+        {
+            "key": pa.array([0, 0, 0, 5, 5], pa.int64()),
+            "conversation": ["", "", "", "x", "x"],
+            "reject": ["unparsable", "empty_content", "", "too_long", ""],
+            "detail": ["e"] * 5,
+            "split": ["", "", "val", "", "train"],
+            "record": ["r1", "r2", "", "x", ""],
+            "source": ["f"] * 5,
+            "line": list(range(1, 6)),
+        }
+    )
     out = mark_duplicates(rejected, dedup=True)
     assert out.column("reject").to_pylist() == ["unparsable", "empty_content", "", "too_long", ""]
     assert out.column("record").to_pylist() == ["r1", "r2", "", "x", ""]

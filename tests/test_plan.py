@@ -2,8 +2,8 @@
 before any worker starts, with the stage that would fit."""
 
 import pytest
-
 from conftest import write_config
+
 from trainers.plan import model_states_bytes
 from zeray.cli import main
 
@@ -18,8 +18,9 @@ def test_mixed_precision_stages_2_and_3_are_deepspeeds_estimates(offload):
     on = offload == "cpu"
     cpu, dev = estimate_zero2_model_states_mem_needs(P, num_gpus_per_node=8, cpu_offload=on)
     assert model_states_bytes(P, LARGEST, 2, offload, 8, mixed=True) == (dev, cpu)
-    cpu, dev, _ = estimate_zero3_model_states_mem_needs(P, LARGEST, num_gpus_per_node=8, cpu_offload=on,
-                                                        cpu_offload_params=on)
+    cpu, dev, _ = estimate_zero3_model_states_mem_needs(
+        P, LARGEST, num_gpus_per_node=8, cpu_offload=on, cpu_offload_params=on
+    )
     assert model_states_bytes(P, LARGEST, 3, offload, 8, mixed=True) == (dev, cpu)
 
 
@@ -45,7 +46,9 @@ def test_stages_without_an_estimator_use_the_same_bytes_per_parameter():
 @pytest.mark.integration
 def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster, artifacts, tmp_path, capsys):
     config = write_config(
-        tmp_path / "plan.yaml", name="plan", storage=str(tmp_path / "runs"),
+        tmp_path / "plan.yaml",
+        name="plan",
+        storage=str(tmp_path / "runs"),
         data={"train": artifacts["data"], "max_length": 128},
         model={"name_or_path": artifacts["model"]},
         train={"num_workers": 2, "micro_batch_size": 4, "zero_stage": 3},
@@ -56,17 +59,23 @@ def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster,
     assert out.count(" yes") == 6 and "cheapest that fits: ZeRO 0, offload none" in out
     assert "tokens per optimizer step (slots): 1024" in out
     # the request against the session's 4-CPU Ray, which has no autoscaler
-    assert "cluster: the run needs 4 CPU (2 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: " \
-           "fits now" in out
+    assert (
+        "cluster: the run needs 4 CPU (2 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: "
+        "fits now" in out
+    )
     assert main(["plan", config, "train.num_workers=3"]) == 0  # plan says it; train refuses it
-    assert "needs 5 CPU (3 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: does not fit" in \
-        capsys.readouterr().out
+    assert (
+        "needs 5 CPU (3 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: does not fit"
+        in capsys.readouterr().out
+    )
     # an elastic range: the request at its max and at its min; the global batch (tokens per step) is max's
     assert main(["plan", config, "train.num_workers=[1,3]"]) == 0
     out = capsys.readouterr().out
     assert "1-3 (elastic) workers x micro-batch 4" in out and "tokens per optimizer step (slots): 1536" in out
-    assert "cluster: at its minimum the run needs 3 CPU (1 workers x 1 CPU + 2 CPU for Ray Data); the cluster " \
-           "has 4 CPU now: fits now" in out
+    assert (
+        "cluster: at its minimum the run needs 3 CPU (1 workers x 1 CPU + 2 CPU for Ray Data); the cluster "
+        "has 4 CPU now: fits now" in out
+    )
 
     assert main(["train", config, "train.micro_batch_size=4096", "data.max_length=8192"]) == 2
     err = capsys.readouterr().err.strip()
@@ -94,11 +103,15 @@ def test_lora_counts_adapters_as_trainable_and_the_base_as_frozen_weights(artifa
 
     for stage, offload in ((0, "none"), (2, "none"), (3, "none"), (3, "cpu")):
         assert shape_states_bytes(full, stage, offload, 2, mixed=True) == model_states_bytes(
-            full["params"], full["largest_layer_params"], stage, offload, 2, mixed=True)
+            full["params"], full["largest_layer_params"], stage, offload, 2, mixed=True
+        )
         dev, cpu = shape_states_bytes(lora, stage, offload, 2, mixed=True)
         adapters = model_states_bytes(lora["trainable"], lora["largest_layer_params"], stage, offload, 2, True)
         frozen = 2 * full["params"]  # 16-bit working weights, nothing else
-        assert (dev, cpu) == ((adapters[0], adapters[1] + frozen) if offload == "cpu" else
-                              (adapters[0] + (frozen // 2 if stage == 3 else frozen), adapters[1]))
+        assert (dev, cpu) == (
+            (adapters[0], adapters[1] + frozen)
+            if offload == "cpu"
+            else (adapters[0] + (frozen // 2 if stage == 3 else frozen), adapters[1])
+        )
         full_dev, full_cpu = shape_states_bytes(full, stage, offload, 2, mixed=True)
         assert dev <= full_dev and dev + cpu < full_dev + full_cpu  # at stage 3 + offload only a layer is on device

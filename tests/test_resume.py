@@ -11,8 +11,8 @@ import time
 
 import psutil
 import pytest
-
 from conftest import write_config
+
 from zeray.cli import main
 
 pytestmark = pytest.mark.integration
@@ -22,11 +22,22 @@ STEPS = 40  # a cap: one epoch of the test data is 27 steps (447 packed rows in 
 
 def run_config(root, name, artifacts, max_failures=2):
     return write_config(
-        root / f"{name}.yaml", name=name, storage=str(root / "runs"),
+        root / f"{name}.yaml",
+        name=name,
+        storage=str(root / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
-        train={"num_workers": 2, "max_steps": STEPS, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 3,
-               "eval_every": 1000, "checkpoint_every": 8, "log_every": 2, "max_failures": max_failures},
+        train={
+            "num_workers": 2,
+            "max_steps": STEPS,
+            "micro_batch_size": 8,
+            "lr": 3.0e-3,
+            "zero_stage": 3,
+            "eval_every": 1000,
+            "checkpoint_every": 8,
+            "log_every": 2,
+            "max_failures": max_failures,
+        },
     )
 
 
@@ -42,6 +53,18 @@ def logged_steps(run_dir) -> list[int]:
         return []
 
 
+def own_train_workers() -> list[psutil.Process]:
+    """The Ray Train workers of this test process's own Ray (its descendants), none of another Ray's on the machine."""
+    workers = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any("RayTrainWorker" in part for part in proc.cmdline()):
+                workers.append(proc)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return workers
+
+
 def kill_workers_at(run_dir, targets: list[int], done: list, rng: random.Random):
     """SIGKILL one Ray Train worker process each time the run logs a step at or past the next target (counting
     only steps logged since the last kill, so after a restart from a checkpoint); `done` gets (step, pid)."""
@@ -51,8 +74,7 @@ def kill_workers_at(run_dir, targets: list[int], done: list, rng: random.Random)
         steps = logged_steps(run_dir)[seen:]
         if steps and steps[-1] >= targets[len(done)]:
             killed = {pid for _, pid in done}
-            workers = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in killed
-                       and any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+            workers = [p for p in own_train_workers() if p.pid not in killed]
             if workers:
                 victim = rng.choice(workers)
                 done.append((steps[-1], victim.pid))
@@ -85,8 +107,30 @@ def assert_same_run(interrupted, straight) -> None:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
 
-@pytest.mark.reliability("fault", "a training worker (2-worker ZeRO-3 run of 27 steps) SIGKILLed at three random steps",
-                         runs=3)
+def test_a_zero3_run_exports_the_weights_its_shards_hold(straight):
+    """The uninterrupted ZeRO-3 run: its model holds exactly the weights consolidated from the parameter shards of
+    its checkpoint, and loads with them (tied lm_head included)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from trainers.checkpoints import consolidate
+
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["steps"] == 27 and summary["zero_stage"] == 3 and summary["world_size"] == 2
+    assert [r["step"] for r in metrics(str(straight)) if "checkpoint" in r] == [8, 16, 24, 27]
+    model, _ = consolidate(summary["checkpoint"])
+    exported = load_file(str(straight / "model" / "model.safetensors"))
+    state = model.state_dict()
+    assert exported and set(exported) <= set(state)
+    for name, tensor in exported.items():
+        assert (tensor - state[name]).abs().max().item() == 0.0, name
+    loaded = AutoModelForCausalLM.from_pretrained(str(straight / "model"), use_safetensors=True)
+    assert all(bool((t == state[k]).all()) for k, t in loaded.state_dict().items())
+
+
+@pytest.mark.reliability(
+    "fault", "a training worker (2-worker ZeRO-3 run of 27 steps) SIGKILLed at three random steps", runs=3
+)
 def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path, paced_reports):
     seed = int(os.environ.get("ZERAY_TEST_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
@@ -109,22 +153,26 @@ def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straig
     assert_same_run(interrupted, straight)
 
 
-@pytest.mark.reliability("fault", "the driver SIGKILLed with its embedded Ray and workers mid-run, then the same command run again")
-def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straight, artifacts, tmp_path, paced_reports):
+@pytest.mark.slow
+@pytest.mark.reliability(
+    "fault", "the driver SIGKILLed with its embedded Ray and workers mid-run, then the same command run again"
+)
+def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straight, artifacts, tmp_path):
     """The driver itself dies (SIGKILL to the command, its embedded Ray and its workers); the same command run
     again finds the run's checkpoints in its storage and finishes it as if nothing had happened."""
     import subprocess
     import sys
 
-    from conftest import REPO
+    from conftest import PACED, REPO
 
     config = run_config(tmp_path, "driver", artifacts)
     run = tmp_path / "runs" / "driver"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "zeray", "train", config]
     with open(tmp_path / "first.log", "w") as log:
-        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        first = subprocess.Popen(
+            command, cwd=REPO, env=dict(env, **PACED), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + 600
     checkpointed = 0
     while time.monotonic() < deadline and first.poll() is None and checkpointed < 16:
@@ -144,7 +192,10 @@ def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straig
     assert_same_run(run, straight)
 
 
-@pytest.mark.reliability("fault", "the newest checkpoints truncated on disk (a rank's optimizer shard cut in half), then the run re-run")
+@pytest.mark.slow
+@pytest.mark.reliability(
+    "fault", "the newest checkpoints truncated on disk (a rank's optimizer shard cut in half), then the run re-run"
+)
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluster, artifacts, tmp_path, capfd):
     """A run re-run after its newest checkpoints were cut short on disk (a file truncated, as a dead node mid-copy
     or a full disk leaves it) resumes from the intact one before them, says so, and ends with the same weights."""
@@ -154,11 +205,22 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluste
     from safetensors.torch import load_file
 
     config = write_config(
-        tmp_path / "cut.yaml", name="cut", storage=str(tmp_path / "runs"),
+        tmp_path / "cut.yaml",
+        name="cut",
+        storage=str(tmp_path / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
-        train={"num_workers": 2, "max_steps": 8, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
-               "eval_every": 4, "checkpoint_every": 4, "log_every": 2, "keep_checkpoints": 3},
+        train={
+            "num_workers": 2,
+            "max_steps": 8,
+            "micro_batch_size": 8,
+            "lr": 3.0e-3,
+            "zero_stage": 2,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "log_every": 2,
+            "keep_checkpoints": 3,
+        },
     )
     assert main(["train", config]) == 0
     run = tmp_path / "runs" / "cut"

@@ -4,21 +4,57 @@ authentication left as Ray sets it."""
 import os
 
 import pytest
+from conftest import SECRETS
 
 from cluster.config import ClusterConfig
 from cluster.local import ray_session
-from conftest import SECRETS
 from zeray.config import load_config
 
 
 @pytest.mark.reliability("bad input", "a model that needs remote code, without `trust_remote_code`")
-def test_remote_code_is_off_unless_the_config_says_so(artifacts, tmp_path):
+def test_a_model_that_brings_its_own_code_is_refused_unless_trusted(artifacts, tmp_path, capsys):
+    """A model folder whose config names code of its own (`auto_map`): every command refuses it in one line
+    before that code runs; with the config's (or generate's) consent it loads."""
+    import json
+    import shutil
+
     from conftest import write_config
 
-    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
-                          model={"name_or_path": artifacts["model"]})
-    assert load_config(config, []).model.trust_remote_code is False
-    assert load_config(config, ["model.trust_remote_code=true"]).model.trust_remote_code is True
+    from zeray.cli import main
+
+    model = tmp_path / "custom-model"
+    shutil.copytree(artifacts["model"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(
+        model_type="zeray_custom",
+        auto_map={"AutoConfig": "custom.CustomConfig", "AutoModelForCausalLM": "custom.CustomForCausalLM"},
+    )
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "custom.py").write_text(  # leaves a mark when it runs
+        f"import pathlib\npathlib.Path({str(tmp_path / 'RAN')!r}).write_text('remote code ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'zeray_custom'\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    path = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]}, model={"name_or_path": str(model)})
+    capsys.readouterr()
+    for command in (
+        ["train", path],
+        ["prep", path],
+        ["plan", path],
+        ["eval", path, "--model", str(model)],
+        ["generate", str(model), "--prompt", "hi"],
+    ):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and "custom.py" in err, err
+        assert ("model.trust_remote_code: true" if command[0] != "generate" else "--trust-remote-code") in err
+    assert not (tmp_path / "RAN").exists()
+    assert load_config(path, [], check_paths=False).model.trust_remote_code is False
+    assert load_config(path, ["model.trust_remote_code=true"]).model.trust_remote_code is True
+    # trusted: the folder's own code runs and gives its model
+    assert main(["generate", str(model), "--prompt", "hi", "--max-new-tokens", "2", "--trust-remote-code"]) == 0
+    assert (tmp_path / "RAN").read_text() == "remote code ran"
 
 
 @pytest.mark.parametrize("address", [None, "ray://head:10001"])
@@ -59,12 +95,16 @@ def leaks(root: str) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.reliability("bad input", "secrets (HF_TOKEN, WANDB_API_KEY, AWS_*, RAY_AUTH_TOKEN) in the environment "
-                                      "of `zeray prep`, `train`, `eval` and `export`")
+@pytest.mark.slow
+@pytest.mark.reliability(
+    "bad input",
+    "secrets (HF_TOKEN, WANDB_API_KEY, AWS_*, RAY_AUTH_TOKEN) in the environment "
+    "of `zeray prep`, `train`, `eval` and `export`",
+)
 def test_secrets_in_the_environment_reach_no_log_output_or_dump(artifacts, tmp_path):
-    """The whole run (prep, train with checkpoints and export, eval, export again) with secrets in its environment, on its own
-    embedded Ray whose session logs are kept: no secret's value in the console, the run directory (config and
-    summary dumps, metrics, prepared data, checkpoints, model) or any Ray log of the session."""
+    """The whole run (prep, train with checkpoints and export, eval, export again) with secrets in its environment,
+    on its own embedded Ray whose session logs are kept: no secret's value in the console, the run directory (config
+    and summary dumps, metrics, prepared data, checkpoints, model) or any Ray log of the session."""
     import shutil
     import subprocess
     import sys
@@ -76,19 +116,38 @@ def test_secrets_in_the_environment_reach_no_log_output_or_dump(artifacts, tmp_p
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(SECRETS, RAY_TMPDIR=ray_tmp)
     config = write_config(
-        tmp_path / "secret.yaml", name="secret", storage=str(tmp_path / "runs"),
+        tmp_path / "secret.yaml",
+        name="secret",
+        storage=str(tmp_path / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
-        train={"num_workers": 2, "max_steps": 4, "micro_batch_size": 8, "zero_stage": 2, "eval_every": 2,
-               "checkpoint_every": 2, "log_every": 1},
+        train={
+            "num_workers": 2,
+            "max_steps": 4,
+            "micro_batch_size": 8,
+            "zero_stage": 2,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
     )
     run = tmp_path / "runs" / "secret"
     console = []
     try:
-        for command in (["prep", config], ["train", config], ["eval", config, "--model", str(run / "model")],
-                        ["export", str(run), "--out", str(run / "exported")]):
-            done = subprocess.run([sys.executable, "-m", "zeray", *command], cwd=REPO, env=env, capture_output=True,
-                                  text=True, timeout=900)
+        for command in (
+            ["prep", config],
+            ["train", config],
+            ["eval", config, "--model", str(run / "model")],
+            ["export", str(run), "--out", str(run / "exported")],
+        ):
+            done = subprocess.run(
+                [sys.executable, "-m", "zeray", *command],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
             console.append(done.stdout + done.stderr)
         assert (run / "summary.json").is_file() and (run / "config.json").is_file()
@@ -105,10 +164,12 @@ def test_secrets_in_the_environment_reach_no_log_output_or_dump(artifacts, tmp_p
 @pytest.mark.reliability("bad input", "credentials inside `train.mlflow_uri`")
 def test_credentials_in_the_mlflow_uri_are_refused_without_echoing_them(artifacts, tmp_path, capsys):
     from conftest import write_config
+
     from zeray.cli import main
 
-    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
-                          model={"name_or_path": artifacts["model"]})
+    config = write_config(
+        tmp_path / "c.yaml", data={"train": artifacts["data"]}, model={"name_or_path": artifacts["model"]}
+    )
     for uri in ("https://bob:hunter2@mlflow.example.com", "https://hunter2@mlflow.example.com"):
         assert main(["train", config, f"train.mlflow_uri={uri}"]) == 2
         err = capsys.readouterr().err

@@ -13,15 +13,27 @@ from pipelines.formats import normalize
 from pipelines.sources import first_records, read_records, resolve_files
 from zeray.errors import UserError
 
-RECORDS = [{"messages": [{"role": "user", "content": f"question {i}, with \"quotes\"\nand lines"},
-                         {"role": "assistant", "content": f"答案 {i}"}]} for i in range(25)]
-ALPACA = [{"instruction": f"say {i}" + ("\nplease" if i % 3 == 0 else ""), "input": "" if i % 2 else "context",
-           "output": str(i)} for i in range(25)]
+RECORDS = [
+    {
+        "messages": [
+            {"role": "user", "content": f'question {i}, with "quotes"\nand lines'},
+            {"role": "assistant", "content": f"答案 {i}"},
+        ]
+    }
+    for i in range(25)
+]
+ALPACA = [
+    {
+        "instruction": f"say {i}" + ("\nplease" if i % 3 == 0 else ""),
+        "input": "" if i % 2 else "context",
+        "output": str(i),
+    }
+    for i in range(25)
+]
 
 
 def read_all(path):
-    opened = (pa.OSFile(path) if path.endswith((".parquet", ".arrow"))
-              else pa.input_stream(path, compression="detect"))
+    opened = pa.OSFile(path) if path.endswith((".parquet", ".arrow")) else pa.input_stream(path, compression="detect")
     with opened as f:
         rows = [row for block in read_records(f, path) for row in block.to_pylist()]
     return [(r["line"], json.loads(r["raw"])) for r in rows]

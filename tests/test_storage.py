@@ -12,7 +12,6 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import free_port, write_config
 
 BUCKET = "zeray-test"
@@ -28,10 +27,20 @@ def s3():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "zeraytest",
-           "AWS_SECRET_ACCESS_KEY": "zeraytest", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="zeraytest",
-                 aws_secret_access_key="zeraytest", region_name="us-east-1").create_bucket(Bucket=BUCKET)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "zeraytest",
+        "AWS_SECRET_ACCESS_KEY": "zeraytest",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="zeraytest",
+        aws_secret_access_key="zeraytest",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=BUCKET)
     yield env
     server.stop()
 
@@ -39,8 +48,12 @@ def s3():
 def bucket_fs(env):
     import pyarrow.fs as pafs
 
-    return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key=env["AWS_ACCESS_KEY_ID"],
-                             secret_key=env["AWS_SECRET_ACCESS_KEY"], region=env["AWS_REGION"])
+    return pafs.S3FileSystem(
+        endpoint_override=env["AWS_ENDPOINT_URL"],
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        region=env["AWS_REGION"],
+    )
 
 
 def listing(fs, path) -> dict[str, int]:
@@ -56,6 +69,7 @@ def read_json_lines(fs, path) -> list[dict]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3, artifacts, tmp_path):
     import pyarrow.fs as pafs
     from safetensors.torch import load_file
@@ -69,16 +83,32 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
     env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
     run_uri = f"s3://{BUCKET}/runs/remote"
     config = write_config(
-        tmp_path / "remote.yaml", name="remote", storage=f"s3://{BUCKET}/runs",
+        tmp_path / "remote.yaml",
+        name="remote",
+        storage=f"s3://{BUCKET}/runs",
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
-        train={"num_workers": 2, "max_steps": 6, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
-               "eval_every": 3, "checkpoint_every": 3, "log_every": 1},
+        train={
+            "num_workers": 2,
+            "max_steps": 6,
+            "micro_batch_size": 8,
+            "lr": 3.0e-3,
+            "zero_stage": 2,
+            "eval_every": 3,
+            "checkpoint_every": 3,
+            "log_every": 1,
+        },
     )
 
     def zeray(*command):
-        done = subprocess.run([sys.executable, "-m", "zeray", *command], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=900)
+        done = subprocess.run(
+            [sys.executable, "-m", "zeray", *command],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 
@@ -92,8 +122,11 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         assert any(name.startswith("train/") and name.endswith(".parquet") for name in data)
         rejects = read_bytes(fs, f"{run}/data/rejects.jsonl").decode().splitlines()
         assert len(rejects) == sum(report["rejected"].values()) > 0
-        assert [e.base_name for e in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs"))
-                if ".tmp-" in e.base_name or ".old-" in e.base_name] == []
+        assert [
+            e.base_name
+            for e in fs.get_file_info(pafs.FileSelector(f"{BUCKET}/runs"))
+            if ".tmp-" in e.base_name or ".old-" in e.base_name
+        ] == []
 
         prepared = f"data.prepared={run_uri}/data"
         out = zeray("train", config, prepared)
@@ -125,8 +158,11 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
 
         # a checkpoint cut short in the bucket (a shard lost) is passed over for the newest intact one
-        checkpoints = sorted(e.path for e in fs.get_file_info(pafs.FileSelector(run))
-                             if e.base_name.startswith("checkpoint_") and e.type == pafs.FileType.Directory)
+        checkpoints = sorted(
+            e.path
+            for e in fs.get_file_info(pafs.FileSelector(run))
+            if e.base_name.startswith("checkpoint_") and e.type == pafs.FileType.Directory
+        )
         newest = checkpoints[-1]
         shard = next(name for name in listing(fs, newest) if "optim_states" in name)
         fs.delete_file(f"{newest}/{shard}")
@@ -148,8 +184,11 @@ def test_an_object_store_is_storage_every_node_shares_and_an_unreachable_one_is_
         monkeypatch.setenv(key, value)
     check_storage(RunConfig(storage=f"s3://{BUCKET}/runs"))  # no shared_storage needed, whatever the nodes
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody answers there
-    with pytest.raises(UserError, match=rf"^storage: s3://{BUCKET}/runs: cannot reach it \(.+\); check the "
-                                        r"endpoint and credentials in the environment \(AWS_ENDPOINT_URL, .*\)$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^storage: s3://{BUCKET}/runs: cannot reach it \(.+\); check the "
+        r"endpoint and credentials in the environment \(AWS_ENDPOINT_URL, .*\)$",
+    ):
         check_storage(RunConfig(storage=f"s3://{BUCKET}/runs"))
     with pytest.raises(UserError, match=r"^data.prepared: s3://.*: cannot reach it"):
         load_prepared(f"s3://{BUCKET}/runs/x/data")
@@ -159,16 +198,20 @@ def test_an_object_store_is_storage_every_node_shares_and_an_unreachable_one_is_
 def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(artifacts, tmp_path, capsys):
     from zeray.cli import main
 
-    config = write_config(tmp_path / "c.yaml", data={"train": artifacts["data"]},
-                          model={"name_or_path": artifacts["model"]})
-    for uri, says in (("s3://AKIAZERAY:hunter2@bucket/runs", "AWS_SECRET_ACCESS_KEY"),
-                      ("s3://bucket/runs?secret_key=hunter2", "AWS_ENDPOINT_URL")):
+    config = write_config(
+        tmp_path / "c.yaml", data={"train": artifacts["data"]}, model={"name_or_path": artifacts["model"]}
+    )
+    for uri, says in (
+        ("s3://AKIAZERAY:hunter2@bucket/runs", "AWS_SECRET_ACCESS_KEY"),
+        ("s3://bucket/runs?secret_key=hunter2", "AWS_ENDPOINT_URL"),
+    ):
         assert main(["prep", config, f"storage={uri}"]) == 2
         err = capsys.readouterr().err
         assert "invalid value for storage" in err and says in err and "hunter2" not in err
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts, tmp_path):
     """`zeray tune` with storage in the bucket: Tune's state, the trials' runs, the results and the best model all
     there; pruned at the end to one checkpoint per trial; nothing left in the temp dir."""
@@ -183,23 +226,41 @@ def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts,
     env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
     out_uri, out = f"s3://{BUCKET}/runs/grid/tune", f"{BUCKET}/runs/grid/tune"
     config = write_config(
-        tmp_path / "grid.yaml", name="grid", storage=f"s3://{BUCKET}/runs",
+        tmp_path / "grid.yaml",
+        name="grid",
+        storage=f"s3://{BUCKET}/runs",
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
-        train={"num_workers": 1, "max_steps": 8, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
-               "eval_every": 2, "checkpoint_every": 2, "log_every": 2, "warmup_ratio": 0.0},
+        train={
+            "num_workers": 1,
+            "max_steps": 8,
+            "micro_batch_size": 8,
+            "lr": 3.0e-3,
+            "zero_stage": 2,
+            "eval_every": 2,
+            "checkpoint_every": 2,
+            "log_every": 2,
+            "warmup_ratio": 0.0,
+        },
         tune={"search": "grid", "scheduler": "fifo", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}},
     )
     fs = bucket_fs(s3)
     try:
-        done = subprocess.run([sys.executable, "-m", "zeray", "tune", config], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=1200)
+        done = subprocess.run(
+            [sys.executable, "-m", "zeray", "tune", config],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert f"model in {out_uri}/best_model" in done.stdout
 
         rows = list(csv.DictReader(io.StringIO(read_bytes(fs, f"{out}/results.csv").decode())))
-        assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}, [(r["status"], r["reason"])
-                                                                                 for r in rows]
+        assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}, [
+            (r["status"], r["reason"]) for r in rows
+        ]
         best = json.loads(read_bytes(fs, f"{out}/best.json"))
         assert best["value"] == min(float(r["eval_loss"]) for r in rows)
         assert best["config"] == {"train.lr": 3.0e-3} and best["steps_trained"] == 16
@@ -211,10 +272,14 @@ def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts,
 
         # pruned: each trial keeps the one checkpoint (of four) that results.csv names
         for r in rows:
-            trial = r["checkpoint"][len(out_uri) + 1:].split("/")[0]
-            kept = {m.group(0) for name in stored if name.startswith(f"{trial}/")
-                    if (m := re.match(r"[^/]+/(?:[^/]+/)*?checkpoint_[^/]+(?=/)", name))}
-            assert kept == {r["checkpoint"][len(out_uri) + 1:]}, (r, kept)
+            trial = r["checkpoint"][len(out_uri) + 1 :].split("/")[0]
+            kept = {
+                m.group(0)
+                for name in stored
+                if name.startswith(f"{trial}/")
+                if (m := re.match(r"[^/]+/(?:[^/]+/)*?checkpoint_[^/]+(?=/)", name))
+            }
+            assert kept == {r["checkpoint"][len(out_uri) + 1 :]}, (r, kept)
         assert [p.name for p in staging.iterdir() if p.name.startswith("zeray-")] == []  # staging folders removed
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

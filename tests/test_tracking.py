@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
+from conftest import write_config
 
 from cluster.storage import run_store
-from conftest import write_config
 from trainers.tracking import MLFLOW_RUN_FILE, Tracking
 from zeray.config import load_config
 
@@ -15,10 +15,16 @@ from zeray.config import load_config
 @pytest.mark.parametrize("failed", [False, True])
 def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, tmp_path, capsys, failed):
     db = tmp_path / "mlflow.db"
-    cfg = load_config(write_config(
-        tmp_path / "run.yaml", name="tracked", storage=str(tmp_path / "runs"),
-        data={"train": artifacts["data"], "format": "messages"}, model={"name_or_path": artifacts["model"]},
-        train={"mlflow_uri": f"sqlite:///{db}", "mlflow_experiment": "tests"}))
+    cfg = load_config(
+        write_config(
+            tmp_path / "run.yaml",
+            name="tracked",
+            storage=str(tmp_path / "runs"),
+            data={"train": artifacts["data"], "format": "messages"},
+            model={"name_or_path": artifacts["model"]},
+            train={"mlflow_uri": f"sqlite:///{db}", "mlflow_experiment": "tests"},
+        )
+    )
 
     def run():
         with run_store(cfg.run_dir) as store, Tracking(cfg, store) as tracking:
@@ -36,4 +42,6 @@ def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, 
         run_id = run()
         assert run_id
     err = capsys.readouterr().err
-    assert "warning: train.mlflow_uri: could not close MLflow run" in err and "the run's results are in its folder" in err
+    assert (
+        "warning: train.mlflow_uri: could not close MLflow run" in err and "the run's results are in its folder" in err
+    )

@@ -15,20 +15,34 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO, write_config
+
 from zeray.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def campaign(root, name, artifacts, tune, **train):
-    settings = {"num_workers": 1, "max_steps": 8, "micro_batch_size": 8, "lr": 3.0e-3, "zero_stage": 2,
-                "eval_every": 2, "checkpoint_every": 4, "log_every": 2, "warmup_ratio": 0.0, **train}
+    settings = {
+        "num_workers": 1,
+        "max_steps": 8,
+        "micro_batch_size": 8,
+        "lr": 3.0e-3,
+        "zero_stage": 2,
+        "eval_every": 2,
+        "checkpoint_every": 4,
+        "log_every": 2,
+        "warmup_ratio": 0.0,
+        **train,
+    }
     return write_config(
-        root / f"{name}.yaml", name=name, storage=str(root / "runs"),
+        root / f"{name}.yaml",
+        name=name,
+        storage=str(root / "runs"),
         data={"train": artifacts["data"], "format": "messages", "max_length": 96},
-        model={"name_or_path": artifacts["model"]}, train=settings, tune=tune,
+        model={"name_or_path": artifacts["model"]},
+        train=settings,
+        tune=tune,
     )
 
 
@@ -48,9 +62,18 @@ def trial_dir(tune_dir, trial_id) -> str:
 
 
 def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artifacts, tmp_path):
-    config = campaign(tmp_path, "optuna", artifacts, max_steps=4, tune={
-        "search": "optuna", "scheduler": "fifo", "num_samples": 3,
-        "space": {"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}}})
+    config = campaign(
+        tmp_path,
+        "optuna",
+        artifacts,
+        max_steps=4,
+        tune={
+            "search": "optuna",
+            "scheduler": "fifo",
+            "num_samples": 3,
+            "space": {"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}},
+        },
+    )
     assert main(["tune", config]) == 0
     out = tmp_path / "runs" / "optuna" / "tune"
     rows = results(out)
@@ -71,8 +94,13 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
 
 @pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ray_cluster, artifacts, tmp_path):
-    config = campaign(tmp_path, "failing", artifacts, max_steps=4, tune={
-        "search": "grid", "scheduler": "fifo", "space": {"train.micro_batch_size": {"grid": [8, 4096]}}})
+    config = campaign(
+        tmp_path,
+        "failing",
+        artifacts,
+        max_steps=4,
+        tune={"search": "grid", "scheduler": "fifo", "space": {"train.micro_batch_size": {"grid": [8, 4096]}}},
+    )
     assert main(["tune", config]) == 0
     out = tmp_path / "runs" / "failing" / "tune"
     rows = {r["train.micro_batch_size"]: r for r in results(out)}
@@ -84,8 +112,14 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ra
 
 
 def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, tmp_path, paced_reports):
-    config = campaign(tmp_path, "pbt", artifacts, max_steps=12, eval_every=4, tune={
-        "search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}})
+    config = campaign(
+        tmp_path,
+        "pbt",
+        artifacts,
+        max_steps=12,
+        eval_every=4,
+        tune={"search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}},
+    )
     assert main(["tune", config]) == 0
     out = str(tmp_path / "runs" / "pbt" / "tune")
     trials = glob.glob(os.path.join(out, "run_trial_*"))
@@ -99,8 +133,12 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
     first = os.path.join(weak, "train-2")
     start = metrics(first)[0]
     assert start["started_from"] == os.path.join(weak, "start-2") and start["step"] > 0
-    scored = [r["eval_loss"] for d in glob.glob(os.path.join(strong, "train*")) for r in metrics(d)
-              if "checkpoint" in r and r["step"] == start["step"]]
+    scored = [
+        r["eval_loss"]
+        for d in glob.glob(os.path.join(strong, "train*"))
+        for r in metrics(d)
+        if "checkpoint" in r and r["step"] == start["step"]
+    ]
     assert any(start["eval_loss"] == pytest.approx(loss, rel=1e-6) for loss in scored), (start, scored)
     # and trains on with the rate PBT gave it (its config), on the schedule's position it took over (cosine over
     # 12 steps, no warmup), not with the rate the checkpoint carried
@@ -114,15 +152,24 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
 
 @pytest.mark.reliability("fault", "a Tune campaign SIGKILLed (driver, Ray, trials), then `--resume`")
 def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, tmp_path):
-    config = campaign(tmp_path, "asha", artifacts, tune={
-        "search": "grid", "scheduler": "asha", "grace_period": 2, "reduction_factor": 2, "max_concurrent": 1,
-        "space": {"train.lr": {"grid": [3.0e-3, 1.0e-3, 1.0e-5, 3.0e-6]}}})
+    config = campaign(
+        tmp_path,
+        "asha",
+        artifacts,
+        tune={
+            "search": "grid",
+            "scheduler": "asha",
+            "grace_period": 2,
+            "reduction_factor": 2,
+            "max_concurrent": 1,
+            "space": {"train.lr": {"grid": [3.0e-3, 1.0e-3, 1.0e-5, 3.0e-6]}},
+        },
+    )
     out = str(tmp_path / "runs" / "asha" / "tune")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "zeray", "tune", config]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     # kill the whole campaign (driver, its Ray, every trial) once Tune has recorded the first trial as finished
     deadline = time.monotonic() + 600
     finished = None
@@ -152,10 +199,13 @@ def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, t
     assert best["steps_trained"] == sum(int(r["steps_trained"]) for r in rows.values())
     assert best["disk_bytes"] > 0 and os.path.isfile(os.path.join(out, "tune.png"))
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(best["model_dir"], use_safetensors=True)
-    assert model.num_parameters() > 0
+    base = AutoModelForCausalLM.from_pretrained(artifacts["model"], use_safetensors=True)
+    assert model.num_parameters() == base.num_parameters()  # the whole model, trained: not the base's weights
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
     # a second `zeray tune` without --resume refuses to overwrite the campaign
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "already holds campaign asha; add --resume" in refused.stderr

@@ -84,13 +84,19 @@ def intact_checkpoint(latest: str, fs: pafs.FileSystem | None = None) -> tuple[s
     latest = latest.rstrip("/")
     candidates = []
     for other in entries(fs, posixpath.dirname(latest)):
-        if (other.type == pafs.FileType.Directory and other.base_name.startswith("checkpoint_")
-                and other.path.rstrip("/") != latest and damage(other.path, fs) is None):
+        if (
+            other.type == pafs.FileType.Directory
+            and other.base_name.startswith("checkpoint_")
+            and other.path.rstrip("/") != latest
+            and damage(other.path, fs) is None
+        ):
             step = json.loads(read_bytes(fs, f"{other.path}/{STATE_FILE}"))["step"]
             candidates.append((step, other.base_name, other.path))
     if not candidates:
-        raise UserError(f"checkpoint {display(fs, latest)} is damaged ({problem}) and the run has no intact one "
-                        "before it; remove the run's folder (or change `name`) to start afresh")
+        raise UserError(
+            f"checkpoint {display(fs, latest)} is damaged ({problem}) and the run has no intact one "
+            "before it; remove the run's folder (or change `name`) to start afresh"
+        )
     return max(candidates)[2], problem
 
 
@@ -119,8 +125,9 @@ def verify_weights_only(checkpoint_dir: str) -> None:
             except Exception as exc:
                 found = re.findall(r"GLOBAL (\S+)", str(exc))
                 what = f"it contains {found[0]}" if found else str(exc).strip().splitlines()[0]
-                raise UserError(f"checkpoint file {path} failed the weights-only safety check ({what}); "
-                                "refusing to load it") from None
+                raise UserError(
+                    f"checkpoint file {path} failed the weights-only safety check ({what}); refusing to load it"
+                ) from None
 
 
 def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
@@ -133,9 +140,13 @@ def find_checkpoint(run_dir: str, checkpoint: str | None = None) -> str:
             raise UserError(f"--checkpoint {checkpoint} is damaged ({problem}); choose another of the run's")
         return checkpoint
     fs, path = resolve(run_dir, "run directory")
-    found = sorted(i.path for i in entries(fs, path)
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
-                   and kind(fs, f"{i.path}/{CKPT_TAG}") == pafs.FileType.Directory)
+    found = sorted(
+        i.path
+        for i in entries(fs, path)
+        if i.type == pafs.FileType.Directory
+        and i.base_name.startswith("checkpoint_")
+        and kind(fs, f"{i.path}/{CKPT_TAG}") == pafs.FileType.Directory
+    )
     if not found:
         raise UserError(f"{run_dir} holds no checkpoint_*/ folders; give a run directory of `zeray train`")
     return display(fs, intact_checkpoint(found[-1], fs)[0])  # Ray Train names them by time
@@ -180,8 +191,10 @@ def consolidate(checkpoint: str):
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise UserError(f"checkpoint {checkpoint} does not match its model config "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"checkpoint {checkpoint} does not match its model config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     return model, AutoTokenizer.from_pretrained(configs)
 
@@ -238,6 +251,7 @@ def run_lora_export(run_dir: str) -> str:
     try:
         fs, path = resolve(run_dir, "run directory")
         return ((json.loads(read_bytes(fs, f"{path}/{RUN_CONFIG}")).get("model") or {}).get("lora") or {}).get(
-            "export") or "merged"
+            "export"
+        ) or "merged"
     except (OSError, ValueError, UserError):
         return "merged"

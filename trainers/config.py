@@ -103,9 +103,11 @@ class TrainConfig(Section):
         if value is not None:
             parts = urlsplit(value)
             if parts.username is not None or parts.password is not None:
-                raise ValueError("credentials do not belong in the config (it is saved with the run): give the URI "
-                                 "without them and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
-                                 "MLFLOW_TRACKING_TOKEN")
+                raise ValueError(
+                    "credentials do not belong in the config (it is saved with the run): give the URI "
+                    "without them and set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+                    "MLFLOW_TRACKING_TOKEN"
+                )
         return value
 
     @field_validator("num_workers")
@@ -113,8 +115,9 @@ class TrainConfig(Section):
     def _range(cls, value):
         low, high = value if isinstance(value, tuple) else (value, value)
         if not 1 <= low <= high <= 4096:
-            raise ValueError("give a number of workers from 1 to 4096, or an elastic range [min, max] with "
-                             "1 <= min <= max <= 4096")
+            raise ValueError(
+                "give a number of workers from 1 to 4096, or an elastic range [min, max] with 1 <= min <= max <= 4096"
+            )
         return value if low != high else low  # [n, n] is a fixed run of n
 
     @property

@@ -20,9 +20,15 @@ CONTROLLED = {
     "fp16.enabled": "model.dtype",
 }
 # zeray's defaults that a DeepSpeed file may override
-OVERRIDABLE = {"steps_per_print", "wall_clock_breakdown", "zero_optimization.reduce_bucket_size",
-               "zero_optimization.stage3_prefetch_bucket_size", "zero_optimization.stage3_param_persistence_threshold",
-               "zero_optimization.offload_optimizer.pin_memory", "zero_optimization.offload_param.pin_memory"}
+OVERRIDABLE = {
+    "steps_per_print",
+    "wall_clock_breakdown",
+    "zero_optimization.reduce_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold",
+    "zero_optimization.offload_optimizer.pin_memory",
+    "zero_optimization.offload_param.pin_memory",
+}
 
 
 def load_user_deepspeed(path: str) -> dict:
@@ -37,8 +43,10 @@ def load_user_deepspeed(path: str) -> dict:
     if not isinstance(user, dict):
         raise UserError(f"train.deepspeed: {path} must hold a JSON object of DeepSpeed settings")
     if "scheduler" in user:
-        raise UserError(f"train.deepspeed: {path} sets scheduler, but zeray builds the schedule from "
-                        "train.lr_schedule and train.warmup_ratio; remove it from the file")
+        raise UserError(
+            f"train.deepspeed: {path} sets scheduler, but zeray builds the schedule from "
+            "train.lr_schedule and train.warmup_ratio; remove it from the file"
+        )
     return user
 
 
@@ -55,8 +63,10 @@ def merge_user(user: dict, ours: dict, path: str, prefix: str = "") -> dict:
             out[key] = merge_user(user[key], value, path, name + ".")
         elif user[key] != value:
             owner = CONTROLLED.get(name, "the run config")
-            raise UserError(f"train.deepspeed: {path} sets {name}={json.dumps(user[key])} but zeray sets "
-                            f"{json.dumps(value)} from {owner}; remove it from the file or change {owner}")
+            raise UserError(
+                f"train.deepspeed: {path} sets {name}={json.dumps(user[key])} but zeray sets "
+                f"{json.dumps(value)} from {owner}; remove it from the file or change {owner}"
+            )
     return out
 
 
@@ -67,8 +77,15 @@ def precision(model: ModelConfig, on_gpu: bool, bf16_supported: bool) -> str:
     return "bf16" if on_gpu and bf16_supported else "fp32"
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_size: int,
-                     user: dict | None = None, grad_accum: int | None = None, load_universal: bool = False) -> dict:
+def deepspeed_config(
+    train: TrainConfig,
+    world_size: int,
+    dtype: str,
+    hidden_size: int,
+    user: dict | None = None,
+    grad_accum: int | None = None,
+    load_universal: bool = False,
+) -> dict:
     """`grad_accum`: micro-batches per rank per step when an elastic run has fewer than its max workers (more
     each, for the same global batch); `load_universal`: the checkpoint to load was converted by ds_to_universal."""
     grad_accum = grad_accum or train.grad_accum
@@ -81,8 +98,13 @@ def deepspeed_config(train: TrainConfig, world_size: int, dtype: str, hidden_siz
         # Hugging Face's "auto" values (hidden^2), with a floor so small models do not pay for many tiny
         # collectives. ZeRO-1/2 allocate as they go, and keep DeepSpeed's defaults.
         bucket = max(hidden_size * hidden_size, 1 << 20)
-        zero.update({"reduce_bucket_size": bucket, "stage3_prefetch_bucket_size": int(0.9 * bucket),
-                     "stage3_param_persistence_threshold": 10 * hidden_size})
+        zero.update(
+            {
+                "reduce_bucket_size": bucket,
+                "stage3_prefetch_bucket_size": int(0.9 * bucket),
+                "stage3_param_persistence_threshold": 10 * hidden_size,
+            }
+        )
     if train.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         if train.zero_stage == 3:

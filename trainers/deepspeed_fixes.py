@@ -1,4 +1,5 @@
-"""A correction to the installed DeepSpeed (0.19), for a bug that costs memory, checked by tests/test_deepspeed_fixes.py.
+"""A correction to the installed DeepSpeed (0.19), for a bug that costs memory, checked by
+tests/test_deepspeed_fixes.py.
 
 ZeRO-3 means to use a parameter partition that is already fp32, on the optimizer's device, as the optimizer's fp32
 master partition instead of copying it (`_create_fp32_partitions`: "we don't need another copy of the weights").

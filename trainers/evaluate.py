@@ -11,8 +11,8 @@ import tempfile
 import ray
 import ray.train
 import torch
-from ray.train import ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
+from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.local import fit_or_explain, placement_timeout
@@ -31,8 +31,9 @@ def eval_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
-    model = AutoModelForCausalLM.from_pretrained(config["model_dir"], trust_remote_code=config["trust_remote_code"],
-                                                 use_safetensors=True).to(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        config["model_dir"], trust_remote_code=config["trust_remote_code"], use_safetensors=True
+    ).to(device)
     model.eval()
     if config["packing"]:
         check_packing_isolation(model, config["model_dir"])
@@ -49,18 +50,22 @@ def eval_loop_per_worker(config: dict) -> None:
 
 def evaluate_model(cfg, model_dir: str) -> dict:
     if not os.path.isfile(os.path.join(model_dir, "config.json")) and not holds_adapters(model_dir):
-        raise UserError(f"--model {model_dir} is not a Hugging Face model directory (no config.json, nor "
-                        "adapter_config.json)")
+        raise UserError(
+            f"--model {model_dir} is not a Hugging Face model directory (no config.json, nor adapter_config.json)"
+        )
     t = cfg.train
     storage_fs, storage_path = resolve(cfg.storage, "storage")
     gpu, per_worker = worker_resources(cfg)
-    splits = build_splits(cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",),
-                          wait_s=placement_timeout(cfg.cluster))
+    splits = build_splits(
+        cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",), wait_s=placement_timeout(cfg.cluster)
+    )
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
-            "model_dir": model_dir, "trust_remote_code": cfg.model.trust_remote_code,
-            "batch_size": t.micro_batch_size, "cpus_per_worker": t.cpus_per_worker,
+            "model_dir": model_dir,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "batch_size": t.micro_batch_size,
+            "cpus_per_worker": t.cpus_per_worker,
             "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,
             "packing": cfg.data.packing,
         },
@@ -70,6 +75,10 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=storage_path, storage_filesystem=storage_fs),
     )
     metrics = fit_or_explain(trainer, placement_timeout(cfg.cluster)).metrics
-    return {"test_loss": metrics["eval_loss"], "test_perplexity": metrics["eval_perplexity"],
-            "test_token_accuracy": metrics["eval_token_accuracy"], "test_tokens": metrics["eval_tokens"],
-            "model": model_dir}
+    return {
+        "test_loss": metrics["eval_loss"],
+        "test_perplexity": metrics["eval_perplexity"],
+        "test_token_accuracy": metrics["eval_token_accuracy"],
+        "test_tokens": metrics["eval_tokens"],
+        "model": model_dir,
+    }

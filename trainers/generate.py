@@ -3,30 +3,47 @@
 import os
 
 from trainers.lora import holds_adapters
+from trainers.remote_code import check_remote_code
 from zeray.errors import UserError
 
 
-def generate(model_dir: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             repetition_penalty: float = 1.0, trust_remote_code: bool = False, seed: int = 0) -> str:
+def generate(
+    model_dir: str,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    repetition_penalty: float = 1.0,
+    trust_remote_code: bool = False,
+    seed: int = 0,
+) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not os.path.isfile(os.path.join(model_dir, "config.json")) and not holds_adapters(model_dir):
-        raise UserError(f"{model_dir} is not a Hugging Face model directory (no config.json, nor "
-                        "adapter_config.json); give the model/ folder of a run")
+        raise UserError(
+            f"{model_dir} is not a Hugging Face model directory (no config.json, nor "
+            "adapter_config.json); give the model/ folder of a run"
+        )
+    check_remote_code(model_dir, trust_remote_code, "generate", "--trust-remote-code")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, use_safetensors=True)
     model.eval()
     if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                             repetition_penalty=repetition_penalty, **sampling)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            repetition_penalty=repetition_penalty,
+            **sampling,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()

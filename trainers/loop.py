@@ -22,18 +22,24 @@ from contextlib import contextmanager
 
 import numpy as np
 import ray.train
-from ray.data.collate_fn import NumpyBatchCollateFn
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines.chat import IGNORE
-from trainers.checkpoints import (CKPT_TAG, HF_CONFIG_DIR, HF_DIR, STATE_FILE, intact_checkpoint, verify_weights_only,
-                                 write_manifest)
+from trainers.checkpoints import (
+    CKPT_TAG,
+    HF_CONFIG_DIR,
+    HF_DIR,
+    STATE_FILE,
+    intact_checkpoint,
+    verify_weights_only,
+    write_manifest,
+)
 from trainers.lora import save_lora_model, with_adapters
 from zeray.errors import UserError
 from zeray.fs import read_bytes
-
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -62,7 +68,9 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = precision(model_cfg, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
     # fp32 master weights; DeepSpeed casts for bf16/fp16 itself
     model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.name_or_path, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code,
+        model_cfg.name_or_path,
+        dtype=torch.float32,
+        trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,
     )
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
@@ -85,8 +93,9 @@ def train_loop_per_worker(config: dict) -> None:
         checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
     saved_world = None
     if checkpoint:  # (read where it is: a checkpoint in an object store is downloaded once, below)
-        saved_world = json.loads(read_bytes(checkpoint.filesystem, f"{checkpoint.path}/{STATE_FILE}")).get("world",
-                                                                                                        world)
+        saved_world = json.loads(read_bytes(checkpoint.filesystem, f"{checkpoint.path}/{STATE_FILE}")).get(
+            "world", world
+        )
     # ZeRO-1/2/3 shard the optimizer by rank: states written by another number of workers (an elastic run that
     # grew or shrank) are converted to DeepSpeed's universal checkpoint and loaded as such
     universal = checkpoint is not None and saved_world != world and train.zero_stage > 0
@@ -95,8 +104,15 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(train, world, dtype, model.config.get_text_config().hidden_size, plan["deepspeed"],
-                                grad_accum=per_rank, load_universal=universal),
+        config=deepspeed_config(
+            train,
+            world,
+            dtype,
+            model.config.get_text_config().hidden_size,
+            plan["deepspeed"],
+            grad_accum=per_rank,
+            load_universal=universal,
+        ),
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
     )
 
@@ -107,8 +123,10 @@ def train_loop_per_worker(config: dict) -> None:
             verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
             if universal:
                 if rank == 0:
-                    say(f"the checkpoint was written by {saved_world} workers, this run has {world}: converting it "
-                        "to a universal checkpoint")
+                    say(
+                        f"the checkpoint was written by {saved_world} workers, this run has {world}: converting it "
+                        "to a universal checkpoint"
+                    )
                 with universal_checkpoint(path, rank, world) as converted:
                     engine.load_checkpoint(converted, tag=CKPT_TAG)
             else:
@@ -120,13 +138,16 @@ def train_loop_per_worker(config: dict) -> None:
         if own is None:  # another run's state: this run's own optimizer settings apply from here on
             apply_optimizer_settings(scheduler, train.lr, train.weight_decay)
         if rank == 0:
-            say(f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})"
-                + ("" if own else f" of {checkpoint.path}"))
+            say(
+                f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})"
+                + ("" if own else f" of {checkpoint.path}")
+            )
 
     train_shard = ray.train.get_dataset_shard("train")  # the whole split: see the epoch loop
     pad_id = plan["pad_token_id"]
-    window = Window(first_step=step, flops_per_token=plan["flops_per_token"], world=world,
-                    peak_flops=peak_flops(device, dtype))
+    window = Window(
+        first_step=step, flops_per_token=plan["flops_per_token"], world=world, peak_flops=peak_flops(device, dtype)
+    )
     started = time.perf_counter()
     last_eval = None
 
@@ -162,9 +183,13 @@ def train_loop_per_worker(config: dict) -> None:
         # whatever the number of workers, so the loss curve does not depend on it. Reading token ids is cheap
         # next to training on them.
         batches = train_shard.iter_batches(
-            batch_size=mb * full, batch_format="numpy", prefetch_batches=2, drop_last=True,
+            batch_size=mb * full,
+            batch_format="numpy",
+            prefetch_batches=2,
+            drop_last=True,
             # a buffer of global micro-batches varies the order per epoch, reproducibly and the same on every rank
-            local_shuffle_buffer_size=mb * full * 16, local_shuffle_seed=train.seed + epoch,
+            local_shuffle_buffer_size=mb * full * 16,
+            local_shuffle_seed=train.seed + epoch,
         )
         used = 0  # global micro-batches of this epoch consumed (also the resume position)
         pending: list[dict] = []
@@ -194,8 +219,10 @@ def train_loop_per_worker(config: dict) -> None:
                 last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
                 metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
                 if rank == 0:
-                    say(f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
-                          f"perplexity {last_eval['eval_perplexity']:.2f}")
+                    say(
+                        f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
+                        f"perplexity {last_eval['eval_perplexity']:.2f}"
+                    )
             if checkpoint_now:
                 save(metrics, used)
                 seed_everything(rng_seed(train.seed, rank, step))  # as a run resumed from here does
@@ -215,10 +242,19 @@ def train_loop_per_worker(config: dict) -> None:
     test = evaluate(engine, "test", train.micro_batch_size, pad_id, device, packed)
     nodes = [None] * world  # how many machines the workers ran on, the last time they started
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    final.update({"nodes": len(set(nodes)), "world_size": world, "test_loss": test["eval_loss"],
-                  "test_perplexity": test["eval_perplexity"], "test_token_accuracy": test["eval_token_accuracy"],
-                  "step": step, "epoch": epoch,
-                  "final": True, "train_wall_s": time.perf_counter() - started})
+    final.update(
+        {
+            "nodes": len(set(nodes)),
+            "world_size": world,
+            "test_loss": test["eval_loss"],
+            "test_perplexity": test["eval_perplexity"],
+            "test_token_accuracy": test["eval_token_accuracy"],
+            "step": step,
+            "epoch": epoch,
+            "final": True,
+            "train_wall_s": time.perf_counter() - started,
+        }
+    )
     save(final, batches_in_epoch=0, export=True)
 
 
@@ -239,7 +275,7 @@ def deal(units: list[dict], mb: int, full: int, rank: int, world: int) -> list[d
     ranks running now. A rank left one short (the slices do not divide evenly) gets an all-padding micro-batch, so
     that every rank runs the same number of forward/backward passes (ZeRO-3's collectives, DeepSpeed's
     accumulation count). With world == full, rank r simply takes slice r of every unit."""
-    slices = [{k: v[pos * mb:(pos + 1) * mb] for k, v in unit.items()} for unit in units for pos in range(full)]
+    slices = [{k: v[pos * mb : (pos + 1) * mb] for k, v in unit.items()} for unit in units for pos in range(full)]
     mine = slices[rank::world]
     per_rank = -(-len(slices) // world)
     while len(mine) < per_rank:
@@ -266,10 +302,23 @@ def universal_checkpoint(path: str, rank: int, world: int):
     if rank == leader:
         folder = tempfile.mkdtemp(prefix="zeray-universal-")
         done = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-             os.path.join(path, CKPT_TAG), "--output_folder", os.path.join(folder, CKPT_TAG),
-             "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-            capture_output=True, text=True)
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                os.path.join(path, CKPT_TAG),
+                "--output_folder",
+                os.path.join(folder, CKPT_TAG),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+                "--inject_missing_state",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             shutil.rmtree(folder, ignore_errors=True)
             folder = RuntimeError(f"DeepSpeed's ds_to_universal failed on {path}: {done.stderr.strip()[-2000:]}")
@@ -335,8 +384,12 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device, packed: b
         sums[2] += int(((logits[:, :-1].argmax(-1) == labels) & mask).sum())
     engine.train()
     loss = sums[0].item() / max(sums[1].item(), 1.0)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
-            "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0), "eval_tokens": int(sums[1].item())}
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0),
+        "eval_tokens": int(sums[1].item()),
+    }
 
 
 def export_hf_model(model, tokenizer, checkpoint_dir: str, rank: int, zero_stage: int, lora) -> None:
@@ -347,8 +400,11 @@ def export_hf_model(model, tokenizer, checkpoint_dir: str, rank: int, zero_stage
     import deepspeed
 
     out_dir = os.path.join(checkpoint_dir, HF_DIR)
-    gather = (deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-              if zero_stage == 3 else contextlib.nullcontext())
+    gather = (
+        deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        if zero_stage == 3
+        else contextlib.nullcontext()
+    )
     state = None
     with gather:  # under ZeRO-3 every rank takes part in gathering; rank 0 writes the full weights
         if rank == 0 and lora:
@@ -388,10 +444,10 @@ class Collate(NumpyBatchCollateFn):
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (r, l, p) in enumerate(zip(rows, batch["labels"], batch["position_ids"])):
+        for i, (r, lab, p) in enumerate(zip(rows, batch["labels"], batch["position_ids"])):
             n = len(r)
             ids[i, :n] = torch.from_numpy(np.asarray(r, dtype=np.int64))
-            labels[i, :n] = torch.from_numpy(np.asarray(l, dtype=np.int64))
+            labels[i, :n] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
             positions[i, :n] = torch.from_numpy(np.asarray(p, dtype=np.int64))
             positions[i, n:] = torch.arange(width - n)
             mask[i, :n] = 1
@@ -405,8 +461,12 @@ class Collate(NumpyBatchCollateFn):
 
 def forward(model, batch: dict) -> torch.Tensor:
     """Logits for a collated batch (no KV cache: with one, transformers would not isolate packed sequences)."""
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    return model(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch.get("attention_mask"),
+        use_cache=False,
+    ).logits
 
 
 @torch.no_grad()
@@ -414,12 +474,17 @@ def check_packing_isolation(model, name: str) -> None:
     """Packing is only correct if the model keeps packed sequences apart; check it on this model, once."""
     vocab = model.config.vocab_size
     first, second = torch.arange(3, 8) % vocab, torch.arange(11, 17) % vocab
-    packed = model(input_ids=torch.cat([first, second])[None],
-                   position_ids=torch.cat([torch.arange(5), torch.arange(6)])[None], use_cache=False).logits
+    packed = model(
+        input_ids=torch.cat([first, second])[None],
+        position_ids=torch.cat([torch.arange(5), torch.arange(6)])[None],
+        use_cache=False,
+    ).logits
     alone = model(input_ids=second[None], position_ids=torch.arange(6)[None], use_cache=False).logits
     if not torch.allclose(packed[0, 5:], alone[0], atol=1e-4, rtol=1e-3):
-        raise UserError(f"model.name_or_path: {name} lets packed sequences attend to each other (it does not "
-                        "isolate them by position_ids); set data.packing: false")
+        raise UserError(
+            f"model.name_or_path: {name} lets packed sequences attend to each other (it does not "
+            "isolate them by position_ids); set data.packing: false"
+        )
 
 
 class Window:
@@ -450,23 +515,39 @@ class Window:
         elapsed = max(now - self.since, 1e-9)
         tokens_per_s = counts.item() / elapsed
         metrics = {
-            "step": step, "epoch": epoch, "loss": self.loss_sum / max(self.tokens, 1), "lr": lr,
-            "tokens_per_s": tokens_per_s, "step_time_s": elapsed / max(self.steps, 1),
-            "mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world)
-                    if self.peak_flops else None),
-            "peak_memory_gb": peak.item(), "world_size": self.world,
+            "step": step,
+            "epoch": epoch,
+            "loss": self.loss_sum / max(self.tokens, 1),
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": elapsed / max(self.steps, 1),
+            "mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world) if self.peak_flops else None),
+            "peak_memory_gb": peak.item(),
+            "world_size": self.world,
         }
         if rank == 0:
             eta_s = (now - self.started) / max(step - self.first_step, 1) * (total_steps - step)
-            say(f"step {step}/{total_steps} epoch {epoch + 1} loss {metrics['loss']:.4f} lr {lr:.2e} "
-                  f"tokens/s {metrics['tokens_per_s']:.0f} eta {_duration(eta_s)}")
+            say(
+                f"step {step}/{total_steps} epoch {epoch + 1} loss {metrics['loss']:.4f} lr {lr:.2e} "
+                f"tokens/s {metrics['tokens_per_s']:.0f} eta {_duration(eta_s)}"
+            )
         self._reset()
         return metrics
 
 
 # Dense 16-bit tensor-core peaks (FLOP/s) by device name. fp32 has no single peak (TF32 or not), so none is used.
-GPU_PEAK_FLOPS = {"H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12,
-                  "V100": 125e12, "T4": 65e12, "4090": 165e12, "3090": 71e12}
+GPU_PEAK_FLOPS = {
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+    "4090": 165e12,
+    "3090": 71e12,
+}
 
 
 def peak_flops(device, dtype: str) -> float | None:

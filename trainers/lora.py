@@ -17,16 +17,22 @@ def with_adapters(model, lora: LoraConfig, name_or_path: str):
     """`model` with LoRA adapters on its target modules, only they trainable."""
     import peft
 
-    config = peft.LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=lora.target_modules)
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
     # the base an adapter-only export names: absolute when it is a local directory, so it loads from anywhere
     model.name_or_path = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:  # no default targets for this architecture, or names that match nothing
         first = str(exc).strip().splitlines()[0].rstrip(".")
-        raise UserError(f"model.lora.target_modules: {first}; name the modules to adapt (e.g. [q_proj, v_proj]) "
-                        "or use all-linear") from None
+        raise UserError(
+            f"model.lora.target_modules: {first}; name the modules to adapt (e.g. [q_proj, v_proj]) or use all-linear"
+        ) from None
 
 
 def holds_adapters(config_dir: str) -> bool:
@@ -49,8 +55,10 @@ def save_lora_model(state: dict, config_dir: str, out_dir: str, export: str) -> 
     tied = tuple(getattr(base, "_tied_weights_keys", None) or ())
     missing = [k for k in missing if not k.endswith(tied)]
     if missing or unexpected:
-        raise UserError(f"checkpoint weights do not match the model and adapter configs in {config_dir} "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UserError(
+            f"checkpoint weights do not match the model and adapter configs in {config_dir} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if export == "adapter":
         model.save_pretrained(out_dir, safe_serialization=True)
     else:

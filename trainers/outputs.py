@@ -37,8 +37,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     fs, path = resolve(run_dir, "storage")
     if not exists(fs, f"{path}/{METRICS_FILE}"):
         return []
-    return [json.loads(line) for line in read_bytes(fs, f"{path}/{METRICS_FILE}").decode().splitlines()
-            if line.strip()]
+    return [json.loads(line) for line in read_bytes(fs, f"{path}/{METRICS_FILE}").decode().splitlines() if line.strip()]
 
 
 def write_summary(run_dir: str, summary: dict) -> str:

@@ -38,13 +38,16 @@ def model_shape(name_or_path: str, trust_remote_code: bool, lora=None) -> dict:
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "largest_layer_params": largest,
-        "layers": text.num_hidden_layers, "hidden": text.hidden_size,
-        "heads": text.num_attention_heads, "vocab": text.vocab_size,
+        "layers": text.num_hidden_layers,
+        "hidden": text.hidden_size,
+        "heads": text.num_attention_heads,
+        "vocab": text.vocab_size,
     }
 
 
-def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str, world: int,
-                       mixed: bool) -> tuple[int, int]:
+def model_states_bytes(
+    params: int, largest_layer: int, stage: int, offload: str, world: int, mixed: bool
+) -> tuple[int, int]:
     """(device bytes, CPU bytes per node) for parameters, gradients and AdamW states on each worker."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -54,16 +57,17 @@ def model_states_bytes(params: int, largest_layer: int, stage: int, offload: str
         cpu, dev = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=world, cpu_offload=cpu_offload)
         return dev, cpu
     if mixed and stage == 3:
-        cpu, dev, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, num_gpus_per_node=world,
-                                                            cpu_offload=cpu_offload, cpu_offload_params=cpu_offload)
+        cpu, dev, _ = estimate_zero3_model_states_mem_needs(
+            params, largest_layer, num_gpus_per_node=world, cpu_offload=cpu_offload, cpu_offload_params=cpu_offload
+        )
         return dev, cpu
     # bytes per parameter: working weights + their gradients, then what ZeRO shards from stage 1 on: fp32 master
     # weights, fp32 gradients when mixed, and AdamW's two moments. ZeRO-1/2 keep their own fp32 master partition
     # even when the working weights are fp32 (measured by bench/train.py), so fp32 shards 12 bytes there; ZeRO-3
     # steps an fp32 parameter partition in place (trainers/deepspeed_fixes.py) unless the optimizer is offloaded.
-    working = 4 if mixed else 8            # 16-bit weights + 16-bit grads, or fp32 weights + fp32 grads
-    sharded = 16 if mixed else 12          # fp32 master weights (+ fp32 grads when mixed) + 2 moments
-    offloaded = 16                         # on the CPU with offload: fp32 master weights, grads and 2 moments
+    working = 4 if mixed else 8  # 16-bit weights + 16-bit grads, or fp32 weights + fp32 grads
+    sharded = 16 if mixed else 12  # fp32 master weights (+ fp32 grads when mixed) + 2 moments
+    offloaded = 16  # on the CPU with offload: fp32 master weights, grads and 2 moments
     if stage == 0:  # no ZeRO optimizer: torch's AdamW updates the weights themselves
         return (working + (sharded if mixed else 8)) * params, 0
     if stage == 1:
@@ -99,6 +103,7 @@ def activation_bytes(shape: dict, micro_batch: int, seq: int, bytes_per_value: i
 def device_memory(use_gpu: bool, workers: int) -> tuple[int | None, str]:
     """Memory of one worker's device: a GPU's (asked of a GPU in the cluster), or its share of a node's RAM."""
     if use_gpu:
+
         @ray.remote(num_gpus=1, num_cpus=0)
         def gpu_memory() -> tuple[int, str]:
             import torch
@@ -135,42 +140,68 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
         states, cpu = shape_states_bytes(shape, stage, offload, t.min_workers, mixed)
         # on CPU the "device" is the node's memory, which also holds what is offloaded
         need = states + act + (0 if use_gpu else cpu // t.min_workers)
-        rows.append({"zero_stage": stage, "offload": offload, "model_states_gb": states / GB,
-                     "offloaded_cpu_gb": cpu / GB, "activations_gb": act / GB, "total_gb": need / GB,
-                     "fits": None if device_bytes is None else need <= device_bytes})
+        rows.append(
+            {
+                "zero_stage": stage,
+                "offload": offload,
+                "model_states_gb": states / GB,
+                "offloaded_cpu_gb": cpu / GB,
+                "activations_gb": act / GB,
+                "total_gb": need / GB,
+                "fits": None if device_bytes is None else need <= device_bytes,
+            }
+        )
     chosen = next(r for r in rows if (r["zero_stage"], r["offload"]) == (t.zero_stage, t.offload))
     cheapest = next((r for r in rows if r["fits"]), None)
     # PaLM's training FLOPs per token: 6N for the weights, 12*L*H*T for attention over T positions
     flops_per_token = 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * d.max_length
-    return {"params": shape["params"], "hidden": shape["hidden"], "precision": dtype,
-            "flops_per_token": flops_per_token, "device": device,
-            "device_gb": None if device_bytes is None else device_bytes / GB, "rows": rows,
-            "chosen": chosen, "cheapest": cheapest,
-            "tokens_per_step": t.max_workers * t.micro_batch_size * t.grad_accum * d.max_length}
+    return {
+        "params": shape["params"],
+        "hidden": shape["hidden"],
+        "precision": dtype,
+        "flops_per_token": flops_per_token,
+        "device": device,
+        "device_gb": None if device_bytes is None else device_bytes / GB,
+        "rows": rows,
+        "chosen": chosen,
+        "cheapest": cheapest,
+        "tokens_per_step": t.max_workers * t.micro_batch_size * t.grad_accum * d.max_length,
+    }
 
 
 def explain(plan: dict) -> str:
     """Why a run does not fit, and what would."""
     c = plan["chosen"]
-    fix = (f"train.zero_stage={plan['cheapest']['zero_stage']} train.offload={plan['cheapest']['offload']} fits "
-           f"({plan['cheapest']['total_gb']:.2f} GB)" if plan["cheapest"] else
-           "no ZeRO stage or offload fits; lower train.micro_batch_size or data.max_length, or add workers")
-    return (f"train.zero_stage={c['zero_stage']} train.offload={c['offload']} needs {c['total_gb']:.2f} GB per "
-            f"worker ({c['model_states_gb']:.2f} model states + {c['activations_gb']:.2f} activations) but the "
-            f"device has {plan['device_gb']:.2f} GB ({plan['device']}); {fix}")
+    fix = (
+        f"train.zero_stage={plan['cheapest']['zero_stage']} train.offload={plan['cheapest']['offload']} fits "
+        f"({plan['cheapest']['total_gb']:.2f} GB)"
+        if plan["cheapest"]
+        else "no ZeRO stage or offload fits; lower train.micro_batch_size or data.max_length, or add workers"
+    )
+    return (
+        f"train.zero_stage={c['zero_stage']} train.offload={c['offload']} needs {c['total_gb']:.2f} GB per "
+        f"worker ({c['model_states_gb']:.2f} model states + {c['activations_gb']:.2f} activations) but the "
+        f"device has {plan['device_gb']:.2f} GB ({plan['device']}); {fix}"
+    )
 
 
 def format_plan(plan: dict) -> str:
-    lines = [f"model: {plan['params'] / 1e6:.1f}M parameters, {plan['precision']}; device: {plan['device']}"
-             + (f", {plan['device_gb']:.2f} GB" if plan["device_gb"] is not None else ""),
-             f"{'stage':>5} {'offload':>7} {'states GB':>10} {'activ. GB':>10} {'total GB':>9} {'CPU GB':>8}  fits"]
+    lines = [
+        f"model: {plan['params'] / 1e6:.1f}M parameters, {plan['precision']}; device: {plan['device']}"
+        + (f", {plan['device_gb']:.2f} GB" if plan["device_gb"] is not None else ""),
+        f"{'stage':>5} {'offload':>7} {'states GB':>10} {'activ. GB':>10} {'total GB':>9} {'CPU GB':>8}  fits",
+    ]
     for r in plan["rows"]:
         mark = " <- configured" if r is plan["chosen"] else ""
         fits = "?" if r["fits"] is None else ("yes" if r["fits"] else "no")
-        lines.append(f"{r['zero_stage']:>5} {r['offload']:>7} {r['model_states_gb']:>10.3f} "
-                     f"{r['activations_gb']:>10.3f} {r['total_gb']:>9.3f} {r['offloaded_cpu_gb']:>8.3f}  {fits}{mark}")
+        lines.append(
+            f"{r['zero_stage']:>5} {r['offload']:>7} {r['model_states_gb']:>10.3f} "
+            f"{r['activations_gb']:>10.3f} {r['total_gb']:>9.3f} {r['offloaded_cpu_gb']:>8.3f}  {fits}{mark}"
+        )
     cheapest = plan["cheapest"]
-    lines.append("cheapest that fits: " + (f"ZeRO {cheapest['zero_stage']}, offload {cheapest['offload']}"
-                                             if cheapest else "none"))
+    lines.append(
+        "cheapest that fits: "
+        + (f"ZeRO {cheapest['zero_stage']}, offload {cheapest['offload']}" if cheapest else "none")
+    )
     lines.append(f"tokens per optimizer step (slots): {plan['tokens_per_step']}")
     return "\n".join(lines)

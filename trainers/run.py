@@ -17,18 +17,27 @@ from cluster.storage import run_store
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
 from trainers.checkpoints import damage, export
-from trainers.loop import train_loop_per_worker
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
+from trainers.loop import train_loop_per_worker
+from trainers.outputs import (
+    MODEL_DIR,
+    REPORT_FILE,
+    RUN_CONFIG,
+    SUMMARY_FILE,
+    MetricsLog,
+    plot_report,
+    read_metrics,
+    write_summary,
+)
 from trainers.plan import explain, make_memory_plan
 from trainers.tracking import Tracking
-from trainers.outputs import (MODEL_DIR, REPORT_FILE, RUN_CONFIG, SUMMARY_FILE, MetricsLog, plot_report, read_metrics,
-                              write_summary)
 from zeray.errors import UserError
 from zeray.fs import exists, read_bytes, resolve
 
 
-def make_plan(train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int,
-              max_steps: int | None) -> dict:
+def make_plan(
+    train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int, max_steps: int | None
+) -> dict:
     """Optimizer steps per epoch and in total. Each step takes grad_accum global micro-batches of
     micro_batch x workers rows; the rows that cannot fill a whole step at the end of an epoch wait for the next
     epoch's order (fewer than one global batch)."""
@@ -57,8 +66,10 @@ def use_gpu(setting, resources: dict, unknown_reach: bool = False) -> bool:
     if setting == "auto":
         return gpus > 0
     if setting and gpus == 0 and not unknown_reach:
-        raise UserError("train.use_gpu: true but the Ray cluster has no GPUs (nor can its autoscaler add any); "
-                        "set train.use_gpu: auto or false")
+        raise UserError(
+            "train.use_gpu: true but the Ray cluster has no GPUs (nor can its autoscaler add any); "
+            "set train.use_gpu: auto or false"
+        )
     return bool(setting)
 
 
@@ -70,9 +81,20 @@ REPORT_POLL_S = "0.1"
 
 
 # keys a resumed run may change: they do not alter what the checkpoints mean or where the data stream stands
-RESUMABLE_CHANGES = {"train.max_failures", "train.log_every", "train.eval_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.epochs", "train.max_steps", "train.cpus_per_worker",
-                     "train.tensorboard", "train.mlflow_uri", "train.mlflow_experiment", "train.elastic_resize_s"}
+RESUMABLE_CHANGES = {
+    "train.max_failures",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.epochs",
+    "train.max_steps",
+    "train.cpus_per_worker",
+    "train.tensorboard",
+    "train.mlflow_uri",
+    "train.mlflow_experiment",
+    "train.elastic_resize_s",
+}
 
 
 def check_same_run(cfg, path: str, sections: tuple[str, ...] = ("data", "model", "train")) -> None:
@@ -83,16 +105,26 @@ def check_same_run(cfg, path: str, sections: tuple[str, ...] = ("data", "model",
         return
     before = json.loads(read_bytes(fs, where))
     now = cfg.model_dump(mode="json")
-    changed = [f"{section}.{key}: {before[section].get(key)!r} -> {value!r}"
-               for section in sections for key, value in now[section].items()
-               if before.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES]
+    changed = [
+        f"{section}.{key}: {before[section].get(key)!r} -> {value!r}"
+        for section in sections
+        for key, value in now[section].items()
+        if before.get(section, {}).get(key) != value and f"{section}.{key}" not in RESUMABLE_CHANGES
+    ]
     if changed:
-        raise UserError(f"{cfg.run_dir} holds run {cfg.name} with other settings ({'; '.join(changed)}); "
-                        "change `name`, or remove that folder to start afresh")
+        raise UserError(
+            f"{cfg.run_dir} holds run {cfg.name} with other settings ({'; '.join(changed)}); "
+            "change `name`, or remove that folder to start afresh"
+        )
 
 
-def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint: str | None = None,
-          prepared: tuple[dict, dict] | None = None) -> dict:
+def train(
+    cfg,
+    callbacks: list = (),
+    export_model: bool = True,
+    init_checkpoint: str | None = None,
+    prepared: tuple[dict, dict] | None = None,
+) -> dict:
     """Run one fine-tuning job end to end; returns the summary that is also written to summary.json.
 
     A tune trial passes its reporting `callbacks`, skips the model export (the campaign exports only its best
@@ -104,13 +136,23 @@ def train(cfg, callbacks: list = (), export_model: bool = True, init_checkpoint:
         return _train(cfg, store, started, callbacks, export_model, init_checkpoint, prepared)
 
 
-def _train(cfg, store, started: float, callbacks: list, export_model: bool, init_checkpoint: str | None,
-           prepared: tuple[dict, dict] | None) -> dict:
+def _train(
+    cfg,
+    store,
+    started: float,
+    callbacks: list,
+    export_model: bool,
+    init_checkpoint: str | None,
+    prepared: tuple[dict, dict] | None,
+) -> dict:
     run_dir = store.local  # where this process writes the run's files (a staging copy of an object store's)
     if store.exists("checkpoint_manager_snapshot.json"):
         check_same_run(cfg, os.path.join(run_dir, RUN_CONFIG))
-        print(f"resuming run {cfg.name} from its checkpoints in {cfg.run_dir} "
-              "(change `name` or remove that folder to start afresh)", flush=True)
+        print(
+            f"resuming run {cfg.name} from its checkpoints in {cfg.run_dir} "
+            "(change `name` or remove that folder to start afresh)",
+            flush=True,
+        )
     with open(os.path.join(run_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg.model_dump(mode="json"), f, indent=2)
     store.push(RUN_CONFIG)
@@ -125,21 +167,27 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
         counts = {k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows")}
         print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
     else:
-        splits = build_splits(d, cfg.model.name_or_path, cfg.model.trust_remote_code,
-                              wait_s=placement_timeout(cfg.cluster))
+        splits = build_splits(
+            d, cfg.model.name_or_path, cfg.model.trust_remote_code, wait_s=placement_timeout(cfg.cluster)
+        )
         datasets = {"train": splits.train, "val": splits.val, "test": splits.test}
         counts = count_records(splits.records)
         counts["rows"] = {split: ds.count() for split, ds in datasets.items()}  # materialized: free to count
         del splits  # the per-record dataset is no longer needed: let Ray free it
-        print(f"data: {counts['records_in']} records in -> train {counts['records']['train']}, val "
-              f"{counts['records']['val']}, test {counts['records']['test']}; rejected "
-              + (", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "0")
-              + f"; truncated {counts['truncated']}; {counts['rows']['train']} training rows"
-              + (f" (packed to {d.max_length} tokens)" if d.packing else ""), flush=True)
+        print(
+            f"data: {counts['records_in']} records in -> train {counts['records']['train']}, val "
+            f"{counts['records']['val']}, test {counts['records']['test']}; rejected "
+            + (", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "0")
+            + f"; truncated {counts['truncated']}; {counts['rows']['train']} training rows"
+            + (f" (packed to {d.max_length} tokens)" if d.packing else ""),
+            flush=True,
+        )
     if counts["rows"]["train"] == 0:
         rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
-        raise UserError(f"data.train: no record to train on ({counts['records_in']} records in, rejected: {rejected}); "
-                        "`zeray prep` writes each rejected record with its reason to data/rejects.jsonl")
+        raise UserError(
+            f"data.train: no record to train on ({counts['records_in']} records in, rejected: {rejected}); "
+            "`zeray prep` writes each rejected record with its reason to data/rejects.jsonl"
+        )
     for split in ("val", "test"):
         if counts["rows"][split] == 0:
             raise UserError(f"data.split.{split}: no {split} records; raise data.split.{split} or add data")
@@ -151,9 +199,12 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
     deepspeed_config(t, t.max_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     plan["init_checkpoint"] = init_checkpoint
-    print(f"plan: {t.workers_label()} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
-          f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
-          f"steps/epoch, {plan['total_steps']} steps", flush=True)
+    print(
+        f"plan: {t.workers_label()} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
+        f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
+        f"steps/epoch, {plan['total_steps']} steps",
+        flush=True,
+    )
 
     storage_fs, storage_path = resolve(cfg.storage, "storage")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
@@ -161,9 +212,13 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"run": cfg, "plan": plan},
-            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker,
-                                         placement_strategy=t.placement_strategy,
-                                         elastic_resize_monitor_interval_s=t.elastic_resize_s),
+            scaling_config=ScalingConfig(
+                num_workers=t.num_workers,
+                use_gpu=gpu,
+                resources_per_worker=per_worker,
+                placement_strategy=t.placement_strategy,
+                elastic_resize_monitor_interval_s=t.elastic_resize_s,
+            ),
             datasets=datasets,
             # the same example order on every run: what exact resume and reproducible curves rest on
             # nothing is split: every rank reads the ordered train stream and takes its slice of each global
@@ -171,30 +226,39 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
             dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
             run_config=TrainRunConfig(
                 name=cfg.name,
-                storage_path=storage_path, storage_filesystem=storage_fs,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=t.max_failures),
                 # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
-                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
-                                                   checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"),
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+                ),
                 callbacks=[MetricsLog(store), *tracking.callbacks, *callbacks],
                 logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
             ),
         )
-        result = fit_or_explain(trainer, placement_timeout(cfg.cluster),
-                                elastic_min=(t.min_workers, per_worker) if t.elastic else None)
+        result = fit_or_explain(
+            trainer, placement_timeout(cfg.cluster), elastic_min=(t.min_workers, per_worker) if t.elastic else None
+        )
         if result.error:
             raise result.error
         rows = read_metrics(run_dir)  # every report (result.metrics holds only the latest checkpoint's)
         if rows and rows[-1].get("diverged"):
-            raise UserError(f"training diverged at step {rows[-1]['step']}: the loss became {rows[-1]['loss']} "
-                            "(lower train.lr, raise train.warmup_ratio or train.grad_clip)")
+            raise UserError(
+                f"training diverged at step {rows[-1]['step']}: the loss became {rows[-1]['loss']} "
+                "(lower train.lr, raise train.warmup_ratio or train.grad_clip)"
+            )
 
         final = result.metrics
         # (an earlier checkpoint damaged on disk, which this run resumed around, is no candidate)
-        ranked = [(c, m) for c, m in result.best_checkpoints or []
-                  if "eval_loss" in m and damage(c.path, c.filesystem) is None]
-        best, best_metrics = (min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked
-                              else (result.checkpoint, final))
+        ranked = [
+            (c, m)
+            for c, m in result.best_checkpoints or []
+            if "eval_loss" in m and damage(c.path, c.filesystem) is None
+        ]
+        best, best_metrics = (
+            min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked else (result.checkpoint, final)
+        )
         tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
         tested_step = final["step"]  # whose weights the test numbers describe
         model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
@@ -203,9 +267,11 @@ def _train(cfg, store, started: float, callbacks: list, export_model: bool, init
             if best.path != result.checkpoint.path:  # an earlier checkpoint validated better: it is the model
                 from trainers.evaluate import evaluate_model
 
-                print(f"model: the checkpoint of step {best_metrics['step']} (validation loss "
-                      f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
-                      flush=True)
+                print(
+                    f"model: the checkpoint of step {best_metrics['step']} (validation loss "
+                    f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
+                    flush=True,
+                )
                 tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
             store.push(MODEL_DIR)
         train_rows = [r for r in rows if "tokens_per_s" in r]

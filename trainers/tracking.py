@@ -56,7 +56,7 @@ def start_mlflow_run(cfg, run_dir: str) -> str:
 
         params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg.model_dump(mode="json")).items())]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            client.log_batch(run.info.run_id, params=params[i:i + 100])
+            client.log_batch(run.info.run_id, params=params[i : i + 100])
     except UserError:
         raise
     except Exception as exc:  # unreachable server, refused credentials, a bad URI
@@ -73,8 +73,14 @@ def end_mlflow_run(uri: str, run_id: str, summary: dict | None) -> None:
     client = _client(uri)
     if summary is not None:
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), now, int(summary.get("steps") or 0))
-                                          for k, v in sorted(summary.items()) if _number(v)])
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(f"final/{k}", float(v), now, int(summary.get("steps") or 0))
+                for k, v in sorted(summary.items())
+                if _number(v)
+            ],
+        )
     client.set_terminated(run_id, "FINISHED" if summary is not None else "FAILED")
 
 
@@ -102,8 +108,12 @@ class Tracking:
         try:
             end_mlflow_run(self.mlflow_uri, self.mlflow_run, self.summary if exc[0] is None else None)
         except Exception as error:  # the tracking server gone by the end: the run's own outcome stands
-            print(f"warning: train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({_first_line(error)}); "
-                  "the run's results are in its folder", file=sys.stderr, flush=True)
+            print(
+                f"warning: train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({_first_line(error)}); "
+                "the run's results are in its folder",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 class Trackers(UserCallback):

@@ -58,34 +58,54 @@ def run_campaign(cfg, resume: bool = False) -> dict:
         prepared = load_prepared(base.data.prepared)
         report = prepared[1]
         t = cfg.train
-        total_steps = make_plan(report["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum,
-                                t.epochs, t.max_steps)["total_steps"]
+        total_steps = make_plan(
+            report["rows"]["train"], t.num_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps
+        )["total_steps"]
 
     t = cfg.tune
     pbt = t.scheduler == "pbt"
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, campaign_dir=out, pbt=pbt,
-                                                          prepared=prepared),
-                                    {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, campaign_dir=out, pbt=pbt, prepared=prepared),
+        {"CPU": TRIAL_DRIVER_CPU},
+    )
     if resume:
-        print(f"resuming campaign {cfg.name} in {out}: finished trials are kept, unfinished ones continue from "
-              "their checkpoints", flush=True)
-        tuner = tune.Tuner.restore(out_path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False, storage_filesystem=tune_fs)
+        print(
+            f"resuming campaign {cfg.name} in {out}: finished trials are kept, unfinished ones continue from "
+            "their checkpoints",
+            flush=True,
+        )
+        tuner = tune.Tuner.restore(
+            out_path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            storage_filesystem=tune_fs,
+        )
     else:
         grid = t.search == "grid"
-        print(f"campaign {cfg.name}: " + ("every combination of the grid" if grid else f"{t.num_samples} trials")
-              + f", {t.search} search, {t.scheduler} scheduler, {concurrent} at once, each "
-              f"{cfg.train.num_workers} worker(s) x {_resources(per_worker)}; results in {out}", flush=True)
+        print(
+            f"campaign {cfg.name}: "
+            + ("every combination of the grid" if grid else f"{t.num_samples} trials")
+            + f", {t.search} search, {t.scheduler} scheduler, {concurrent} at once, each "
+            f"{cfg.train.num_workers} worker(s) x {_resources(per_worker)}; results in {out}",
+            flush=True,
+        )
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
-                metric=t.metric, mode=t.mode, num_samples=1 if grid else t.num_samples,
-                search_alg=_search(cfg), scheduler=_scheduler(cfg, total_steps),
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=1 if grid else t.num_samples,
+                search_alg=_search(cfg),
+                scheduler=_scheduler(cfg, total_steps),
                 max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(
-                name=TUNE_DIR, storage_path=resolve(cfg.run_dir, "storage")[1], storage_filesystem=tune_fs,
+                name=TUNE_DIR,
+                storage_path=resolve(cfg.run_dir, "storage")[1],
+                storage_filesystem=tune_fs,
                 # a trial that fails has bad settings (or ran out of memory): record why and go on; worker
                 # crashes are retried inside the trial by Ray Train (train.max_failures)
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -118,8 +138,13 @@ def prepare_once(cfg, out: str) -> str:
     fs, path = resolve(data_dir, "storage")
     if not exists(fs, f"{path}/{REPORT}"):
         print(f"data: preparing {cfg.data.train} once for every trial, in {data_dir}", flush=True)
-        prepare(cfg.data, cfg.model.name_or_path, data_dir, cfg.model.trust_remote_code,
-                wait_s=placement_timeout(cfg.cluster))
+        prepare(
+            cfg.data,
+            cfg.model.name_or_path,
+            data_dir,
+            cfg.model.trust_remote_code,
+            wait_s=placement_timeout(cfg.cluster),
+        )
     return data_dir
 
 
@@ -128,16 +153,20 @@ def trials_at_once(cfg, per_worker: dict[str, float]) -> int:
     the data pipeline (`cluster.data_cpus`), so that trials can never starve the pipeline that feeds them."""
     have = capacity()
     workers = cfg.train.num_workers
-    fits = min(int((have.get(name, 0.0) - (cfg.cluster.data_cpus if name == "CPU" else 0.0) + 1e-9)
-                   // (amount * workers)) for name, amount in per_worker.items())
+    fits = min(
+        int((have.get(name, 0.0) - (cfg.cluster.data_cpus if name == "CPU" else 0.0) + 1e-9) // (amount * workers))
+        for name, amount in per_worker.items()
+    )
     fits = max(fits, 1)  # worker_resources() has checked that one trial fits
     wanted = cfg.tune.max_concurrent
     if wanted == "auto":
         return fits
     if wanted > fits:
-        print(f"tune.max_concurrent={wanted} is more than the cluster holds ({fits} trials of {workers} x "
-              f"{_resources(per_worker)} beside {cfg.cluster.data_cpus:g} CPU for Ray Data); running {fits} at once",
-              flush=True)
+        print(
+            f"tune.max_concurrent={wanted} is more than the cluster holds ({fits} trials of {workers} x "
+            f"{_resources(per_worker)} beside {cfg.cluster.data_cpus:g} CPU for Ray Data); running {fits} at once",
+            flush=True,
+        )
         return fits
     return wanted
 
@@ -158,12 +187,20 @@ def _scheduler(cfg, total_steps: int | None):
     if t.scheduler == "asha":
         # rungs at grace x reduction_factor^k optimizer steps; a trial is judged by its evaluations
         # (a trial that reaches its last step is never stopped there: its final checkpoint is still to come)
-        return ASHAScheduler(time_attr="step", max_t=total_steps or 10**9,
-                             grace_period=t.grace_period or cfg.train.eval_every,
-                             reduction_factor=t.reduction_factor, stop_last_trials=False)
+        return ASHAScheduler(
+            time_attr="step",
+            max_t=total_steps or 10**9,
+            grace_period=t.grace_period or cfg.train.eval_every,
+            reduction_factor=t.reduction_factor,
+            stop_last_trials=False,
+        )
     # PBT acts at checkpoints (only those can be cloned): every train.checkpoint_every steps
-    return PopulationBasedTraining(time_attr="step", perturbation_interval=cfg.train.checkpoint_every,
-                                   hyperparam_mutations=pbt_mutations(cfg), quantile_fraction=0.5)
+    return PopulationBasedTraining(
+        time_attr="step",
+        perturbation_interval=cfg.train.checkpoint_every,
+        hyperparam_mutations=pbt_mutations(cfg),
+        quantile_fraction=0.5,
+    )
 
 
 def _resources(per_worker: dict[str, float]) -> str:

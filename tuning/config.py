@@ -35,6 +35,7 @@ class TuneConfig(Section):
     @model_validator(mode="after")
     def _combinations(self):
         if self.search == "optuna" and self.scheduler == "pbt":
-            raise ValueError("tune.search: optuna cannot drive tune.scheduler: pbt (PBT explores by itself); "
-                             "use search: random")
+            raise ValueError(
+                "tune.search: optuna cannot drive tune.scheduler: pbt (PBT explores by itself); use search: random"
+            )
         return self

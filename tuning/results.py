@@ -40,8 +40,18 @@ def write_results(cfg, out: str, grid) -> dict:
             writer = csv.writer(f)
             writer.writerow(["trial", "status", *keys, t.metric, "step", "steps_trained", "checkpoint", "reason"])
             for x in trials:
-                writer.writerow([x["trial"], x["status"], *(x["params"].get(k) for k in keys), x["value"],
-                                 x["step"], x["steps_trained"], x["checkpoint"] or "", x["reason"]])
+                writer.writerow(
+                    [
+                        x["trial"],
+                        x["status"],
+                        *(x["params"].get(k) for k in keys),
+                        x["value"],
+                        x["step"],
+                        x["steps_trained"],
+                        x["checkpoint"] or "",
+                        x["reason"],
+                    ]
+                )
         plot(trials, t.metric, os.path.join(staging, PLOT_FILE))
         for name in (RESULTS_FILE, PLOT_FILE):
             upload(os.path.join(staging, name), fs, f"{out_path}/{name}")
@@ -49,32 +59,47 @@ def write_results(cfg, out: str, grid) -> dict:
 
     with_model = [x for x in trials if x["checkpoint"]]
     if not with_model:
-        raise UserError(f"no trial of campaign {cfg.name} reached a checkpoint; the reasons are in "
-                        f"{join(out, RESULTS_FILE)}")
+        raise UserError(
+            f"no trial of campaign {cfg.name} reached a checkpoint; the reasons are in {join(out, RESULTS_FILE)}"
+        )
     best = better(with_model, key=lambda x: x["checkpoint_value"])
     model_dir = join(out, BEST_MODEL)
     export(best["run_dir"], model_dir, checkpoint=best["checkpoint"])
     counts = {status: sum(x["status"] == status for x in trials) for status in ("completed", "stopped", "failed")}
     summary = {
-        "metric": t.metric, "mode": t.mode, "value": best["checkpoint_value"], "trial": best["trial"],
-        "step": best["checkpoint_step"], "config": best["params"], "checkpoint": best["checkpoint"],
-        "model_dir": model_dir, "trials": counts,
+        "metric": t.metric,
+        "mode": t.mode,
+        "value": best["checkpoint_value"],
+        "trial": best["trial"],
+        "step": best["checkpoint_step"],
+        "config": best["params"],
+        "checkpoint": best["checkpoint"],
+        "model_dir": model_dir,
+        "trials": counts,
         "steps_trained": sum(x["steps_trained"] for x in trials),
         "disk_bytes": disk_usage(fs, out_path),
     }
     write_bytes(fs, f"{out_path}/{BEST_FILE}", json.dumps(summary, indent=2).encode())
-    print(f"best: trial {best['trial']} {t.metric} {best['checkpoint_value']:.4f} at step {best['checkpoint_step']} "
-          f"({_params(best['params'])}); model in {model_dir}; campaign uses "
-          f"{summary['disk_bytes'] / 2**20:.1f} MiB in {out}", flush=True)
+    print(
+        f"best: trial {best['trial']} {t.metric} {best['checkpoint_value']:.4f} at step {best['checkpoint_step']} "
+        f"({_params(best['params'])}); model in {model_dir}; campaign uses "
+        f"{summary['disk_bytes'] / 2**20:.1f} MiB in {out}",
+        flush=True,
+    )
     return summary
 
 
 def describe(result, metric: str, better, fs: pafs.FileSystem) -> dict:
     """One trial from its Tune result and its training runs' metrics (`fs`: the campaign's filesystem)."""
     trial_dir = result.path  # in fs
-    runs = sorted((i.base_name for i in entries(fs, trial_dir)
-                   if i.type == pafs.FileType.Directory and re.fullmatch(rf"{FIRST_RUN}(-\d+)?", i.base_name)),
-                  key=lambda d: int(d.rpartition("-")[2]) if "-" in d else 1)
+    runs = sorted(
+        (
+            i.base_name
+            for i in entries(fs, trial_dir)
+            if i.type == pafs.FileType.Directory and re.fullmatch(rf"{FIRST_RUN}(-\d+)?", i.base_name)
+        ),
+        key=lambda d: int(d.rpartition("-")[2]) if "-" in d else 1,
+    )
     evals, checkpoints, steps_trained = [], [], 0
     for run in runs:
         rows = read_metrics(display(fs, f"{trial_dir}/{run}"))
@@ -82,8 +107,11 @@ def describe(result, metric: str, better, fs: pafs.FileSystem) -> dict:
         steps_trained += max((r["step"] for r in rows), default=start) - start
         evals += [r for r in rows if metric in r]
         # (a row's checkpoint is its path in fs)
-        checkpoints += [(r, display(fs, f"{trial_dir}/{run}")) for r in rows
-                        if metric in r and r.get("checkpoint") and kind(fs, r["checkpoint"]) == pafs.FileType.Directory]
+        checkpoints += [
+            (r, display(fs, f"{trial_dir}/{run}"))
+            for r in rows
+            if metric in r and r.get("checkpoint") and kind(fs, r["checkpoint"]) == pafs.FileType.Directory
+        ]
     best_eval = better(evals, key=lambda r: r[metric]) if evals else None
     best_ckpt, run_dir = better(checkpoints, key=lambda c: c[0][metric]) if checkpoints else (None, None)
     if result.error is not None:
@@ -93,13 +121,19 @@ def describe(result, metric: str, better, fs: pafs.FileSystem) -> dict:
     else:
         status = "stopped"  # by the scheduler, before the end of its training
     return {
-        "trial": _trial_id(result), "status": status, "params": flatten(result.config or {}), "dir": trial_dir,
-        "value": best_eval[metric] if best_eval else None, "step": best_eval["step"] if best_eval else None,
-        "checkpoint": display(fs, best_ckpt["checkpoint"]) if best_ckpt else None, "run_dir": run_dir,
+        "trial": _trial_id(result),
+        "status": status,
+        "params": flatten(result.config or {}),
+        "dir": trial_dir,
+        "value": best_eval[metric] if best_eval else None,
+        "step": best_eval["step"] if best_eval else None,
+        "checkpoint": display(fs, best_ckpt["checkpoint"]) if best_ckpt else None,
+        "run_dir": run_dir,
         "checkpoint_path": best_ckpt["checkpoint"] if best_ckpt else None,
         "checkpoint_value": best_ckpt[metric] if best_ckpt else None,
         "checkpoint_step": best_ckpt["step"] if best_ckpt else None,
-        "steps_trained": steps_trained, "reason": _reason(result.error),
+        "steps_trained": steps_trained,
+        "reason": _reason(result.error),
         "curve": [(r["step"], r[metric]) for r in evals],
     }
 
@@ -113,7 +147,7 @@ def prune(trial: dict, fs: pafs.FileSystem) -> None:
         parts = rel.split("/")
         for depth, part in enumerate(parts[:-1]):
             if part.startswith("checkpoint_") or re.fullmatch(r"start-\d+", part):
-                doomed.add("/".join([trial["dir"], *parts[:depth + 1]]))
+                doomed.add("/".join([trial["dir"], *parts[: depth + 1]]))
                 break
     for path in sorted(doomed - {trial["checkpoint_path"]}):
         fs.delete_dir(path)
@@ -131,7 +165,7 @@ def plot(trials: list[dict], metric: str, path: str) -> None:
         if not x["curve"]:
             continue
         steps, values = zip(*x["curve"])
-        line, = ax.plot(steps, values, "-", marker=".", alpha=0.85, label=f"{x['trial']} {_params(x['params'])}")
+        (line,) = ax.plot(steps, values, "-", marker=".", alpha=0.85, label=f"{x['trial']} {_params(x['params'])}")
         if x["status"] != "completed":
             ax.plot(steps[-1], values[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
     ax.set_xlabel("optimizer step")
@@ -146,13 +180,16 @@ def plot(trials: list[dict], metric: str, path: str) -> None:
 
 
 def print_table(trials: list[dict], metric: str, mode: str, keys: list[str], top: int = 5) -> None:
-    ranked = sorted((x for x in trials if x["value"] is not None), key=lambda x: x["value"],
-                    reverse=mode == "max")[:top]
+    ranked = sorted((x for x in trials if x["value"] is not None), key=lambda x: x["value"], reverse=mode == "max")[
+        :top
+    ]
     print(f"\ntop {len(ranked)} of {len(trials)} trials by {metric}:")
     print(f"  {'trial':<14}{'status':<11}{metric:>12}{'step':>7}  " + "  ".join(keys))
     for x in ranked:
-        print(f"  {x['trial']:<14}{x['status']:<11}{x['value']:>12.4f}{x['step']:>7}  "
-              + "  ".join(_fmt(x["params"].get(k)) for k in keys))
+        print(
+            f"  {x['trial']:<14}{x['status']:<11}{x['value']:>12.4f}{x['step']:>7}  "
+            + "  ".join(_fmt(x["params"].get(k)) for k in keys)
+        )
     for x in trials:
         if x["status"] == "failed":
             print(f"  {x['trial']} failed: {x['reason']}")

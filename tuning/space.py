@@ -20,8 +20,9 @@ def parse_space(cfg: RunConfig) -> dict[str, Any]:
     every end of every range validated against the config."""
     t = cfg.tune
     if not t.space:
-        raise UserError("tune.space is empty: give at least one key to search, e.g. "
-                        "train.lr: {loguniform: [1.0e-5, 1.0e-3]}")
+        raise UserError(
+            "tune.space is empty: give at least one key to search, e.g. train.lr: {loguniform: [1.0e-5, 1.0e-3]}"
+        )
     space: dict[str, Any] = {}
     for key, spec in t.space.items():
         where = f"tune.space.{key}"
@@ -38,8 +39,10 @@ def parse_space(cfg: RunConfig) -> dict[str, Any]:
         if t.search == "optuna" and kind == "grid":
             raise UserError(f"{where}: search: optuna samples its own values; use choice instead of grid")
         if t.scheduler == "pbt" and key not in PBT_MUTABLE:
-            raise UserError(f"{where}: PBT continues one trial from another's checkpoint, so it can only perturb "
-                            f"{', '.join(PBT_MUTABLE)}")
+            raise UserError(
+                f"{where}: PBT continues one trial from another's checkpoint, so it can only perturb "
+                f"{', '.join(PBT_MUTABLE)}"
+            )
         if t.search == "grid":
             domain = tune.grid_search(list(args))
         node = space
@@ -85,7 +88,6 @@ def _domain(where: str, kind: str, args: Any):
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 
 def trial_config(base: RunConfig, params: dict) -> RunConfig:

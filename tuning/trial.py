@@ -83,8 +83,9 @@ def _train_reporting_checkpoints(cfg, start_from: str | None, prepared) -> dict:
     reporter = threading.Thread(target=forward, name="zeray-pbt-report", daemon=True)
     reporter.start()
     try:
-        summary = train(cfg, callbacks=[CheckpointsToTune(queue)], export_model=False, init_checkpoint=start_from,
-                        prepared=prepared)
+        summary = train(
+            cfg, callbacks=[CheckpointsToTune(queue)], export_model=False, init_checkpoint=start_from, prepared=prepared
+        )
     finally:
         queue.put(None)
         reporter.join()
@@ -104,8 +105,11 @@ def current_run(trial_dir: str, checkpoint) -> tuple[str, str | None]:
     state = {"run": FIRST_RUN, "from": None}
     if exists(fs, f"{trial}/{RUN_FILE}"):
         state = json.loads(read_bytes(fs, f"{trial}/{RUN_FILE}"))
-    if (checkpoint is None or posixpath.normpath(checkpoint.path).startswith(trial + "/")
-            or checkpoint.path == state.get("source")):  # the exploit this run already started from
+    if (
+        checkpoint is None
+        or posixpath.normpath(checkpoint.path).startswith(trial + "/")
+        or checkpoint.path == state.get("source")
+    ):  # the exploit this run already started from
         return state["run"], state["from"]
     number = int(state["run"].rpartition("-")[2]) + 1 if "-" in state["run"] else 2
     copy = f"{trial}/start-{number}"

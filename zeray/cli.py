@@ -25,7 +25,7 @@ def run(argv: list[str]) -> int:
     after = []
     if "--" in argv:  # `zeray submit CONFIG -- COMMAND`: what follows is the job's command, verbatim
         at = argv.index("--")
-        argv, after = argv[:at], argv[at + 1:]
+        argv, after = argv[:at], argv[at + 1 :]
     args = parser.parse_args(argv)
     if after and args.command != "submit":
         parser.error(f"only `zeray submit` takes a command after --, not `zeray {args.command}`")
@@ -52,9 +52,12 @@ def cmd_train(args) -> int:
         print(f"zeray train {cfg.name}: {where}, results in {cfg.run_dir}", flush=True)
         check_storage(cfg)
         summary = _unwrap_user_errors(train, cfg)
-    print(f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} "
-          f"(first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
-          f"model in {summary['model_dir']}", flush=True)
+    print(
+        f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} "
+        f"(first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
+        f"model in {summary['model_dir']}",
+        flush=True,
+    )
     return 0
 
 
@@ -67,8 +70,10 @@ def cmd_tune(args) -> int:
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
     if t.elastic:
-        raise UserError("train.num_workers: a campaign runs trials side by side at a fixed size; give a number of "
-                        "workers (an elastic [min, max] range is for zeray train)")
+        raise UserError(
+            "train.num_workers: a campaign runs trials side by side at a fixed size; give a number of "
+            "workers (an elastic [min, max] range is for zeray train)"
+        )
     # embedded Ray: as many trial slots as the machine has cores (at least one trial), plus the data pipeline's
     trial_cpus = max(os.cpu_count() or 1, t.max_workers * t.cpus_per_worker)
     with ray_session(cfg.cluster, trial_cpus) as where:
@@ -93,8 +98,11 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
     with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
-        print(f"zeray plan {cfg.name}: {where}; {t.workers_label()} workers x micro-batch {t.micro_batch_size} x "
-              f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens", flush=True)
+        print(
+            f"zeray plan {cfg.name}: {where}; {t.workers_label()} workers x micro-batch {t.micro_batch_size} x "
+            f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens",
+            flush=True,
+        )
         gpu = use_gpu(t.use_gpu, capacity(), autoscaler_maximum() == {})
         per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
         print(describe_fit(t.max_workers, per_worker, cfg.cluster.data_cpus), flush=True)
@@ -115,8 +123,14 @@ def cmd_prep(args) -> int:
     with ray_session(cfg.cluster, train_cpus=0) as where:
         print(f"zeray prep {cfg.name}: {where}, writing {out_dir}", flush=True)
         check_storage(cfg)
-        report = _unwrap_user_errors(prepare, cfg.data, cfg.model.name_or_path, out_dir, cfg.model.trust_remote_code,
-                                     placement_timeout(cfg.cluster))
+        report = _unwrap_user_errors(
+            prepare,
+            cfg.data,
+            cfg.model.name_or_path,
+            out_dir,
+            cfg.model.trust_remote_code,
+            placement_timeout(cfg.cluster),
+        )
     print(f"prepared: {summary_line(report)}", flush=True)
     print(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
     return 0
@@ -132,8 +146,10 @@ def cmd_eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides, prep_only=True)
     if is_uri(args.model):
-        raise UserError(f"--model {args.model}: give a local model directory (`zeray export RUN --out DIR` copies "
-                        "a run's model from its storage)")
+        raise UserError(
+            f"--model {args.model}: give a local model directory (`zeray export RUN --out DIR` copies "
+            "a run's model from its storage)"
+        )
     model_dir = os.path.abspath(args.model)
     t = cfg.train
     with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
@@ -160,9 +176,15 @@ def cmd_export(args) -> int:
 def cmd_generate(args) -> int:
     from trainers.generate import generate
 
-    reply = generate(args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     repetition_penalty=args.repetition_penalty, trust_remote_code=args.trust_remote_code,
-                     seed=args.seed)
+    reply = generate(
+        args.model_dir,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        repetition_penalty=args.repetition_penalty,
+        trust_remote_code=args.trust_remote_code,
+        seed=args.seed,
+    )
     print(reply)
     return 0
 
@@ -213,16 +235,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the campaign of this config after a stop")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("submit", help="run a command of this project on a Ray cluster as a Ray Job",
-                       usage="zeray submit CONFIG [k=v ...] [--address URL] [--follow] [--install] [-- COMMAND ...]")
+    p = sub.add_parser(
+        "submit",
+        help="run a command of this project on a Ray cluster as a Ray Job",
+        usage="zeray submit CONFIG [k=v ...] [--address URL] [--follow] [--install] [-- COMMAND ...]",
+    )
     p.add_argument("config", help="run config YAML inside the project (validated here before anything is sent)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, for the validation")
-    p.add_argument("--address", help="the cluster's dashboard, http://<head>:8265 (default: cluster.address, "
-                                     "then RAY_ADDRESS)")
+    p.add_argument(
+        "--address", help="the cluster's dashboard, http://<head>:8265 (default: cluster.address, then RAY_ADDRESS)"
+    )
     p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
-    p.add_argument("--install", action="store_true",
-                   help="install pyproject.toml's dependencies in the job (runtime_env pip) instead of using the "
-                        "cluster image's")
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="install pyproject.toml's dependencies in the job (runtime_env pip) instead of using the cluster image's",
+    )
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("plan", help="memory per device for each ZeRO stage and offload, and whether the run fits")
@@ -245,9 +273,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="<storage>/<name> of a run (a path or a URI such as s3://bucket/runs/x)")
     p.add_argument("--checkpoint", help="a checkpoint_* folder of that run (default: the newest)")
     p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
-    p.add_argument("--lora", choices=["merged", "adapter"],
-                   help="for a LoRA run: the base model with the adapters merged in, or the adapters alone "
-                        "(default: the run's model.lora.export)")
+    p.add_argument(
+        "--lora",
+        choices=["merged", "adapter"],
+        help="for a LoRA run: the base model with the adapters merged in, or the adapters alone "
+        "(default: the run's model.lora.export)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="reply from an exported model, using its chat template")
@@ -267,8 +298,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="build the tiny demo chat model (tokenizer trained on --data)")
     p.add_argument("--data", required=True, help="JSON Lines conversations to train the tokenizer on")
     p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
-    p.add_argument("--size", choices=["demo", "tiny", "small"], default="demo",
-                   help="demo: ~4M parameters; tiny: ~0.2M (tests); small: ~27M")
+    p.add_argument(
+        "--size",
+        choices=["demo", "tiny", "small"],
+        default="demo",
+        help="demo: ~4M parameters; tiny: ~0.2M (tests); small: ~27M",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
     return parser

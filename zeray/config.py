@@ -119,10 +119,15 @@ def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> N
     model = cfg.model.name_or_path
     if _looks_like_path(model):
         if not os.path.isdir(model):
-            raise UserError(f"model.name_or_path: directory {model} does not exist "
-                            "(build the demo model with `zeray init-model`, or point at a Hugging Face model dir)")
+            raise UserError(
+                f"model.name_or_path: directory {model} does not exist "
+                "(build the demo model with `zeray init-model`, or point at a Hugging Face model dir)"
+            )
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise UserError(f"model.name_or_path: {model} has no config.json; expected a Hugging Face model directory")
+        from trainers.remote_code import check_remote_code
+
+        check_remote_code(model, cfg.model.trust_remote_code, "model.name_or_path", "model.trust_remote_code: true")
 
 
 def parse_value(text: str) -> Any:
@@ -176,7 +181,7 @@ def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UserError(f"override {item}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            raise UserError(f"override {item}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -199,7 +204,7 @@ def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
         return f"missing key {key} in {source}"
     # a union (e.g. a number or "auto") fails once per member: say every way the value could be valid
     msgs = [e["msg"] for e in errors if _field_loc(e["loc"]) == loc]
-    msg = " or ".join(dict.fromkeys(m[len("Value error, "):] if m.startswith("Value error, ") else m for m in msgs))
+    msg = " or ".join(dict.fromkeys(m[len("Value error, ") :] if m.startswith("Value error, ") else m for m in msgs))
     got = err.get("input")
     shown = "" if isinstance(got, dict) or key in NEVER_SHOWN else f" (got {got!r})"
     return f"invalid value for {key} in {source}: {msg}{shown}"

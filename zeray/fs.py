@@ -34,11 +34,15 @@ def check_uri(location: str) -> str | None:
     """Why a URI cannot be a zeray location (None when it can): credentials or options belong in the environment."""
     parts = urlsplit(location)
     if parts.username is not None or parts.password is not None:
-        return ("credentials do not belong in the config (it is saved with the run): give them through the "
-                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)")
+        return (
+            "credentials do not belong in the config (it is saved with the run): give them through the "
+            "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS, ...)"
+        )
     if parts.query or parts.fragment:
-        return ("options do not go in the URI (run folders are named by appending to it): set the endpoint and "
-                "region through the environment (AWS_ENDPOINT_URL, AWS_REGION)")
+        return (
+            "options do not go in the URI (run folders are named by appending to it): set the endpoint and "
+            "region through the environment (AWS_ENDPOINT_URL, AWS_REGION)"
+        )
     return None
 
 
@@ -53,8 +57,10 @@ def resolve(location: str, key: str) -> tuple[pafs.FileSystem, str]:
         fs, path = pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowException, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{key}: {location}: pyarrow cannot open it ({first}); use a local path or an "
-                        "s3://, gs://, abfs:// or hdfs:// URI") from None
+        raise UserError(
+            f"{key}: {location}: pyarrow cannot open it ({first}); use a local path or an "
+            "s3://, gs://, abfs:// or hdfs:// URI"
+        ) from None
     return fs, path.rstrip("/")
 
 
@@ -66,9 +72,11 @@ def reach(location: str, key: str) -> tuple[pafs.FileSystem, str]:
         fs.get_file_info(path)
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"{key}: {location}: cannot reach it ({first}); check the endpoint and credentials in the "
-                        "environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-                        "GOOGLE_APPLICATION_CREDENTIALS, ...)") from None
+        raise UserError(
+            f"{key}: {location}: cannot reach it ({first}); check the endpoint and credentials in the "
+            "environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "GOOGLE_APPLICATION_CREDENTIALS, ...)"
+        ) from None
     return fs, path
 
 
