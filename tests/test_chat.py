@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.chat import IGNORE, ChatTokenizer, OffsetPositions, TemplateError, check_tokenizer
+from pipelines.formats import clean_text
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -114,7 +115,9 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
 @given(
     st.lists(
         st.tuples(
-            st.text(min_size=1, max_size=30).filter(str.strip), st.text(min_size=1, max_size=30).filter(str.strip)
+            # what the pipeline keeps: text not empty once cleaned (else it is an empty_content reject)
+            st.text(min_size=1, max_size=30).filter(lambda s: clean_text(s).strip()),
+            st.text(min_size=1, max_size=30).filter(lambda s: clean_text(s).strip()),
         ),
         min_size=1,
         max_size=4,
@@ -122,7 +125,6 @@ def test_template_that_rewrites_history_is_refused(tokenizer):
 )
 def test_masking_property(tokenizer, turns):
     """For any conversation, the trained tokens decode to exactly the replies, each with its end marker."""
-    from pipelines.formats import clean_text
 
     conv = []
     for question, answer in turns:
@@ -141,7 +143,6 @@ def test_masking_property(tokenizer, turns):
 def test_compiled_template_and_rust_backend_give_what_transformers_gives(tokenizer, contents, prompt):
     """ChatTokenizer's shortcuts (template compiled once, the Rust backend called directly) are taken for the
     project's tokenizer and agree with apply_chat_template and the tokenizer's own call on any conversation."""
-    from pipelines.formats import clean_text
 
     chat = ChatTokenizer(tokenizer)
     assert chat._render is not None and chat._encode is not None

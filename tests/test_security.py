@@ -105,6 +105,7 @@ def test_secrets_in_the_environment_reach_no_log_output_or_dump(artifacts, tmp_p
     """The whole run (prep, train with checkpoints and export, eval, export again) with secrets in its environment,
     on its own embedded Ray whose session logs are kept: no secret's value in the console, the run directory (config
     and summary dumps, metrics, prepared data, checkpoints, model) or any Ray log of the session."""
+    import re
     import shutil
     import subprocess
     import sys
@@ -157,6 +158,13 @@ def test_secrets_in_the_environment_reach_no_log_output_or_dump(artifacts, tmp_p
         logs = [os.path.join(d, f) for d, _, files in os.walk(ray_tmp) for f in files if d.endswith("logs")]
         assert len(logs) > 10, "Ray's session logs were not where RAY_TMPDIR puts them"
         assert leaks(ray_tmp) == []
+        # each command's embedded Ray served its dashboard on loopback only (Ray's own account of where it bound)
+        binds = [
+            re.search(r"Dashboard head http address: (\S+)", open(path, errors="replace").read())
+            for path in logs
+            if os.path.basename(path) == "dashboard.log"
+        ]
+        assert len(binds) >= 3 and all(b and b.group(1).startswith("127.0.0.1:") for b in binds), binds
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
