@@ -64,6 +64,9 @@ def test_unknown_key_in_file(tmp_path, artifacts):
         # a union says each way to be valid, under the key's own name
         ("data.tokenizer_actors=0", "invalid value for data.tokenizer_actors in"),
         ("data.tokenizer_actors=0", "greater than or equal to 1 or Input should be 'auto' (got 0)"),
+        # line breaks in an override are shown escaped: the error stays one line
+        ("\n=", "override '\\n=' must look like section.key=value"),
+        ("train.lr=1\n2", "(override 'train.lr=1\\n2')"),
     ],
 )
 def test_bad_values_are_one_line_errors(config, override, needle):

@@ -168,7 +168,7 @@ def _read_yaml(path: str) -> dict:
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
+    if not sep or not key or any(not part or not part.isprintable() or part != part.strip() for part in key.split(".")):
         raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
     _set_dotted(raw, key, parse_value(text), item)
 
@@ -181,7 +181,7 @@ def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise UserError(f"override {item}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            raise UserError(f"override {_shown(item)}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -222,8 +222,14 @@ def _source_of(key: str, path: str, overrides: list[str]) -> str:
     for item in overrides:
         name = item.partition("=")[0]
         if key == name or key.startswith(name + ".") or name.startswith(key + "."):
-            return f"{path} (override {name}=...)" if key in NEVER_SHOWN else f"{path} (override {item})"
+            return f"{path} (override {name}=...)" if key in NEVER_SHOWN else f"{path} (override {_shown(item)})"
     return path
+
+
+def _shown(item: str) -> str:
+    """An override as the user typed it, quoted when it holds line breaks or other unprintable characters (an error
+    is one line)."""
+    return item if item.isprintable() else repr(item)
 
 
 def _suggest(loc: list[str]) -> str | None:
