@@ -97,14 +97,15 @@ class LayoutMismatch(AssertionError):
     """The elastic run's losses or weights differ from the fixed 2-worker run's."""
 
 
-# Seen on this machine since 2026-12-02 (main 4d8ccea included, transformers 5.23 and 5.24 alike): the fixed 2-worker
-# run with its workers on two nodes logs other losses (6.9480 at step 2) than the same run on one node (6.9547),
-# which the elastic run's one-worker steps match exactly (measured with `zeray train` on an embedded Ray). Strict:
-# every other assertion here must hold, and once the two layouts agree again this test fails until the mark goes.
+# Seen on this machine on 2026-12-02 (main 4d8ccea included, transformers 5.23 and 5.24 alike; earlier CI runs passed):
+# the fixed 2-worker run with its workers on two nodes logs other losses (6.9480 at step 2) than the same run on one
+# node (6.9547), which the elastic run's one-worker steps match exactly (measured with `zeray train` on an embedded
+# Ray). Only that comparison may fail (raises=): every other assertion here must hold. Not strict, as the layouts
+# agreed in earlier runs: an XPASS says they agree again.
 @pytest.mark.xfail(
     raises=LayoutMismatch,
-    strict=True,
-    reason="a 2-worker run computes other losses with its workers on two nodes than on one",
+    strict=False,
+    reason="a 2-worker run computed other losses with its workers on two nodes than on one",
 )
 @pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
 def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, tmp_path, artifacts):
