@@ -62,16 +62,10 @@ PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
 @contextmanager
 def paced():
     """The in-process runs inside the block report at Ray Train's own pace (see PACED)."""
-    before = {key: os.environ.get(key) for key in PACED}
-    os.environ.update(PACED)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in PACED.items():
+            env.setenv(key, value)
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture

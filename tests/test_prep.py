@@ -161,13 +161,10 @@ def test_prep_killed_while_writing_then_run_again_writes_it_once(ray_cluster, ar
     first.wait()
     assert not (run / "data").exists() and [p.name for p in run.iterdir()] == [f"data.tmp-{first.pid}"]
 
-    def tables():
-        report = json.loads((run / "data" / "report.json").read_text())
-        return report, {s: pq.read_table(run / "data" / s).to_pylist() for s in ("train", "val", "test")}
-
     assert main(["prep", config]) == 0
     assert [p.name for p in run.iterdir()] == ["data"]  # the killed prep's folder is gone
-    report, rows = tables()
+    report = json.loads((run / "data" / "report.json").read_text())
+    rows = {s: pq.read_table(run / "data" / s).to_pylist() for s in ("train", "val", "test")}
     assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())
     for split, table in rows.items():
         assert len(table) == report["rows"][split] > 0
