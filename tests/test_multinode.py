@@ -340,21 +340,29 @@ def three_nodes():
         cluster.shutdown()
 
 
-def test_workers_spread_over_nodes_and_local_storage_needs_declaring(three_nodes, tmp_path, artifacts):
+@pytest.fixture(scope="module")
+def straight(three_nodes, tmp_path_factory, artifacts):
+    """An uninterrupted SPREAD run on the three nodes: the spread test's run and the node-removal test's reference."""
     cluster, _ = three_nodes
-    config = _config(tmp_path, artifacts, "spread", max_steps=6, checkpoint_every=6)
+    root = tmp_path_factory.mktemp("straight")
+    config = _config(root, artifacts, "straight")
+    done = _zeray(["train", config], cluster.address)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"root": root, "config": config, "done": done, "run_dir": root / "runs" / "straight"}
 
-    undeclared = _zeray(["train", config, "cluster.shared_storage=false"], cluster.address)
+
+def test_workers_spread_over_nodes_and_local_storage_needs_declaring(three_nodes, straight):
+    cluster, _ = three_nodes
+    # the same config again, its storage declared node-local: refused before anything is written
+    undeclared = _zeray(["train", straight["config"], "name=local", "cluster.shared_storage=false"], cluster.address)
     assert undeclared.returncode == 2, undeclared.stderr[-2000:]
     assert "error: storage: " in undeclared.stderr and "the cluster has 3 nodes" in undeclared.stderr
     assert "cluster.shared_storage: true" in undeclared.stderr
-    assert not os.path.exists(tmp_path / "runs" / "spread")  # refused before anything was written
+    assert not os.path.exists(straight["root"] / "runs" / "local")
 
-    done = _zeray(["train", config], cluster.address)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"Ray cluster at {cluster.address}" in done.stdout
-    summary = json.load(open(tmp_path / "runs" / "spread" / "summary.json"))
-    assert summary["world_size"] == 2 and summary["nodes"] == 2 and summary["steps"] == 6
+    assert f"Ray cluster at {cluster.address}" in straight["done"].stdout
+    summary = json.load(open(straight["run_dir"] / "summary.json"))
+    assert summary["world_size"] == 2 and summary["nodes"] == 2 and summary["steps"] == STEPS
 
 
 def _raylet_pid(node) -> int:
@@ -386,12 +394,10 @@ def _remove_a_training_node_when(cluster, nodes, run_dir, min_step, done: dict):
 
 
 @pytest.mark.reliability("fault", "a worker node removed from a 3-node cluster mid-run")
-def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nodes, tmp_path, artifacts):
+def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nodes, straight, tmp_path, artifacts):
     from safetensors.torch import load_file
 
     cluster, workers = three_nodes
-    straight = _zeray(["train", _config(tmp_path, artifacts, "straight")], cluster.address)
-    assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = str(tmp_path / "runs" / "lost-node")
     done: dict = {}
@@ -409,12 +415,12 @@ def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nod
     rows = [r for r in _metrics(run_dir) if "loss" in r]
     steps = [r["step"] for r in rows]
     assert len(steps) > len(set(steps)), "no step was repeated: the run did not restart from a checkpoint"
-    reference = {r["step"]: r["loss"] for r in _metrics(tmp_path / "runs" / "straight") if "loss" in r}
+    reference = {r["step"]: r["loss"] for r in _metrics(straight["run_dir"]) if "loss" in r}
     for row in rows:
         assert row["loss"] == pytest.approx(reference[row["step"]], abs=1e-5), row["step"]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["steps"] == STEPS and summary["world_size"] == 2
-    a = load_file(str(tmp_path / "runs" / "straight" / "model" / "model.safetensors"))
+    a = load_file(str(straight["run_dir"] / "model" / "model.safetensors"))
     b = load_file(os.path.join(run_dir, "model", "model.safetensors"))
     for key in a:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
