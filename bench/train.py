@@ -62,7 +62,8 @@ def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
 
     from pipelines.config import DataConfig
     from pipelines.dataset import build_splits
-    from trainers.loop import Collate, forward, token_loss_sum
+    from trainers.loop import Collate
+    from trainers.loss import forward, plain_sums
 
     rows = build_splits(
         DataConfig(train=data, format="messages", max_length=512), model_dir, splits=("train",)
@@ -81,7 +82,7 @@ def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
             | {"num_tokens": torch.tensor([r["num_tokens"] for r in picked]).numpy()}
         )
         labels = batch["labels"]
-        loss = token_loss_sum(forward(model, batch), labels) / max(int((labels[:, 1:] != -100).sum()), 1)
+        loss = plain_sums(forward(model, batch).logits, labels)[0] / max(int((labels[:, 1:] != -100).sum()), 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

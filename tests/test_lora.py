@@ -98,11 +98,13 @@ def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluste
 
 @pytest.mark.slow
 @pytest.mark.reliability(
-    "fault", "a worker of a LoRA run (ZeRO-3, adapter dropout) SIGKILLed at step 10 or later of 16"
+    "fault",
+    "a worker of a LoRA run (ZeRO-3, adapter dropout, gradient checkpointing) SIGKILLed at step 10 or later of 16",
 )
 def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path, capsys):
     """Adapter dropout draws random numbers every step: a run resumed from its checkpoint must draw the same ones
-    as the run that wrote it (each rank reseeds at every checkpoint), or the weights would differ."""
+    as the run that wrote it (each rank reseeds at every checkpoint), or the weights would differ. The killed run
+    recomputes its activations (gradient checkpointing, behind frozen inputs) where the straight one keeps them."""
     from conftest import paced
     from test_resume import assert_same_run, kill_workers_at, logged_steps
 
@@ -114,7 +116,8 @@ def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluste
     )
     killer.start()
     with paced():
-        assert main(["train", lora_config(tmp_path, "killed", artifacts, **train)]) == 0
+        config = lora_config(tmp_path, "killed", artifacts, gradient_checkpointing=True, **train)
+        assert main(["train", config]) == 0
     killer.join(timeout=5)
     assert len(done) == 1 and done[0][0] < 16, done
     straight, killed = tmp_path / "runs" / "straight", tmp_path / "runs" / "killed"
@@ -129,4 +132,5 @@ def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluste
     assert main(["eval", str(tmp_path / "killed.yaml"), "--model", str(tmp_path / "adapter")]) == 0
     out = capsys.readouterr().out
     summary = json.loads((killed / "summary.json").read_text())
+    assert summary["gradient_checkpointing"] is True
     assert json.loads(out[out.index("{") :])["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)

@@ -95,21 +95,27 @@ def test_unpacked_rows_keep_one_conversation_each():
     assert out == [{"input_ids": [1, 2, 3], "labels": [IGNORE, 2, 3], "position_ids": [0, 1, 2], "num_tokens": 3}]
 
 
-def test_model_keeps_packed_conversations_apart(artifacts):
-    """The loss of a packed sequence equals the losses of its conversations run one by one."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_model_keeps_packed_conversations_apart(artifacts, attn):
+    """The loss of a packed sequence (chunked through the head) equals the plain losses of its conversations run
+    one by one, with each attention implementation that runs on CPU."""
     from transformers import AutoModelForCausalLM
 
-    from trainers.loop import Collate, check_packing_isolation, forward, token_loss_sum
+    from trainers.loop import Collate, check_packing_isolation
+    from trainers.loss import TokenLoss
 
-    model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=torch.float32, attn_implementation=attn)
+    model.eval()
+    assert model.config._attn_implementation == attn
     check_packing_isolation(model, "tiny")
+    chunked, plain = TokenLoss(model, chunked=True, chunk=2), TokenLoss(model, chunked=False)
     a = ([5, 17, 29, 41, 53], [IGNORE, IGNORE, 29, 41, 53], 1)
     b = ([7, 19, 31, 43], [IGNORE, 19, 31, 43], 2)
     packed = pack_batch(table([a, b]), max_length=16, seed=0)
     collate = Collate(pad_id=0, device=torch.device("cpu"), packed=True)
     batch = collate({k: packed.column(k).to_numpy(zero_copy_only=False) for k in packed.column_names})
     with torch.no_grad():
-        together = token_loss_sum(forward(model, batch), batch["labels"]).item()
+        together = chunked(model, batch).item()
         apart = 0.0
         for ids, labels, _ in (a, b):
             one = Collate(pad_id=0, device=torch.device("cpu"), packed=False)(
@@ -120,7 +126,7 @@ def test_model_keeps_packed_conversations_apart(artifacts):
                     "num_tokens": np.array([len(ids)]),
                 }
             )
-            apart += token_loss_sum(forward(model, one), one["labels"]).item()
+            apart += plain(model, one).item()
     assert together == pytest.approx(apart, rel=1e-5)
     assert batch["num_tokens"] == 9 and "attention_mask" not in batch
 

@@ -4,10 +4,25 @@ before any worker starts, with the stage that would fit."""
 import pytest
 from conftest import write_config
 
-from trainers.plan import model_states_bytes
+from trainers.plan import activation_bytes, model_states_bytes
 from zeray.cli import main
 
 P, LARGEST = 7_000_000_000, 260_000_000
+
+
+def test_activations_with_gradient_checkpointing_and_the_chunked_loss():
+    shape = {"layers": 32, "hidden": 4096, "heads": 32, "vocab": 32_000}  # a 7B Llama
+    b, s = 1, 4096
+    per_layer = b * s * 4096 * (34 + 5 * 32 * s / 4096)  # 16-bit values: bytes = values x 2 / 2
+    logits = 2 * b * s * 32_000 * 4
+    assert activation_bytes(shape, b, s, 2, False, False) == int(32 * per_layer + logits)
+    # checkpointed: a 16-bit hidden state per layer, plus one layer being recomputed
+    assert activation_bytes(shape, b, s, 2, True, False) == int(32 * b * s * 4096 * 2 + per_layer + logits)
+    # chunked: the logits of one chunk of tokens (2097 at this vocabulary) and their gradient
+    assert activation_bytes(shape, b, s, 2, True, True) == int(
+        32 * b * s * 4096 * 2 + per_layer + 2 * 2097 * 32_000 * 4
+    )
+    assert activation_bytes(shape, b, s, 2, True, True) < 0.1 * activation_bytes(shape, b, s, 2, False, False)
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
@@ -58,6 +73,7 @@ def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster,
     assert "0.2M parameters, fp32" in out and "<- configured" in out
     assert out.count(" yes") == 6 and "cheapest that fits: ZeRO 0, offload none" in out
     assert "tokens per optimizer step (slots): 1024" in out
+    assert "activations per micro-batch: 0.0" in out and "GB with train.gradient_checkpointing=true)" in out
     # the request against the session's 4-CPU Ray, which has no autoscaler
     assert (
         "cluster: the run needs 4 CPU (2 workers x 1 CPU + 2 CPU for Ray Data); the cluster has 4 CPU now: "
@@ -76,6 +92,28 @@ def test_plan_prints_every_choice_and_train_refuses_what_cannot_fit(ray_cluster,
         "cluster: at its minimum the run needs 3 CPU (1 workers x 1 CPU + 2 CPU for Ray Data); the cluster "
         "has 4 CPU now: fits now" in out
     )
+
+    # activations that fit only with gradient checkpointing: the error says so (and plan shows both sizes)
+    import ray
+
+    from trainers.plan import model_shape
+
+    shape, device = model_shape(artifacts["model"], False), ray.cluster_resources()["memory"] / 2
+    micro = next(b for b in range(1, 64) if activation_bytes(shape, b, 8192, 4, False, True) > device)
+    assert activation_bytes(shape, micro, 8192, 4, True, True) < 0.8 * device  # (about half: 2 layers)
+    too_big = [f"train.micro_batch_size={micro}", "data.max_length=8192"]
+    assert main(["train", config, *too_big]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.gradient_checkpointing=true fits (" in err and "\n" not in err, err
+    assert main(["plan", config, *too_big, "train.gradient_checkpointing=true"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"activations per micro-batch: {activation_bytes(shape, micro, 8192, 4, True, True) / 2**30:.3f} GB with" in out
+    )
+    assert main(["plan", config, "model.attn_implementation=flash_attention_2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.attn_implementation: flash_attention_2 cannot run") and "\n" not in err
+    assert "valid: auto, sdpa, eager, flash_attention_2" in err
 
     assert main(["train", config, "train.micro_batch_size=4096", "data.max_length=8192"]) == 2
     err = capsys.readouterr().err.strip()

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 STEPS = 40  # a cap: one epoch of the test data is 27 steps (447 packed rows in global micro-batches of 16)
 
 
-def run_config(root, name, artifacts, max_failures=2):
+def run_config(root, name, artifacts, max_failures=2, **train):
     return write_config(
         root / f"{name}.yaml",
         name=name,
@@ -37,6 +37,7 @@ def run_config(root, name, artifacts, max_failures=2):
             "checkpoint_every": 8,
             "log_every": 2,
             "max_failures": max_failures,
+            **train,
         },
     )
 
@@ -129,7 +130,9 @@ def test_a_zero3_run_exports_the_weights_its_shards_hold(straight):
 
 
 @pytest.mark.reliability(
-    "fault", "a training worker (2-worker ZeRO-3 run of 27 steps) SIGKILLed at three random steps", runs=3
+    "fault",
+    "a training worker (2-worker ZeRO-3 run of 27 steps, gradient checkpointing) SIGKILLed at three random steps",
+    runs=3,
 )
 def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path, paced_reports):
     seed = int(os.environ.get("ZERAY_TEST_SEED", time.time_ns() % 10**6))
@@ -141,7 +144,9 @@ def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straig
     done: list = []
     killer = threading.Thread(target=kill_workers_at, args=(str(interrupted), targets, done, rng), daemon=True)
     killer.start()
-    assert main(["train", run_config(tmp_path, "killed", artifacts, max_failures=3)]) == 0, why
+    # with gradient checkpointing, which the uninterrupted run does without: the same losses and weights
+    config = run_config(tmp_path, "killed", artifacts, max_failures=3, gradient_checkpointing=True)
+    assert main(["train", config]) == 0, why
     killer.join(timeout=5)
     assert len(done) == 3, f"{why}; killed only {done}: the run finished first"
     assert all(step >= target for (step, _), target in zip(done, targets)), (why, done)
@@ -151,6 +156,7 @@ def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straig
     between_checkpoints = sum(1 for step, _ in done if step % 8)  # kills that left steps to do again
     assert replays >= between_checkpoints, (why, done, steps)
     assert_same_run(interrupted, straight)
+    assert json.loads((interrupted / "summary.json").read_text())["gradient_checkpointing"] is True
 
 
 @pytest.mark.slow

@@ -101,6 +101,7 @@ def test_train_exits_0_and_loss_goes_down(trained):
     with open(os.path.join(trained["run_dir"], "summary.json")) as f:
         summary = json.load(f)
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 16
+    assert summary["chunked_loss"] is True and summary["gradient_checkpointing"] is False  # the defaults
     assert summary["eval_loss"] < summary["first_loss"]
     assert summary["final_loss"] < summary["first_loss"] - 0.5
     assert summary["test_loss"] > 0 and summary["eval_perplexity"] > 1
@@ -368,9 +369,10 @@ def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp
 
 @pytest.mark.slow
 def test_one_and_two_workers_give_the_same_loss_curve(ray_cluster, artifacts, tmp_path):
-    """The same data and global batch (1 x 8 rows, or 2 workers x 4) give the same loss at every step."""
+    """The same data and global batch (1 x 8 rows, or 2 workers x 4) give the same loss at every step; the one
+    worker with the plain loss, the two with the chunked loss and gradient checkpointing (at ZeRO-2)."""
     losses = {}
-    for workers, micro in ((1, 8), (2, 4)):
+    for workers, micro, memory_savers in ((1, 8, False), (2, 4, True)):
         config = write_config(
             tmp_path / f"w{workers}.yaml",
             name=f"w{workers}",
@@ -386,11 +388,15 @@ def test_one_and_two_workers_give_the_same_loss_curve(ray_cluster, artifacts, tm
                 "eval_every": 100,
                 "checkpoint_every": 100,
                 "log_every": 1,
+                "chunked_loss": memory_savers,
+                "gradient_checkpointing": memory_savers,
             },
         )
         assert main(["train", config]) == 0
         rows = [json.loads(line) for line in open(tmp_path / "runs" / f"w{workers}" / "metrics.jsonl")]
         losses[workers] = [r["loss"] for r in rows if "loss" in r]
+        summary = json.loads((tmp_path / "runs" / f"w{workers}" / "summary.json").read_text())
+        assert summary["chunked_loss"] is summary["gradient_checkpointing"] is memory_savers
     assert len(losses[1]) == len(losses[2]) == 8
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
     assert losses[1][-1] < losses[1][0]

@@ -30,6 +30,9 @@ class ModelConfig(Section):
     """Training precision: `auto` is bf16 on a GPU that supports it and fp32 on CPU."""
     trust_remote_code: bool = False
     """Run Python code shipped inside the model directory. Off unless you trust that code."""
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """The attention kernel transformers uses: `auto` is its own choice for the model (sdpa where supported);
+    flash_attention_2 needs the flash-attn package and CUDA GPUs."""
     lora: LoraConfig | None = None
     """Train LoRA adapters (peft) instead of every weight: {r, alpha, dropout, target_modules, export}; null
     trains the full model."""
@@ -71,6 +74,14 @@ class TrainConfig(Section):
     """Clip the global gradient norm to this value (0 disables clipping)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 shards optimizer states, 2 + gradients, 3 + parameters."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input for the backward and recompute the rest there (transformers' gradient
+    checkpointing): activations shrink from whole layers to one hidden state per layer, for about a third more
+    compute per step."""
+    chunked_loss: bool = True
+    """Compute the loss through the LM head a chunk of tokens at a time (only where labels are), never holding a
+    [tokens x vocabulary] logits tensor; the same loss and gradients as the plain one. Used where the model's
+    logits are its LM head applied to its last hidden states (checked at start); other models get the plain loss."""
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer states to CPU memory (and parameters too at stage 3)."""
     eval_every: int = Field(100, ge=1)

@@ -27,17 +27,23 @@ def eval_loop_per_worker(config: dict) -> None:
     from transformers import AutoModelForCausalLM
 
     from trainers.loop import check_packing_isolation, evaluate
+    from trainers.loss import TokenLoss, exact_for
 
     device = ray.train.torch.get_device()
     if device.type != "cuda":
         torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    attn = config["attn_implementation"]
     model = AutoModelForCausalLM.from_pretrained(
-        config["model_dir"], trust_remote_code=config["trust_remote_code"], use_safetensors=True
+        config["model_dir"],
+        trust_remote_code=config["trust_remote_code"],
+        use_safetensors=True,
+        attn_implementation=None if attn == "auto" else attn,
     ).to(device)
     model.eval()
     if config["packing"]:
         check_packing_isolation(model, config["model_dir"])
-    metrics = evaluate(model, "test", config["batch_size"], config["pad_token_id"], device, config["packing"])
+    loss_of = TokenLoss(model, chunked=config["chunked_loss"] and exact_for(model))
+    metrics = evaluate(model, loss_of, "test", config["batch_size"], config["pad_token_id"], device, config["packing"])
     # Ray Train returns the metrics that came with a checkpoint: rank 0 files the result as one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -64,6 +70,8 @@ def evaluate_model(cfg, model_dir: str) -> dict:
         train_loop_config={
             "model_dir": model_dir,
             "trust_remote_code": cfg.model.trust_remote_code,
+            "attn_implementation": cfg.model.attn_implementation,
+            "chunked_loss": t.chunked_loss,
             "batch_size": t.micro_batch_size,
             "cpus_per_worker": t.cpus_per_worker,
             "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,

@@ -24,7 +24,6 @@ import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines.chat import IGNORE
@@ -38,6 +37,7 @@ from trainers.checkpoints import (
     write_manifest,
 )
 from trainers.lora import save_lora_model, with_adapters
+from trainers.loss import TokenLoss, exact_for
 from zeray.errors import UserError
 from zeray.fs import read_bytes
 
@@ -72,13 +72,22 @@ def train_loop_per_worker(config: dict) -> None:
         dtype=torch.float32,
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,
+        attn_implementation=None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation,
     )
+    if train.gradient_checkpointing:  # each layer's activations recomputed in the backward, only its input kept
+        # (non-reentrant: gradients reach LoRA adapters behind frozen inputs, and it nests with ZeRO-3's hooks)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = model.is_activation_checkpointing  # (what the summary reports: transformers' own flag)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     packed = plan["packing"]
     if packed:
         check_packing_isolation(model, model_cfg.name_or_path)
     if model_cfg.lora:
         model = with_adapters(model, model_cfg.lora, model_cfg.name_or_path)
+    chunked = train.chunked_loss and exact_for(model)
+    if train.chunked_loss and not chunked and rank == 0:
+        say("loss: this model's logits are not its LM head applied to its last hidden states; plain loss used")
+    loss_of = TokenLoss(model, chunked)
     total_steps = plan["total_steps"]
     warmup = int(train.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
@@ -171,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint and own is None:
         # what this run starts from, evaluated: equal to the source run's validation loss at that step when the
         # weights were really taken over
-        last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
+        last_eval = {**evaluate(engine, loss_of, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
         ray.train.report({**last_eval, "epoch": epoch, "started_from": plan["init_checkpoint"]})  # as named
 
     mb = train.micro_batch_size
@@ -204,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
             group = [collate(part) for part in deal(pending, mb, full, rank, world)]
             pending = []
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on inside it)
-            loss_sum, tokens = train_step(engine, group, world)
+            loss_sum, tokens = train_step(engine, loss_of, group, world)
             if not math.isfinite(loss_sum):  # the same all-reduced value on every rank: all stop here together
                 ray.train.report({"step": step + 1, "epoch": epoch, "loss": loss_sum / tokens, "diverged": True})
                 return
@@ -216,7 +225,10 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint_now = step % train.checkpoint_every == 0 and step < total_steps  # the last one: below
             # a checkpoint carries the validation loss of its own weights: Ray Train ranks checkpoints by it
             if step % train.eval_every == 0 or step == total_steps or checkpoint_now:
-                last_eval = {**evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
+                last_eval = {
+                    **evaluate(engine, loss_of, "val", train.micro_batch_size, pad_id, device, packed),
+                    "step": step,
+                }
                 metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
                 if rank == 0:
                     say(
@@ -237,9 +249,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     # The end: validation (if the last step did not just do it), the held-out test split, and the HF model.
     if last_eval is None or last_eval["step"] != step:
-        last_eval = evaluate(engine, "val", train.micro_batch_size, pad_id, device, packed)
+        last_eval = evaluate(engine, loss_of, "val", train.micro_batch_size, pad_id, device, packed)
     final = dict(last_eval)
-    test = evaluate(engine, "test", train.micro_batch_size, pad_id, device, packed)
+    test = evaluate(engine, loss_of, "test", train.micro_batch_size, pad_id, device, packed)
     nodes = [None] * world  # how many machines the workers ran on, the last time they started
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     final.update(
@@ -253,6 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch,
             "final": True,
             "train_wall_s": time.perf_counter() - started,
+            "gradient_checkpointing": checkpointing,
+            "chunked_loss": chunked,
         }
     )
     save(final, batches_in_epoch=0, export=True)
@@ -334,7 +348,7 @@ def universal_checkpoint(path: str, rank: int, world: int):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:
+def train_step(engine, loss_of: TokenLoss, group: list[dict], world: int) -> tuple[float, int]:
     """One optimizer step over `group` micro-batches; returns (summed loss, label tokens) over all ranks.
 
     The loss is the mean over every real label token of the global batch, whatever their split across
@@ -347,7 +361,7 @@ def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:
     global_tokens = max(counts.item(), 1.0)
     loss_sum = 0.0
     for batch in group:
-        summed = token_loss_sum(forward(engine, batch), batch["labels"])
+        summed = loss_of(engine, batch)
         engine.backward(summed * (world * len(group) / global_tokens))
         engine.step()
         loss_sum += summed.item()
@@ -356,15 +370,8 @@ def train_step(engine, group: list[dict], world: int) -> tuple[float, int]:
     return totals.item(), int(global_tokens)
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over positions whose label is not IGNORE."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(), ignore_index=IGNORE, reduction="sum"
-    )
-
-
 @torch.no_grad()
-def evaluate(engine, split: str, batch_size: int, pad_id: int, device, packed: bool) -> dict:
+def evaluate(engine, loss_of: TokenLoss, split: str, batch_size: int, pad_id: int, device, packed: bool) -> dict:
     """Loss, perplexity and next-token accuracy over the whole split.
 
     Every rank reads the whole split (it is not sharded: `streaming_split(equal=True)` would drop up to
@@ -376,12 +383,9 @@ def evaluate(engine, split: str, batch_size: int, pad_id: int, device, packed: b
     for batch in ray.train.get_dataset_shard(split).iter_torch_batches(
         batch_size=batch_size, collate_fn=Collate(pad_id, device, packed), prefetch_batches=2
     ):
-        logits = forward(engine, batch)
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        sums[0] += token_loss_sum(logits, batch["labels"]).item()
-        sums[1] += int(mask.sum())
-        sums[2] += int(((logits[:, :-1].argmax(-1) == labels) & mask).sum())
+        sums[0] += loss_of(engine, batch).item()
+        sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
+        sums[2] += int(loss_of.correct)
     engine.train()
     loss = sums[0].item() / max(sums[1].item(), 1.0)
     return {
@@ -457,16 +461,6 @@ class Collate(NumpyBatchCollateFn):
         out = {k: v.to(self.device) for k, v in out.items()}
         out["num_tokens"] = int(batch["num_tokens"].sum())  # real tokens, padding excluded
         return out
-
-
-def forward(model, batch: dict) -> torch.Tensor:
-    """Logits for a collated batch (no KV cache: with one, transformers would not isolate packed sequences)."""
-    return model(
-        input_ids=batch["input_ids"],
-        position_ids=batch["position_ids"],
-        attention_mask=batch.get("attention_mask"),
-        use_cache=False,
-    ).logits
 
 
 @torch.no_grad()

@@ -3,7 +3,9 @@
 Model states (parameters, gradients, optimizer states) follow DeepSpeed's accounting: its own estimators for
 mixed-precision ZeRO-2 and ZeRO-3 (`estimate_zero{2,3}_model_states_mem_needs`), and the same per-parameter
 bytes for the stages it has no estimator for (0 and 1) and for fp32 training. Activations are estimated for one
-micro-batch at `max_length` (Korthikanti et al. 2022, no recomputation) plus the logits. The device is a GPU's
+micro-batch at `max_length` (Korthikanti et al. 2022): whole layers, or with gradient checkpointing one hidden state
+per layer plus the one layer being recomputed; plus the fp32 logits and their gradient, for the whole micro-batch or
+for one chunk of the chunked loss. The device is a GPU's
 memory, or on CPU the node's memory shared by the workers placed on it. With LoRA that accounting covers the
 adapters, and the frozen base adds only its working copy (sharded at stage 3).
 """
@@ -13,21 +15,35 @@ import math
 import ray
 
 from trainers.deepspeed_config import precision
+from trainers.loss import chunk_tokens
+from zeray.errors import UserError
 
 GB = 1024**3
 ADDITIONAL_BUFFER = 1.5  # DeepSpeed's default factor for CPU-side buffers
 CHOICES = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu"), (3, "cpu")]  # cheapest first
 
 
-def model_shape(name_or_path: str, trust_remote_code: bool, lora=None) -> dict:
+def model_shape(name_or_path: str, trust_remote_code: bool, lora=None, attn_implementation: str = "auto") -> dict:
     """Parameter counts and dimensions of the model (with its LoRA adapters, if any: `trainable` counts those),
-    built on the meta device (no weights are loaded)."""
+    built on the meta device (no weights are loaded) with the attention implementation asked for."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        try:  # transformers checks the implementation against the model and what is installed
+            model = AutoModelForCausalLM.from_config(
+                config,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=None if attn_implementation == "auto" else attn_implementation,
+            )
+        except (ImportError, ValueError) as e:
+            reason = str(e).strip().splitlines()[0]
+            raise UserError(
+                f"model.attn_implementation: {attn_implementation} cannot run {name_or_path} here ({reason}); "
+                "valid: auto, sdpa, eager, flash_attention_2 (needs the flash-attn package and CUDA GPUs)"
+            ) from None
+        checkpointable = model.supports_gradient_checkpointing
         if lora:
             from trainers.lora import with_adapters
 
@@ -42,6 +58,7 @@ def model_shape(name_or_path: str, trust_remote_code: bool, lora=None) -> dict:
         "hidden": text.hidden_size,
         "heads": text.num_attention_heads,
         "vocab": text.vocab_size,
+        "checkpointable": checkpointable,
     }
 
 
@@ -93,11 +110,16 @@ def shape_states_bytes(shape: dict, stage: int, offload: str, world: int, mixed:
     return dev + (frozen // world if stage == 3 else frozen), cpu
 
 
-def activation_bytes(shape: dict, micro_batch: int, seq: int, bytes_per_value: int) -> int:
+def activation_bytes(
+    shape: dict, micro_batch: int, seq: int, bytes_per_value: int, checkpointing: bool, chunked: bool
+) -> int:
     """Activations kept for backward in one micro-batch, plus the logits and their gradient in fp32."""
     b, s, h, a = micro_batch, seq, shape["hidden"], shape["heads"]
     per_layer = b * s * h * (34 + 5 * a * s / h) * bytes_per_value / 2  # the paper counts 16-bit values
-    return int(shape["layers"] * per_layer + 2 * b * s * shape["vocab"] * 4)
+    # checkpointed: each layer's input, and during the backward the whole of the layer being recomputed
+    layers = shape["layers"] * b * s * h * bytes_per_value + per_layer if checkpointing else shape["layers"] * per_layer
+    tokens = min(b * s, chunk_tokens(shape["vocab"])) if chunked else b * s
+    return int(layers + 2 * tokens * shape["vocab"] * 4)
 
 
 def device_memory(use_gpu: bool, workers: int) -> tuple[int | None, str]:
@@ -129,30 +151,47 @@ def device_memory(use_gpu: bool, workers: int) -> tuple[int | None, str]:
 def make_memory_plan(cfg, use_gpu: bool) -> dict:
     """Every stage/offload choice with its memory per device, whether it fits, and the cheapest that does."""
     t, d = cfg.train, cfg.data
-    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code, cfg.model.lora)
-    dtype = precision(cfg.model, use_gpu, use_gpu)  # bf16 support is checked again on the workers
+    m = cfg.model
+    shape = model_shape(m.name_or_path, m.trust_remote_code, m.lora, m.attn_implementation)
+    if m.attn_implementation == "flash_attention_2" and not use_gpu:
+        raise UserError("model.attn_implementation: flash_attention_2 needs CUDA GPUs (train.use_gpu); on CPU use sdpa")
+    if t.gradient_checkpointing and not shape["checkpointable"]:
+        raise UserError(
+            f"train.gradient_checkpointing: {m.name_or_path} does not support gradient checkpointing in "
+            "transformers; set it to false"
+        )
+    dtype = precision(m, use_gpu, use_gpu)  # bf16 support is checked again on the workers
     mixed = dtype != "fp32"
     # an elastic run's worst case: states sharded over its fewest workers, a node's RAM shared by its most
     device_bytes, device = device_memory(use_gpu, t.max_workers)
-    act = activation_bytes(shape, t.micro_batch_size, d.max_length, 2 if mixed else 4)
-    rows = []
-    for stage, offload in CHOICES:
-        states, cpu = shape_states_bytes(shape, stage, offload, t.min_workers, mixed)
-        # on CPU the "device" is the node's memory, which also holds what is offloaded
-        need = states + act + (0 if use_gpu else cpu // t.min_workers)
-        rows.append(
-            {
-                "zero_stage": stage,
-                "offload": offload,
-                "model_states_gb": states / GB,
-                "offloaded_cpu_gb": cpu / GB,
-                "activations_gb": act / GB,
-                "total_gb": need / GB,
-                "fits": None if device_bytes is None else need <= device_bytes,
-            }
+
+    def rows_for(checkpointing: bool) -> list[dict]:
+        act = activation_bytes(
+            shape, t.micro_batch_size, d.max_length, 2 if mixed else 4, checkpointing, t.chunked_loss
         )
+        rows = []
+        for stage, offload in CHOICES:
+            states, cpu = shape_states_bytes(shape, stage, offload, t.min_workers, mixed)
+            # on CPU the "device" is the node's memory, which also holds what is offloaded
+            need = states + act + (0 if use_gpu else cpu // t.min_workers)
+            rows.append(
+                {
+                    "zero_stage": stage,
+                    "offload": offload,
+                    "model_states_gb": states / GB,
+                    "offloaded_cpu_gb": cpu / GB,
+                    "activations_gb": act / GB,
+                    "total_gb": need / GB,
+                    "fits": None if device_bytes is None else need <= device_bytes,
+                }
+            )
+        return rows
+
+    rows = rows_for(t.gradient_checkpointing)
     chosen = next(r for r in rows if (r["zero_stage"], r["offload"]) == (t.zero_stage, t.offload))
     cheapest = next((r for r in rows if r["fits"]), None)
+    # what turning gradient checkpointing on would give (when it is off)
+    checkpointed = None if t.gradient_checkpointing else rows_for(True)
     # PaLM's training FLOPs per token: 6N for the weights, 12*L*H*T for attention over T positions
     flops_per_token = 6 * shape["params"] + 12 * shape["layers"] * shape["hidden"] * d.max_length
     return {
@@ -165,17 +204,34 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
         "rows": rows,
         "chosen": chosen,
         "cheapest": cheapest,
+        "checkpointing": t.gradient_checkpointing,
+        "chosen_checkpointed": checkpointed
+        and next(r for r in checkpointed if r["zero_stage"] == t.zero_stage and r["offload"] == t.offload),
+        "cheapest_checkpointed": checkpointed and next((r for r in checkpointed if r["fits"]), None),
         "tokens_per_step": t.max_workers * t.micro_batch_size * t.grad_accum * d.max_length,
     }
 
 
 def explain(plan: dict) -> str:
     """Why a run does not fit, and what would."""
-    c = plan["chosen"]
+    c, cheapest, checkpointed = plan["chosen"], plan["cheapest"], plan["cheapest_checkpointed"]
+    fixes = []
+    if plan["chosen_checkpointed"] and plan["chosen_checkpointed"]["fits"]:
+        fixes.append(f"train.gradient_checkpointing=true fits ({plan['chosen_checkpointed']['total_gb']:.2f} GB)")
+    if cheapest:
+        fixes.append(
+            f"train.zero_stage={cheapest['zero_stage']} train.offload={cheapest['offload']} fits "
+            f"({cheapest['total_gb']:.2f} GB)"
+        )
+    elif checkpointed and not fixes:
+        fixes.append(
+            f"only with gradient checkpointing: train.gradient_checkpointing=true "
+            f"train.zero_stage={checkpointed['zero_stage']} train.offload={checkpointed['offload']} fits "
+            f"({checkpointed['total_gb']:.2f} GB)"
+        )
     fix = (
-        f"train.zero_stage={plan['cheapest']['zero_stage']} train.offload={plan['cheapest']['offload']} fits "
-        f"({plan['cheapest']['total_gb']:.2f} GB)"
-        if plan["cheapest"]
+        "; or ".join(fixes)
+        if fixes
         else "no ZeRO stage or offload fits; lower train.micro_batch_size or data.max_length, or add workers"
     )
     return (
@@ -202,6 +258,15 @@ def format_plan(plan: dict) -> str:
     lines.append(
         "cheapest that fits: "
         + (f"ZeRO {cheapest['zero_stage']}, offload {cheapest['offload']}" if cheapest else "none")
+    )
+    other = plan["chosen_checkpointed"]
+    lines.append(
+        f"activations per micro-batch: {plan['chosen']['activations_gb']:.3f} GB "
+        + (
+            "with gradient checkpointing"
+            if plan["checkpointing"]
+            else f"({other['activations_gb']:.3f} GB with train.gradient_checkpointing=true)"
+        )
     )
     lines.append(f"tokens per optimizer step (slots): {plan['tokens_per_step']}")
     return "\n".join(lines)

@@ -295,6 +295,9 @@ def _train(
             "world_size": final["world_size"],  # (an elastic run's, at its end)
             "nodes": final["nodes"],
             "zero_stage": t.zero_stage,
+            # what the workers ran with (the chunked loss only where it is exact for the model)
+            "gradient_checkpointing": final["gradient_checkpointing"],
+            "chunked_loss": final["chunked_loss"],
             "records": counts,
             "model_dir": f"{cfg.run_dir}/{MODEL_DIR}" if store.mirrored and export_model else model_dir,
             "checkpoint": store.location(best.path),
