@@ -1,6 +1,11 @@
 """The CLI turns user errors raised deep inside Ray (tasks, Train workers) into the one-line exit-2 form."""
 
+import os
+import subprocess
+import sys
+
 import pytest
+from conftest import REPO
 from ray.train import WorkerGroupError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
@@ -24,3 +29,13 @@ def test_other_errors_pass_through():
 
     with pytest.raises(WorkerGroupError):
         _unwrap_user_errors(fails)
+
+
+def test_the_gpu_benchmark_says_in_one_line_that_it_needs_a_gpu():
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "gpu.py")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: bench/gpu.py needs NVIDIA GPUs with CUDA (torch.cuda.is_available() is False here)"
+    ]

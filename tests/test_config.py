@@ -28,6 +28,14 @@ def test_demo_config_is_valid_as_shipped():
     assert os.path.isabs(cfg.storage) and os.path.isabs(cfg.data.train) and os.path.isabs(cfg.model.name_or_path)
 
 
+def test_the_7b_example_config_is_valid_and_uses_the_memory_savers():
+    cfg = load_config(os.path.join(REPO, "configs", "llama-7b.yaml"), check_paths=False)
+    t = cfg.train
+    assert (t.num_workers, t.zero_stage, t.gradient_checkpointing, t.chunked_loss) == (8, 3, True, True)
+    assert (cfg.model.dtype, cfg.model.attn_implementation, t.use_gpu) == ("bf16", "auto", True)
+    assert t.micro_batch_size * t.grad_accum * t.num_workers == 128  # as its comment says
+
+
 def test_overrides_apply_with_yaml_types(config):
     cfg = load_config(config, ["train.lr=3e-4", "train.max_steps=7", "data.split.val=0.2", "train.use_gpu=false"])
     assert cfg.train.lr == pytest.approx(3e-4)

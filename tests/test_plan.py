@@ -11,7 +11,7 @@ P, LARGEST = 7_000_000_000, 260_000_000
 
 
 def test_activations_with_gradient_checkpointing_and_the_chunked_loss():
-    shape = {"layers": 32, "hidden": 4096, "heads": 32, "vocab": 32_000}  # a 7B Llama
+    shape = {"layers": 32, "hidden": 4096, "heads": 32, "vocab": 32_000, "attn": "eager"}  # a 7B Llama
     b, s = 1, 4096
     per_layer = b * s * 4096 * (34 + 5 * 32 * s / 4096)  # 16-bit values: bytes = values x 2 / 2
     logits = 2 * b * s * 32_000 * 4
@@ -23,6 +23,9 @@ def test_activations_with_gradient_checkpointing_and_the_chunked_loss():
         32 * b * s * 4096 * 2 + per_layer + 2 * 2097 * 32_000 * 4
     )
     assert activation_bytes(shape, b, s, 2, True, True) < 0.1 * activation_bytes(shape, b, s, 2, False, False)
+    # sdpa and flash-attention keep no [s x s] scores
+    sdpa = dict(shape, attn="sdpa")
+    assert activation_bytes(sdpa, b, s, 2, False, False) == int(32 * b * s * 4096 * 34 + logits)
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])

@@ -59,6 +59,7 @@ def model_shape(name_or_path: str, trust_remote_code: bool, lora=None, attn_impl
         "heads": text.num_attention_heads,
         "vocab": text.vocab_size,
         "checkpointable": checkpointable,
+        "attn": model.config._attn_implementation,  # what `auto` resolves to for this model
     }
 
 
@@ -115,7 +116,10 @@ def activation_bytes(
 ) -> int:
     """Activations kept for backward in one micro-batch, plus the logits and their gradient in fp32."""
     b, s, h, a = micro_batch, seq, shape["hidden"], shape["heads"]
-    per_layer = b * s * h * (34 + 5 * a * s / h) * bytes_per_value / 2  # the paper counts 16-bit values
+    # the paper counts 16-bit values; only eager attention keeps the [s x s] scores and softmax per head (sdpa's
+    # and flash-attention's kernels keep the output and a row statistic)
+    scores = 5 * a * s / h if shape["attn"] == "eager" else 0
+    per_layer = b * s * h * (34 + scores) * bytes_per_value / 2
     # checkpointed: each layer's input, and during the backward the whole of the layer being recomputed
     layers = shape["layers"] * b * s * h * bytes_per_value + per_layer if checkpointing else shape["layers"] * per_layer
     tokens = min(b * s, chunk_tokens(shape["vocab"])) if chunked else b * s
