@@ -77,7 +77,6 @@ def train_loop_per_worker(config: dict) -> None:
     if train.gradient_checkpointing:  # each layer's activations recomputed in the backward, only its input kept
         # (non-reentrant: gradients reach LoRA adapters behind frozen inputs, and it nests with ZeRO-3's hooks)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    checkpointing = model.is_activation_checkpointing  # (what the summary reports: transformers' own flag)
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
     packed = plan["packing"]
     if packed:
@@ -125,6 +124,10 @@ def train_loop_per_worker(config: dict) -> None:
         lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
     )
 
+    # from_pretrained returns the model in eval mode: dropout and gradient checkpointing act only in training mode
+    engine.train()
+    # what the summary reports: checkpointing on in transformers' own view, and acting (training mode)
+    checkpointing = engine.module.is_activation_checkpointing and engine.module.training
     seed_everything(rng_seed(train.seed, rank, 0))  # dropout: each rank its own stream
     step, epoch, skip_batches = 0, 0, 0
     if checkpoint:
