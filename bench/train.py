@@ -10,6 +10,9 @@
    second step's backward pass, before its optimizer step (parameters, gradients, AdamW's moments made by the first
    step, DeepSpeed's partitions and buffers). In fp32, ZeRO 1 and 2 keep a separate fp32 master partition beside
    the fp32 weights; ZeRO 3 means not to, and does not with zeray's correction (trainers/deepspeed_fixes.py).
+3. evaluation wall time during `zeray train` with 2 workers against 1 (the "small" model, a validation split of a
+   third of the data, the same micro-batches): each worker evaluates its share of the split, so the numbers are the
+   same and the time should fall towards half. The median over six evaluations of each run.
 """
 
 import argparse
@@ -54,6 +57,39 @@ def zeray_tokens_per_s(root: str, data: str, model: str, steps: int) -> float:
     assert main(["train", config]) == 0
     with open(os.path.join(root, "runs", "bench", "summary.json")) as f:
         return json.load(f)["tokens_per_s"]  # steady windows: the first (start-up) is left out
+
+
+def eval_seconds(root: str, data: str, model: str, workers: int) -> tuple[float, float]:
+    """(median seconds per validation pass, its loss) of a short `zeray train` evaluating after every step."""
+    from zeray.cli import main
+
+    name = f"eval{workers}"
+    config = os.path.join(root, f"{name}.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump(
+            {
+                "name": name,
+                "storage": os.path.join(root, "runs"),
+                "data": {"train": data, "format": "messages", "max_length": 512, "split": {"val": 0.3, "test": 0.02}},
+                "model": {"name_or_path": model},
+                "train": {
+                    "num_workers": workers,
+                    "max_steps": 6,
+                    "micro_batch_size": 4,
+                    "grad_accum": 2 // workers,  # the same global batch
+                    "zero_stage": 2,
+                    "eval_every": 1,
+                    "checkpoint_every": 10_000,
+                    "log_every": 1,
+                },
+            },
+            f,
+        )
+    assert main(["train", config]) == 0
+    with open(os.path.join(root, "runs", name, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval_s" in r and not r.get("final")]
+    times = sorted(r["eval_s"] for r in evals)
+    return times[len(times) // 2], evals[0]["eval_loss"]
 
 
 def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
@@ -172,6 +208,7 @@ def main() -> None:
             ray.data.DataContext.get_current().enable_progress_bars = False
             zeray = zeray_tokens_per_s(root, data, model, args.steps)
             plain = plain_tokens_per_s(data, model, args.steps)
+            evals = {workers: eval_seconds(root, data, small, workers) for workers in (1, 2)}
             measured = {dtype: zero_memory(small, dtype) for dtype in ("fp32", "bf16")}
         finally:
             ray.shutdown()
@@ -181,6 +218,10 @@ def main() -> None:
     print(f"  zeray train, 2 workers, ZeRO 2   {zeray:10.0f}")
     print(f"  plain PyTorch loop, 1 process    {plain:10.0f}")
     print(f"zeray / plain = {zeray / plain:.2f}  (target >= 0.85)")
+    print(f"evaluation during training, small model {small_shape['params'] / 1e6:.1f}M, validation split 30%")
+    for workers, (seconds, loss) in evals.items():
+        print(f"  {workers} worker(s): {seconds:6.2f} s per pass, first validation loss {loss:.6f}")
+    print(f"2 workers / 1 worker = {evals[2][0] / evals[1][0]:.2f}  (target <= 0.6)")
     for dtype, stages in measured.items():
         print(f"model-state memory per worker, small model {small_shape['params'] / 1e6:.1f}M (2 workers, {dtype})")
         for stage, got in stages.items():

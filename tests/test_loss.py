@@ -88,7 +88,10 @@ def test_the_chunked_loss_is_used_only_where_it_is_exact(artifacts):
         )
     )
     assert not exact_for(capped)
-    assert chunk_tokens(32_000) == 2097 and chunk_tokens(151_936) == 441 and chunk_tokens(10**12) == 1
+    # a chunk's logits about the size of the tokens' hidden states (Liger-Kernel's rule), a power of two
+    assert chunk_tokens(2048, 768, 32_000) == 64  # 2048 / ceil(32000 / 768) = 48.8 -> 64
+    assert chunk_tokens(16_384, 4096, 32_000) == 2048 and chunk_tokens(4096, 896, 151_936) == 32
+    assert chunk_tokens(5, 64, 96) == 4 and chunk_tokens(3, 4096, 1000) == 3 and chunk_tokens(1, 768, 32_000) == 1
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

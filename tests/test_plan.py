@@ -20,10 +20,8 @@ def test_activations_with_gradient_checkpointing_and_the_chunked_loss():
     assert activation_bytes(shape, b, s, 2, False, False) == int(32 * per_layer + logits)
     # checkpointed: a 16-bit hidden state per layer, plus one layer being recomputed
     assert activation_bytes(shape, b, s, 2, True, False) == int(32 * b * s * 4096 * 2 + per_layer + logits)
-    # chunked: the logits of one chunk of tokens (2097 at this vocabulary) and their gradient
-    assert activation_bytes(shape, b, s, 2, True, True) == int(
-        32 * b * s * 4096 * 2 + per_layer + 2 * 2097 * 32_000 * 4
-    )
+    # chunked: the logits of one chunk of tokens (4096 / ceil(32000 / 4096) = 512) and their gradient
+    assert activation_bytes(shape, b, s, 2, True, True) == int(32 * b * s * 4096 * 2 + per_layer + 2 * 512 * 32_000 * 4)
     assert activation_bytes(shape, b, s, 2, True, True) < 0.1 * activation_bytes(shape, b, s, 2, False, False)
     # sdpa and flash-attention keep no [s x s] scores
     sdpa = dict(shape, attn="sdpa")

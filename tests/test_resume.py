@@ -108,9 +108,10 @@ def assert_same_run(interrupted, straight) -> None:
         assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
 
-def test_a_zero3_run_exports_the_weights_its_shards_hold(straight):
+def test_a_zero3_run_exports_the_weights_its_shards_hold(straight, capsys):
     """The uninterrupted ZeRO-3 run: its model holds exactly the weights consolidated from the parameter shards of
-    its checkpoint, and loads with them (tied lm_head included)."""
+    its checkpoint, and loads with them (tied lm_head included); its two workers' shared test evaluation is what one
+    worker scores on that model."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -127,6 +128,13 @@ def test_a_zero3_run_exports_the_weights_its_shards_hold(straight):
         assert (tensor - state[name]).abs().max().item() == 0.0, name
     loaded = AutoModelForCausalLM.from_pretrained(str(straight / "model"), use_safetensors=True)
     assert all(bool((t == state[k]).all()) for k, t in loaded.state_dict().items())
+    config = straight.parent.parent / "straight.yaml"
+    capsys.readouterr()
+    assert main(["eval", str(config), "train.num_workers=1", "--model", str(straight / "model")]) == 0
+    out = capsys.readouterr().out
+    alone = json.loads(out[out.index("{") :])
+    assert alone["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+    assert alone["test_token_accuracy"] == pytest.approx(summary["test_token_accuracy"], rel=1e-6)
 
 
 @pytest.mark.reliability(

@@ -45,3 +45,44 @@ def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, 
     assert (
         "warning: train.mlflow_uri: could not close MLflow run" in err and "the run's results are in its folder" in err
     )
+
+
+def test_a_rerun_continues_its_wandb_run_and_missing_credentials_stop_it_in_one_line(
+    artifacts, tmp_path, capsys, monkeypatch
+):
+    from test_train import wandb_records
+
+    from zeray.errors import UserError
+
+    cfg = load_config(
+        write_config(
+            tmp_path / "run.yaml",
+            name="tracked",
+            storage=str(tmp_path / "runs"),
+            data={"train": artifacts["data"], "format": "messages"},
+            model={"name_or_path": artifacts["model"]},
+            train={"wandb_project": "zeray-tests", "wandb_entity": "team", "wandb_run_name": "first try"},
+        )
+    )
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    ids = []
+    for attempt in (1, 2):  # the same command twice: the second continues the first's run
+        with run_store(cfg.run_dir) as store, Tracking(cfg, store) as tracking:
+            ids.append(tracking.wandb["run_id"])
+            tracking.summary = {"steps": attempt, "eval_loss": 1.5}
+    assert "W&B run" in capsys.readouterr().out
+    assert ids[0] == ids[1] == json.load(open(os.path.join(cfg.run_dir, "wandb_run.json")))["run_id"]
+    runs = [r.run for r in wandb_records(cfg.run_dir) if r.WhichOneof("record_type") == "run"]
+    assert len(runs) == 4 and {(r.run_id, r.project, r.entity, r.display_name) for r in runs} == {
+        (ids[0], "zeray-tests", "team", "first try")
+    }
+
+    # online without an API key: one line naming the key, before anything trains
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc from `wandb login`)
+    cfg.train.wandb_project = "other"
+    with run_store(cfg.run_dir) as store, pytest.raises(UserError) as refused:
+        Tracking(cfg, store)
+    message = str(refused.value)
+    assert message.startswith("train.wandb_project=other: ") and "WANDB_API_KEY" in message and "\n" not in message

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -40,9 +41,13 @@ def trained(ray_cluster, artifacts, tmp_path_factory):
             "tensorboard": True,
             "mlflow_uri": f"sqlite:///{root}/mlflow.db",
             "mlflow_experiment": "tests",
+            # and Weights & Biases in its offline mode (its files under <run>/wandb/)
+            "wandb_project": "zeray-tests",
         },
     )
-    code = main(["train", config])
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")
+        code = main(["train", config])
     return {
         "code": code,
         "run_dir": str(root / "runs" / "tiny"),
@@ -70,7 +75,35 @@ def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def test_every_logged_metric_reaches_tensorboard_and_mlflow(trained):
+def wandb_records(run_dir: str) -> list:
+    """Every record of the W&B offline run files under `run_dir` (LevelDB log framing after W&B's 7-byte header:
+    32 KiB blocks of chunks, each with a 7-byte header of CRC, length and type), oldest file first."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime):
+        data, at, parts = open(path, "rb").read(), 7, b""
+        assert data[:4] == b":W&B", path
+        while at + 7 <= len(data):
+            if 32768 - at % 32768 < 7:  # a block's tail too short for a chunk header is padding
+                at += 32768 - at % 32768
+                continue
+            _, length, kind = struct.unpack("<IHB", data[at : at + 7])
+            parts += data[at + 7 : at + 7 + length]
+            at += 7 + length
+            if kind in (1, 4):  # a full record, or the last chunk of one
+                records.append(wandb_internal_pb2.Record.FromString(parts))
+                parts = b""
+    return records
+
+
+def wandb_key(item) -> str:
+    return item.key or "/".join(item.nested_key)  # (W&B's core writes keys as one-part paths)
+
+
+def test_every_logged_metric_reaches_tensorboard_mlflow_and_wandb(trained):
     from mlflow import MlflowClient
 
     rows = [json.loads(line) for line in open(os.path.join(trained["run_dir"], "metrics.jsonl"))]
@@ -94,6 +127,32 @@ def test_every_logged_metric_reaches_tensorboard_and_mlflow(trained):
     assert run.data.params["train.zero_stage"] == "2" and run.data.params["model.name_or_path"].endswith("tiny-test")
     summary = json.load(open(os.path.join(trained["run_dir"], "summary.json")))
     assert run.data.metrics["final/test_loss"] == pytest.approx(summary["test_loss"])
+
+    # W&B: one run (opened by the driver, fed by the controller, closed with the summary), every step, the config
+    run_id = json.load(open(os.path.join(trained["run_dir"], "wandb_run.json")))["run_id"]
+    records = wandb_records(trained["run_dir"])
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert len(runs) == 3 and {(r.run_id, r.project) for r in runs} == {(run_id, "zeray-tests")}
+    config = {wandb_key(item): json.loads(item.value_json) for r in runs for item in r.config.update}
+    assert config["train.zero_stage"] == 2 and config["model.name_or_path"].endswith("tiny-test")
+    history: dict[int, dict] = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            row = {wandb_key(item): json.loads(item.value_json) for item in r.history.item}
+            history.setdefault(row["_step"], {}).update(row)
+    assert [(s, pytest.approx(history[s]["loss"])) for s, _ in losses] == losses
+    assert [(s, pytest.approx(history[s]["eval_loss"])) for s, _ in evals] == evals
+    assert sorted(history) == [4, 8, 12, 16] and "lr" in history[4] and "eval_perplexity" in history[16]
+    final = {
+        wandb_key(item): json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
+        if wandb_key(item).startswith("final/")
+    }
+    assert final["final/test_loss"] == pytest.approx(summary["test_loss"]) and final["final/steps"] == 16
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exits == [0, 0, 0]
 
 
 def test_train_exits_0_and_loss_goes_down(trained):
@@ -256,15 +315,24 @@ def test_export_refuses_a_checkpoint_that_fails_the_weights_only_check(trained, 
 
 
 def test_eval_scores_the_exported_model_on_the_test_split(trained, capsys):
+    """`zeray eval` on 1, 2 and 3 workers, each scoring its share of the split: the same numbers as each other and
+    as the 2-worker run's own test evaluation."""
     with open(os.path.join(trained["run_dir"], "summary.json")) as f:
         summary = json.load(f)
-    capsys.readouterr()
-    assert main(["eval", trained["config"], "--model", os.path.join(trained["run_dir"], "model")]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("{") :])
-    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
-    assert result["test_token_accuracy"] == pytest.approx(summary["test_token_accuracy"], rel=1e-4)
-    assert result["test_perplexity"] > 1
+    results = {}
+    for workers in (1, 2, 3):
+        capsys.readouterr()
+        model = os.path.join(trained["run_dir"], "model")
+        # (half a CPU each: 3 workers and Ray Data's 2 CPUs in the session's 4)
+        overrides = [f"train.num_workers={workers}", "train.cpus_per_worker=0.5"]
+        assert main(["eval", trained["config"], *overrides, "--model", model]) == 0
+        out = capsys.readouterr().out
+        results[workers] = json.loads(out[out.index("{") :])
+    for result in results.values():
+        assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+        assert result["test_token_accuracy"] == pytest.approx(summary["test_token_accuracy"], rel=1e-6)
+        assert result["test_tokens"] == results[1]["test_tokens"] > 0
+    assert results[1]["test_perplexity"] == pytest.approx(math.exp(summary["test_loss"]), rel=1e-6)
 
 
 @pytest.mark.slow

@@ -92,6 +92,30 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
         assert kept == [r["checkpoint"]]
 
 
+def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_cluster, artifacts, tmp_path):
+    """tune.metric and tune.mode rank a trial's checkpoints as they rank trials: a campaign after the largest
+    validation loss (the earliest checkpoint, as the loss falls) keeps and chooses that one, where ranking by the
+    lowest loss, as `zeray train` does, would have deleted it."""
+    config = campaign(
+        tmp_path,
+        "largest",
+        artifacts,
+        max_steps=6,
+        checkpoint_every=2,
+        tune={"search": "grid", "scheduler": "fifo", "metric": "eval_loss", "mode": "max", "space": {}},
+    )
+    assert main(["tune", config]) == 0
+    out = tmp_path / "runs" / "largest" / "tune"
+    (row,) = results(out)
+    run = os.path.join(trial_dir(out, row["trial"]), "train")
+    scored = {r["step"]: r["eval_loss"] for r in metrics(run) if "checkpoint" in r}
+    assert sorted(scored) == [2, 4, 6] and scored[2] > scored[4] > scored[6]  # the loss falls
+    best = json.loads((out / "best.json").read_text())
+    assert best["metric"] == "eval_loss" and best["step"] == 2 and best["value"] == pytest.approx(scored[2])
+    kept = sorted(path.rstrip(os.sep) for path in glob.glob(os.path.join(run, "checkpoint_*", "")))
+    assert len(kept) == 2 and best["checkpoint"] == row["checkpoint"] == kept[0]  # and the latest, never deleted
+
+
 @pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")
 def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ray_cluster, artifacts, tmp_path):
     config = campaign(

@@ -18,6 +18,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
@@ -29,6 +30,20 @@ CKPT_TAG = "ds"
 STATE_FILE = "zeray_state.json"
 HF_CONFIG_DIR = "hf_config"
 HF_DIR = "hf_model"
+
+
+@dataclass(frozen=True)
+class CheckpointScore:
+    """What makes a checkpoint better: a validation metric every checkpoint carries, smaller or larger. `zeray
+    train` ranks by eval_loss; a campaign's trials by its tune.metric and tune.mode, so that what a trial keeps is
+    what the campaign chooses among. Used by Ray Train's CheckpointConfig and by the pick of the exported model."""
+
+    metric: str = "eval_loss"
+    mode: str = "min"  # or "max"
+
+    def best(self, items: list, metrics=lambda item: item):
+        """The best of `items`, by the metric in `metrics(item)`."""
+        return (min if self.mode == "min" else max)(items, key=lambda item: metrics(item)[self.metric])
 
 
 MANIFEST = "zeray_files.rank{rank}.json"

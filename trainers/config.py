@@ -107,6 +107,13 @@ class TrainConfig(Section):
     only from MLflow's environment variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD)."""
     mlflow_experiment: str = "zeray"
     """The MLflow experiment the run goes into (created if missing)."""
+    wandb_project: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^/\\#?%:]+$")
+    """Also log the run to Weights & Biases, in this project; credentials only from W&B's environment
+    (WANDB_API_KEY, or `wandb login`); WANDB_MODE=offline keeps the run in files under `<run>/wandb/`."""
+    wandb_entity: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^/\\#?%:]+$")
+    """The W&B user or team the project belongs to (W&B's default entity when not set)."""
+    wandb_run_name: str | None = Field(None, min_length=1, max_length=128)
+    """The run's name in W&B (the config's `name` when not set)."""
 
     @field_validator("mlflow_uri")
     @classmethod

@@ -1,7 +1,7 @@
 """`zeray eval`: loss, perplexity and next-token accuracy of a Hugging Face model on a config's test split.
 
-The same Ray Data pipeline (tokenized with the evaluated model's own tokenizer) feeds a one-worker TorchTrainer
-that scores the whole split (the same code that evaluates during training).
+The same Ray Data pipeline (tokenized with the evaluated model's own tokenizer) feeds a TorchTrainer with the run's
+workers, which share the split as they do during training (the same code): the numbers do not depend on how many.
 """
 
 import json
@@ -11,8 +11,9 @@ import tempfile
 import ray
 import ray.train
 import torch
+from ray.data import ExecutionOptions
+from ray.train import DataConfig, ScalingConfig
 from ray.train import RunConfig as TrainRunConfig
-from ray.train import ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.local import fit_or_explain, placement_timeout
@@ -43,11 +44,23 @@ def eval_loop_per_worker(config: dict) -> None:
     if config["packing"]:
         check_packing_isolation(model, config["model_dir"])
     loss_of = TokenLoss(model, chunked=config["chunked_loss"] and exact_for(model))
-    metrics = evaluate(model, loss_of, "test", config["batch_size"], config["pad_token_id"], device, config["packing"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    metrics = evaluate(
+        model,
+        loss_of,
+        "test",
+        batch_size=config["batch_size"],
+        pad_id=config["pad_token_id"],
+        device=device,
+        packed=config["packing"],
+        rank=rank,
+        world=context.get_world_size(),
+    )
     # Ray Train returns the metrics that came with a checkpoint: rank 0 files the result as one.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
+        if rank == 0:
             with open(os.path.join(tmp, "eval.json"), "w") as f:
                 json.dump(metrics, f)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -77,12 +90,14 @@ def evaluate_model(cfg, model_dir: str) -> dict:
             "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,
             "packing": cfg.data.packing,
         },
-        # one worker scores the whole split: no sharding, so no row is dropped and the number is exact
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
         datasets={"test": splits.test},
+        # every worker reads the whole split in the same order and scores its share (see trainers.loop.evaluate)
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=storage_path, storage_filesystem=storage_fs),
     )
-    metrics = fit_or_explain(trainer, placement_timeout(cfg.cluster)).metrics
+    elastic_min = (t.min_workers, per_worker) if t.elastic else None
+    metrics = fit_or_explain(trainer, placement_timeout(cfg.cluster), elastic_min=elastic_min).metrics
     return {
         "test_loss": metrics["eval_loss"],
         "test_perplexity": metrics["eval_perplexity"],

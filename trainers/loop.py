@@ -7,6 +7,7 @@ the same number of times: every rank reads the same stream in whole global micro
 same steps.
 """
 
+import functools
 import json
 import logging
 import math
@@ -162,6 +163,17 @@ def train_loop_per_worker(config: dict) -> None:
     )
     started = time.perf_counter()
     last_eval = None
+    score = functools.partial(
+        evaluate,
+        engine,
+        loss_of,
+        batch_size=train.micro_batch_size,
+        pad_id=pad_id,
+        device=device,
+        packed=packed,
+        rank=rank,
+        world=world,
+    )
 
     def save(metrics: dict, batches_in_epoch: int, export: bool = False) -> None:
         """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint in storage."""
@@ -183,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint and own is None:
         # what this run starts from, evaluated: equal to the source run's validation loss at that step when the
         # weights were really taken over
-        last_eval = {**evaluate(engine, loss_of, "val", train.micro_batch_size, pad_id, device, packed), "step": step}
+        last_eval = {**score("val"), "step": step}
         ray.train.report({**last_eval, "epoch": epoch, "started_from": plan["init_checkpoint"]})  # as named
 
     mb = train.micro_batch_size
@@ -228,15 +240,12 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint_now = step % train.checkpoint_every == 0 and step < total_steps  # the last one: below
             # a checkpoint carries the validation loss of its own weights: Ray Train ranks checkpoints by it
             if step % train.eval_every == 0 or step == total_steps or checkpoint_now:
-                last_eval = {
-                    **evaluate(engine, loss_of, "val", train.micro_batch_size, pad_id, device, packed),
-                    "step": step,
-                }
+                last_eval = {**score("val"), "step": step}
                 metrics = {**(metrics or {"step": step, "epoch": epoch}), **last_eval}
                 if rank == 0:
                     say(
                         f"eval step {step}: loss {last_eval['eval_loss']:.4f} "
-                        f"perplexity {last_eval['eval_perplexity']:.2f}"
+                        f"perplexity {last_eval['eval_perplexity']:.2f} ({last_eval['eval_s']:.1f} s)"
                     )
             if checkpoint_now:
                 save(metrics, used)
@@ -252,9 +261,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     # The end: validation (if the last step did not just do it), the held-out test split, and the HF model.
     if last_eval is None or last_eval["step"] != step:
-        last_eval = evaluate(engine, loss_of, "val", train.micro_batch_size, pad_id, device, packed)
+        last_eval = score("val")
     final = dict(last_eval)
-    test = evaluate(engine, loss_of, "test", train.micro_batch_size, pad_id, device, packed)
+    test = score("test")
     nodes = [None] * world  # how many machines the workers ran on, the last time they started
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     final.update(
@@ -374,21 +383,32 @@ def train_step(engine, loss_of: TokenLoss, group: list[dict], world: int) -> tup
 
 
 @torch.no_grad()
-def evaluate(engine, loss_of: TokenLoss, split: str, batch_size: int, pad_id: int, device, packed: bool) -> dict:
-    """Loss, perplexity and next-token accuracy over the whole split.
+def evaluate(
+    engine, loss_of: TokenLoss, split: str, *, batch_size: int, pad_id: int, device, packed: bool, rank: int, world: int
+) -> dict:
+    """Loss, perplexity and next-token accuracy over the whole split, the work shared by the ranks.
 
-    Every rank reads the whole split (it is not sharded: `streaming_split(equal=True)` would drop up to
-    world_size-1 rows, so the numbers would depend on the worker count and on block layout), which also keeps
-    ZeRO-3's collective forwards in step; every rank thus computes the same numbers.
+    Every rank reads the whole split (cheap: token ids) in global micro-batches of batch_size x world rows and
+    evaluates its own slice of each, so micro-batch k of the split goes to rank k mod world: the same micro-batches
+    (the same padding) as one worker evaluates, hence the same numbers for any number of workers, in about 1/world of
+    the compute. (The split is not sharded by Ray Data: `streaming_split(equal=True)` would drop up to world-1 rows
+    and tie the numbers to the block layout.) A rank left without rows at the end runs a padding micro-batch, which
+    keeps ZeRO-3's collective forwards in step; the sums are then all-reduced.
     """
+    began = time.perf_counter()
     engine.eval()
+    collate = Collate(pad_id, device, packed)
     sums = torch.zeros(3, dtype=torch.float64)  # loss, tokens, correct
-    for batch in ray.train.get_dataset_shard(split).iter_torch_batches(
-        batch_size=batch_size, collate_fn=Collate(pad_id, device, packed), prefetch_batches=2
+    for rows in ray.train.get_dataset_shard(split).iter_batches(
+        batch_size=batch_size * world, batch_format="numpy", prefetch_batches=2
     ):
+        mine = {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in rows.items()}
+        batch = collate(mine if len(mine["input_ids"]) else padding({k: v[:1] for k, v in rows.items()}))
         sums[0] += loss_of(engine, batch).item()
         sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
         sums[2] += int(loss_of.correct)
+    if world > 1:
+        dist.all_reduce(sums)
     engine.train()
     loss = sums[0].item() / max(sums[1].item(), 1.0)
     return {
@@ -396,6 +416,7 @@ def evaluate(engine, loss_of: TokenLoss, split: str, batch_size: int, pad_id: in
         "eval_perplexity": math.exp(min(loss, 50.0)),
         "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0),
         "eval_tokens": int(sums[1].item()),
+        "eval_s": time.perf_counter() - began,
     }
 
 

@@ -9,6 +9,7 @@ around it as it does for any layer. It is the plain loss exactly when the model'
 its last hidden states, which `exact_for` checks on the model itself before training.
 """
 
+import math
 import types
 from contextlib import contextmanager
 
@@ -18,12 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from pipelines.chat import IGNORE
 
-LOGITS_BUDGET = 256 * 1024**2  # bytes of fp32 logits one chunk may hold (their gradient doubles it in backward)
 
-
-def chunk_tokens(vocab: int, budget: int = LOGITS_BUDGET) -> int:
-    """Tokens per chunk so that a chunk's fp32 logits fit in `budget` bytes."""
-    return max(1, budget // (4 * vocab))
+def chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk when `tokens` go through the head: a chunk's logits about as large as all their hidden
+    states (Liger-Kernel's rule: the loss then never needs more than the layers' activations), a power of two."""
+    return min(tokens, 1 << max(0, math.ceil(tokens / math.ceil(vocab / hidden)) - 1).bit_length())
 
 
 def forward(model, batch: dict):
@@ -55,8 +55,9 @@ class TokenLoss:
 
     def __init__(self, model, chunked: bool, chunk: int | None = None):
         self.head = model.get_output_embeddings() if chunked else None
-        # (the vocabulary from the config: under ZeRO-3 the head's weight is a partition)
-        self.chunk = chunk or chunk_tokens(model.config.get_text_config().vocab_size)
+        # (sizes from the config: under ZeRO-3 the head's weight is a partition)
+        text = model.config.get_text_config()
+        self.chunk, self.hidden, self.vocab = chunk, text.hidden_size, text.vocab_size
         self.correct = torch.zeros((), dtype=torch.long)
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
@@ -70,7 +71,7 @@ class TokenLoss:
 
     @contextmanager
     def _head_computes_loss(self, labels: torch.Tensor):
-        head, chunk, owner = self.head, self.chunk, self
+        head, owner = self.head, self
         original = types.MethodType(type(head).forward, head)  # the head's own computation, without its hooks
 
         def loss_forward(_, hidden: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,7 @@ class TokenLoss:
             keep = targets != IGNORE
             hidden, targets = hidden[:, :-1].flatten(0, 1)[keep], targets[keep]
             total = hidden.new_zeros((), dtype=torch.float32)
+            chunk = owner.chunk or max(1, chunk_tokens(len(targets), owner.hidden, owner.vocab))
             correct = torch.zeros((), dtype=torch.long)
             for start in range(0, len(targets), chunk):
                 h, t = hidden[start : start + chunk], targets[start : start + chunk]

@@ -122,7 +122,7 @@ def activation_bytes(
     per_layer = b * s * h * (34 + scores) * bytes_per_value / 2
     # checkpointed: each layer's input, and during the backward the whole of the layer being recomputed
     layers = shape["layers"] * b * s * h * bytes_per_value + per_layer if checkpointing else shape["layers"] * per_layer
-    tokens = min(b * s, chunk_tokens(shape["vocab"])) if chunked else b * s
+    tokens = chunk_tokens(b * s, h, shape["vocab"]) if chunked else b * s
     return int(layers + 2 * tokens * shape["vocab"] * 4)
 
 

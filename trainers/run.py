@@ -16,7 +16,7 @@ from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_expla
 from cluster.storage import run_store
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, summary_line
-from trainers.checkpoints import damage, export
+from trainers.checkpoints import CheckpointScore, damage, export
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
 from trainers.loop import train_loop_per_worker
 from trainers.outputs import (
@@ -93,6 +93,9 @@ RESUMABLE_CHANGES = {
     "train.tensorboard",
     "train.mlflow_uri",
     "train.mlflow_experiment",
+    "train.wandb_project",
+    "train.wandb_entity",
+    "train.wandb_run_name",
     "train.elastic_resize_s",
 }
 
@@ -124,16 +127,18 @@ def train(
     export_model: bool = True,
     init_checkpoint: str | None = None,
     prepared: tuple[dict, dict] | None = None,
+    score: CheckpointScore = CheckpointScore(),
 ) -> dict:
     """Run one fine-tuning job end to end; returns the summary that is also written to summary.json.
 
     A tune trial passes its reporting `callbacks`, skips the model export (the campaign exports only its best
     trial's model), under PBT starts from another trial's checkpoint (`init_checkpoint`) when this run has none
-    of its own yet, and trains on the campaign's data already in the object store (`prepared`: datasets, report).
+    of its own yet, trains on the campaign's data already in the object store (`prepared`: datasets, report), and
+    ranks its checkpoints by the campaign's metric (`score`).
     """
     started = time.time()
     with run_store(cfg.run_dir) as store:
-        return _train(cfg, store, started, callbacks, export_model, init_checkpoint, prepared)
+        return _train(cfg, store, started, callbacks, export_model, init_checkpoint, prepared, score)
 
 
 def _train(
@@ -144,6 +149,7 @@ def _train(
     export_model: bool,
     init_checkpoint: str | None,
     prepared: tuple[dict, dict] | None,
+    score: CheckpointScore,
 ) -> dict:
     run_dir = store.local  # where this process writes the run's files (a staging copy of an object store's)
     if store.exists("checkpoint_manager_snapshot.json"):
@@ -208,7 +214,7 @@ def _train(
 
     storage_fs, storage_path = resolve(cfg.storage, "storage")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
-    with Tracking(cfg, store) as tracking:  # TensorBoard / MLflow, if asked for
+    with Tracking(cfg, store) as tracking:  # TensorBoard / MLflow / W&B, if asked for
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"run": cfg, "plan": plan},
@@ -222,16 +228,18 @@ def _train(
             datasets=datasets,
             # the same example order on every run: what exact resume and reproducible curves rest on
             # nothing is split: every rank reads the ordered train stream and takes its slice of each global
-            # micro-batch (see the loop), and evaluates all of val/test
+            # micro-batch (see the loop), and likewise of val/test (see evaluate)
             dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
             run_config=TrainRunConfig(
                 name=cfg.name,
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=t.max_failures),
-                # the best few by validation loss; Ray Train never deletes the latest, which resuming needs
+                # the best few by the score; Ray Train never deletes the latest, which resuming needs
                 checkpoint_config=CheckpointConfig(
-                    num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="eval_loss", checkpoint_score_order="min"
+                    num_to_keep=t.keep_checkpoints,
+                    checkpoint_score_attribute=score.metric,
+                    checkpoint_score_order=score.mode,
                 ),
                 callbacks=[MetricsLog(store), *tracking.callbacks, *callbacks],
                 logging_config=LoggingConfig(log_level="WARNING"),  # zeray prints its own progress
@@ -254,11 +262,9 @@ def _train(
         ranked = [
             (c, m)
             for c, m in result.best_checkpoints or []
-            if "eval_loss" in m and damage(c.path, c.filesystem) is None
+            if score.metric in m and damage(c.path, c.filesystem) is None
         ]
-        best, best_metrics = (
-            min(ranked, key=lambda item: item[1]["eval_loss"]) if ranked else (result.checkpoint, final)
-        )
+        best, best_metrics = score.best(ranked, lambda item: item[1]) if ranked else (result.checkpoint, final)
         tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
         tested_step = final["step"]  # whose weights the test numbers describe
         model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
@@ -268,8 +274,8 @@ def _train(
                 from trainers.evaluate import evaluate_model
 
                 print(
-                    f"model: the checkpoint of step {best_metrics['step']} (validation loss "
-                    f"{best_metrics['eval_loss']:.4f}) beats the last one ({final['eval_loss']:.4f}); testing it",
+                    f"model: the checkpoint of step {best_metrics['step']} ({score.metric} "
+                    f"{best_metrics[score.metric]:.4f}) beats the last one ({final[score.metric]:.4f}); testing it",
                     flush=True,
                 )
                 tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]

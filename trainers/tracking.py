@@ -1,16 +1,23 @@
-"""Experiment trackers beside metrics.jsonl: TensorBoard event files (`train.tensorboard`, tensorboardX) and an
-MLflow run (`train.mlflow_uri`).
+"""Experiment trackers beside metrics.jsonl: TensorBoard event files (`train.tensorboard`, tensorboardX), an
+MLflow run (`train.mlflow_uri`) and a Weights & Biases run (`train.wandb_project`).
 
-Both receive every report live, from the Ray Train controller (`Trackers`, a Ray Train callback). The MLflow run
-is opened by the driver before the workers start (parameters: the run's config), kept in `mlflow_run.json` so a
-re-run of the same command continues it, and closed by the driver with the summary (`Tracking`). Credentials come
-only from MLflow's own environment variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, cloud
-ones): the config refuses a URI with a user or password in it, since it is written into the run's folder.
+All receive every report live, from the Ray Train controller (`Trackers`, a Ray Train callback). The MLflow and
+W&B runs are opened by the driver before the workers start (with the run's config), kept in `mlflow_run.json` and
+`wandb_run.json` so a re-run of the same command continues them, and closed by the driver with the summary
+(`Tracking`). Credentials come only from each tool's own environment (MLFLOW_TRACKING_TOKEN,
+MLFLOW_TRACKING_USERNAME/PASSWORD, cloud ones; WANDB_API_KEY or `wandb login`): the config refuses an MLflow URI with
+a user or password in it, since it is written into the run's folder.
+
+A W&B run is one writer at a time (W&B resumes a run by its id, sequentially): the driver opens it, logs the config
+and closes it; the controller resumes it for the reports and closes it at the final one; the driver resumes it for
+the summary. WANDB_MODE=offline keeps all of it in files under `<run>/wandb/` (`wandb sync` uploads them later);
+the driver's mode is the controller's too.
 """
 
 import json
 import math
 import os
+import secrets
 import sys
 import time
 
@@ -21,6 +28,8 @@ from zeray.errors import UserError
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow_run.json"
+WANDB_RUN_FILE = "wandb_run.json"
+WANDB_DIR = "wandb"  # W&B's own folder under the run's (dir=<run>)
 
 
 def _client(uri: str):
@@ -84,46 +93,136 @@ def end_mlflow_run(uri: str, run_id: str, summary: dict | None) -> None:
     client.set_terminated(run_id, "FINISHED" if summary is not None else "FAILED")
 
 
+def _wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("train.wandb_project needs Weights & Biases: pip install 'zeray[wandb]' (or wandb)") from None
+    return wandb
+
+
+def wandb_run(wandb_cfg: dict, **kwargs):
+    """Resume (or create) the run `wandb_cfg` names: its id, project, entity, name, mode and folder."""
+    wandb = _wandb()
+    return wandb.init(
+        id=wandb_cfg["run_id"],
+        project=wandb_cfg["project"],
+        entity=wandb_cfg["entity"],
+        name=wandb_cfg["name"],
+        mode=wandb_cfg["mode"],
+        dir=wandb_cfg["dir"],
+        resume="allow",
+        # zeray prints its own lines: W&B's go to its debug logs, and it does not take over the console
+        settings=wandb.Settings(silent=True, console="off", save_code=False),
+        **kwargs,
+    )
+
+
+def start_wandb_run(cfg, run_dir: str) -> dict:
+    """The W&B run of this zeray run: the one an earlier attempt opened (its id in `wandb_run.json`), else a new one,
+    with the config. Opening it here checks the credentials and project before any worker starts. Returns what
+    the controller needs to resume it."""
+    t = cfg.train
+    path = os.path.join(run_dir, WANDB_RUN_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            run_id = json.load(f)["run_id"]
+    else:
+        run_id = secrets.token_hex(6)  # (W&B's rule: unique in the project, letters and digits)
+    wandb_cfg = {
+        "run_id": run_id,
+        "project": t.wandb_project,
+        "entity": t.wandb_entity,
+        "name": t.wandb_run_name or cfg.name,
+        # W&B's own variable, read now (W&B reads its environment once per process), and the controller's mode too
+        "mode": os.environ.get("WANDB_MODE") or None,
+        "dir": run_dir,
+    }
+    try:
+        run = wandb_run(wandb_cfg, config=flatten(cfg.model_dump(mode="json")))
+        wandb_cfg["mode"] = "offline" if run.offline else "online"
+        url = run.url
+        run.finish()
+    except UserError:
+        raise
+    except Exception as exc:  # no credentials, an unknown entity, an unreachable server
+        raise UserError(
+            f"train.wandb_project={t.wandb_project}: {_first_line(exc)} (credentials: WANDB_API_KEY or `wandb login`; "
+            "WANDB_MODE=offline keeps the run in files)"
+        ) from None
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"run_id": run_id, "project": t.wandb_project, "entity": t.wandb_entity, "url": url}, f)
+    where = url if url else f"offline, in {os.path.join(run_dir, WANDB_DIR)} (wandb sync uploads it)"
+    print(f"W&B run {run_id}: {where}", flush=True)
+    return wandb_cfg
+
+
+def end_wandb_run(wandb_cfg: dict, summary: dict | None) -> None:
+    """The summary's numbers as the run's final values (`final/<key>`); a run without a summary ends as failed."""
+    run = wandb_run(wandb_cfg)
+    if summary is not None:
+        run.summary.update({f"final/{k}": float(v) for k, v in sorted(summary.items()) if _number(v)})
+    run.finish(exit_code=0 if summary is not None else 1)
+
+
 class Tracking:
     """The trackers a run asked for: `callbacks` for the Train controller; set `summary` once the run succeeded.
     Their files go to the run's `store` (cluster.storage.RunStore)."""
 
     def __init__(self, cfg, store):
         t = cfg.train
+        self.store = store
         self.mlflow_uri = t.mlflow_uri
-        self.mlflow_run = None
+        self.mlflow_run = self.wandb = None
         if t.mlflow_uri:
             self.mlflow_run = start_mlflow_run(cfg, store.local)
             store.push(MLFLOW_RUN_FILE)
-        wanted = t.tensorboard or self.mlflow_run
-        self.callbacks = [Trackers(store, t.tensorboard, t.mlflow_uri, self.mlflow_run)] if wanted else []
+        if t.wandb_project:
+            self.wandb = start_wandb_run(cfg, store.local)
+            store.push(WANDB_RUN_FILE)
+            store.push(WANDB_DIR)
+        wanted = t.tensorboard or self.mlflow_run or self.wandb
+        self.callbacks = [Trackers(store, t.tensorboard, t.mlflow_uri, self.mlflow_run, self.wandb)] if wanted else []
         self.summary: dict | None = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if not self.mlflow_run:
-            return
-        try:
-            end_mlflow_run(self.mlflow_uri, self.mlflow_run, self.summary if exc[0] is None else None)
-        except Exception as error:  # the tracking server gone by the end: the run's own outcome stands
-            print(
-                f"warning: train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({_first_line(error)}); "
-                "the run's results are in its folder",
-                file=sys.stderr,
-                flush=True,
-            )
+        summary = self.summary if exc[0] is None else None
+        if self.mlflow_run:
+            try:
+                end_mlflow_run(self.mlflow_uri, self.mlflow_run, summary)
+            except Exception as error:  # the tracking server gone by the end: the run's own outcome stands
+                _warn(f"train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({_first_line(error)})")
+        if self.wandb:
+            try:
+                end_wandb_run(self.wandb, summary)
+            except Exception as error:
+                _warn(f"train.wandb_project: could not close W&B run {self.wandb['run_id']} ({_first_line(error)})")
+            self.store.push(WANDB_DIR)
+
+
+def _warn(what: str) -> None:
+    print(f"warning: {what}; the run's results are in its folder", file=sys.stderr, flush=True)
 
 
 class Trackers(UserCallback):
-    """Every report's numbers to TensorBoard and/or MLflow, at its step (runs in the Train controller)."""
+    """Every report's numbers to TensorBoard, MLflow and W&B, as asked, at its step (runs in the Train controller)."""
 
-    def __init__(self, store, tensorboard: bool, mlflow_uri: str | None = None, mlflow_run: str | None = None):
+    def __init__(
+        self,
+        store,
+        tensorboard: bool,
+        mlflow_uri: str | None = None,
+        mlflow_run: str | None = None,
+        wandb_cfg: dict | None = None,
+    ):
         self.store = store
         self.tensorboard_dir = os.path.join(store.local, TENSORBOARD_DIR) if tensorboard else None
         self.mlflow_uri, self.mlflow_run = mlflow_uri, mlflow_run
-        self._writer = self._client = None
+        self.wandb_cfg = wandb_cfg
+        self._writer = self._client = self._wandb = None
 
     def after_report(self, run_context, metrics, checkpoint):
         row = metrics[0]
@@ -149,9 +248,18 @@ class Trackers(UserCallback):
                 self._client = _client(self.mlflow_uri)
             now = int(time.time() * 1000)
             self._client.log_batch(self.mlflow_run, metrics=[Metric(k, v, now, step) for k, v in numbers.items()])
+        if self.wandb_cfg:
+            if self._wandb is None:
+                self._wandb = wandb_run(self.wandb_cfg)
+            # (a step replayed after a restart from a checkpoint is older than W&B's last: W&B keeps the first)
+            self._wandb.log(numbers, step=step)
+            if row.get("final"):  # the driver resumes it for the summary
+                self._wandb.finish()
+                self._wandb = None
+                self.store.push(WANDB_DIR)
 
     def __getstate__(self):  # sent to the controller before anything is opened
-        return {**self.__dict__, "_writer": None, "_client": None}
+        return {**self.__dict__, "_writer": None, "_client": None, "_wandb": None}
 
 
 def _number(value) -> bool:

@@ -20,6 +20,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
+from trainers.checkpoints import CheckpointScore
 from trainers.run import train
 from tuning.space import trial_config
 from zeray.fs import display, exists, join, read_bytes, resolve, upload, write_bytes
@@ -36,10 +37,11 @@ def run_trial(params: dict, base, campaign_dir: str, pbt: bool, prepared: tuple[
     trial_dir = join(campaign_dir, os.path.basename(ray.tune.get_context().get_trial_dir()))
     name, start_from = current_run(trial_dir, ray.tune.get_checkpoint())
     cfg.storage, cfg.name = trial_dir, name
+    score = CheckpointScore(cfg.tune.metric, cfg.tune.mode)  # a trial keeps what the campaign chooses among
     if pbt:
-        _train_reporting_checkpoints(cfg, start_from, prepared)
+        _train_reporting_checkpoints(cfg, start_from, prepared, score)
     else:
-        train(cfg, callbacks=[EvalReport(cfg.tune.metric)], export_model=False, prepared=prepared)
+        train(cfg, callbacks=[EvalReport(cfg.tune.metric)], export_model=False, prepared=prepared, score=score)
 
 
 class EvalReport(TuneReportCallback):
@@ -67,7 +69,7 @@ class CheckpointsToTune(UserCallback):
             self.queue.put((dict(metrics[0]), checkpoint))
 
 
-def _train_reporting_checkpoints(cfg, start_from: str | None, prepared) -> dict:
+def _train_reporting_checkpoints(cfg, start_from: str | None, prepared, score: CheckpointScore) -> dict:
     queue = Queue(actor_options={"num_cpus": 0})
     failed: list[BaseException] = []
 
@@ -84,7 +86,12 @@ def _train_reporting_checkpoints(cfg, start_from: str | None, prepared) -> dict:
     reporter.start()
     try:
         summary = train(
-            cfg, callbacks=[CheckpointsToTune(queue)], export_model=False, init_checkpoint=start_from, prepared=prepared
+            cfg,
+            callbacks=[CheckpointsToTune(queue)],
+            export_model=False,
+            init_checkpoint=start_from,
+            prepared=prepared,
+            score=score,
         )
     finally:
         queue.put(None)
