@@ -22,14 +22,30 @@ class SplitConfig(Section):
         return self
 
 
+FORMAT = Literal["auto", "messages", "sharegpt", "alpaca", "text"]
+
+
+class SourceConfig(Section):
+    """One source of a data mixture (`data.train` as a list)."""
+
+    path: str
+    """Its data, as `data.train` takes it: a file, a glob, a directory, or a saved Hugging Face dataset."""
+    format: FORMAT | None = None
+    """Its record format (`data.format` when not set)."""
+    weight: float = Field(1.0, gt=0, le=1e6)
+    """Its share of the training records each epoch draws, relative to the other sources' weights."""
+
+
 class DataConfig(Section):
-    train: str | None = None
+    train: str | Annotated[list[SourceConfig], Field(min_length=1)] | None = None
     """Conversation data: a .jsonl/.json/.parquet/.csv file (.gz/.zst too), a glob, a directory of them, or a
-    directory saved by Hugging Face `datasets` (`save_to_disk`; of a DatasetDict, its `train` split)."""
+    directory saved by Hugging Face `datasets` (`save_to_disk`; of a DatasetDict, its `train` split). Or a mixture:
+    a list of `{path, format, weight}`, each source's training records drawn in proportion to its weight (an epoch
+    draws as many records as all sources hold; a source below its share is repeated, one above it sampled)."""
     prepared: str | None = None
     """The data/ folder `zeray prep` wrote (a path or a URI such as s3://bucket/runs/x/data): `zeray train` reads
     its Parquet splits instead of running the pipeline."""
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "text"] = "auto"
+    format: FORMAT = "auto"
     """Record format; `auto` detects it from the first valid record and says which it chose."""
     split: SplitConfig = Field(default_factory=SplitConfig)
     """How records are divided into train/val/test."""
@@ -51,3 +67,22 @@ class DataConfig(Section):
     and parsing need a CPU of their own or the pipeline would starve itself."""
     batch_size: int = Field(256, ge=1, le=1_000_000)
     """Records per Ray Data batch in the parse and tokenize stages."""
+
+    @model_validator(mode="after")
+    def _distinct_sources(self):
+        if isinstance(self.train, list):
+            paths = [source.path for source in self.train]
+            repeated = sorted({p for p in paths if paths.count(p) > 1})
+            if repeated:
+                raise ValueError(f"a source may appear once in data.train; {repeated[0]} is given twice")
+        return self
+
+    def sources(self) -> list[SourceConfig]:
+        """The training sources: the mixture's, or `train` as the one source."""
+        if isinstance(self.train, list):
+            return self.train
+        return [SourceConfig(path=self.train)] if self.train else []
+
+    def source_key(self, index: int) -> str:
+        """How errors name a source's path."""
+        return f"data.train[{index}].path" if isinstance(self.train, list) else "data.train"

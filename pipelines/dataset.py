@@ -22,7 +22,7 @@ from pipelines.chat import ChatTokenizer, TemplateError, check_tokenizer
 from pipelines.config import DataConfig
 from pipelines.formats import FORMATS, Reject, detect_format, normalize
 from pipelines.packing import pack_batch, unpacked_batch
-from pipelines.sources import RecordSource, first_records, resolve_files
+from pipelines.sources import RecordSource, first_records, source_files
 from zeray.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -34,7 +34,8 @@ class Splits:
     """Tokenized (and packed) datasets per split, every input record with its outcome, and what the driver learnt.
 
     `records` holds one row per input record: `source, line, split, reject, detail, record, truncated, num_tokens`
-    (and its tokens); the splits hold training rows `input_ids, labels, position_ids, num_tokens`.
+    (and its tokens; in a mixture also `copies`, how many times an epoch draws it, and `drawn_tokens`); the splits
+    hold training rows `input_ids, labels, position_ids, num_tokens`.
     """
 
     train: ray.data.Dataset | None
@@ -43,6 +44,7 @@ class Splits:
     records: ray.data.Dataset
     format: str
     files: list[str]
+    sources: list[dict]  # per training source: path, format, weight, files (a mixture has several)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -73,10 +75,13 @@ def build_splits(
     The sort has fixed partition boundaries and each sorted partition (one block) is packed on its own, so a
     split's rows and their order depend only on the data and the seed — not on file order, block layout, cluster
     size or task timing. That is what exact resume and reproducible runs rest on."""
-    files = resolve_files(data.train)
-    fmt = data.format if data.format != "auto" else detect_file_format(files)
+    sources = sources_of(data)
+    files = [path for source in sources for path in source["files"]]
+    formats = {path: source["format"] for source in sources for path in source["files"]}
+    used = sorted(set(formats.values()))
+    fmt = used[0] if len(used) == 1 else "mixed"
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    if fmt != "text":
+    if used != ["text"]:
         try:
             check_tokenizer(tokenizer, model_path, data.loss_on)
         except TemplateError as exc:
@@ -99,7 +104,7 @@ def build_splits(
         tokenized = (
             source.map_batches(
                 parse_batch,
-                fn_kwargs=dict(fmt=fmt, val=data.split.val, test=data.split.test, seed=data.split.seed),
+                fn_kwargs=dict(formats=formats, val=data.split.val, test=data.split.test, seed=data.split.seed),
                 batch_size=data.batch_size,
                 batch_format="pyarrow",
             )
@@ -131,11 +136,23 @@ def build_splits(
         # batch_size=None: one call per sorted block, which holds every copy of its conversations
         .map_batches(mark_duplicates, fn_kwargs=dict(dedup=data.dedup), batch_size=None, batch_format="pyarrow")
     )
+    mixed = len(sources) > 1
+    if mixed:  # each training record drawn as many times as its source's weight asks, in an order of its own
+        rates = mixture_rates(records, data, sources)
+        records = materialize_in_order(  # one call per sorted block: val/test are packed per block, as before
+            records.map_batches(
+                draw, fn_kwargs=dict(rates=rates, seed=data.split.seed), batch_size=None, batch_format="pyarrow"
+            )
+        )
     out = {split: None for split in SPLITS}
     for split in splits:
         rows = records.filter(expr=(col("reject") == "") & (col("split") == split)).select_columns(
-            ["input_ids", "labels", "num_tokens", "key"]
+            ["input_ids", "labels", "num_tokens", "key"] + (["copies"] if mixed else [])
         )
+        if mixed and split == "train":
+            rows = rows.map_batches(
+                repeat, fn_kwargs=dict(seed=data.split.seed), batch_size=None, batch_format="pyarrow"
+            ).sort("key", boundaries=_boundaries(_partitions(files)))
         # per sorted block again, so the packing does not depend on how blocks arrive
         if data.packing:
             rows = rows.map_batches(
@@ -147,7 +164,83 @@ def build_splits(
         else:
             rows = rows.map_batches(unpacked_batch, batch_size=None, batch_format="pyarrow")
         out[split] = materialize_in_order(rows)
-    return Splits(train=out["train"], val=out["val"], test=out["test"], records=records, format=fmt, files=files)
+    return Splits(
+        train=out["train"],
+        val=out["val"],
+        test=out["test"],
+        records=records,
+        format=fmt,
+        files=files,
+        sources=sources,
+    )
+
+
+def sources_of(data: DataConfig) -> list[dict]:
+    """Each training source with its files and format (detected for `auto`, and announced)."""
+    sources = []
+    for source, files in zip(data.sources(), source_files(data)):
+        fmt = source.format or data.format
+        fmt = fmt if fmt != "auto" else detect_file_format(files)
+        sources.append({"path": source.path, "format": fmt, "weight": source.weight, "files": files})
+    return sources
+
+
+def mixture_rates(records: ray.data.Dataset, data: DataConfig, sources: list[dict]) -> dict[str, float]:
+    """Per file, how many times an epoch draws each of its source's training records: the source's share of the
+    weights times all the sources' training records, over its own."""
+    accepted = records.filter(expr=(col("reject") == "") & (col("split") == "train"))
+    per_file = {row["source"]: row["count()"] for row in accepted.groupby("source").count().take_all()}
+    have = [sum(per_file.get(path, 0) for path in source["files"]) for source in sources]
+    weights = sum(source["weight"] for source in sources)
+    rates = {}
+    for index, (source, n) in enumerate(zip(sources, have)):
+        if n == 0:
+            raise UserError(
+                f"{data.source_key(index)}: {source['path']} has no training record to draw from (all rejected or "
+                "held out for val/test); `zeray prep` writes each rejected record with its reason"
+            )
+        rate = sum(have) * source["weight"] / weights / n
+        rates.update({path: rate for path in source["files"]})
+    return rates
+
+
+def _mix(values: np.ndarray, salt: int) -> np.ndarray:
+    """splitmix64 of int64 values with a salt: uniformly spread uint64, unrelated to the values' order."""
+    z = values.astype(np.int64).view(np.uint64) ^ np.uint64(salt & (2**64 - 1))
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def draw(block: pa.Table, rates: dict[str, float], seed: int) -> pa.Table:
+    """`copies`: the epoch's draws of each accepted training record (the whole part of its source's rate, and one
+    more with the rate's fractional part as probability, from a seeded hash of the record); 1 for a val/test
+    record, 0 for a reject. `drawn_tokens`: its tokens times that."""
+    n = block.num_rows
+    rate = np.array([rates.get(s, 0.0) for s in block.column("source").to_pylist()], dtype=np.float64)
+    u = (_mix(block.column("key").to_numpy(), seed * 7919 + 1) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    drawn = np.floor(rate) + (u < rate - np.floor(rate))
+    accepted = pc.equal(block.column("reject"), "").to_numpy(zero_copy_only=False)
+    train = pc.equal(block.column("split"), "train").to_numpy(zero_copy_only=False)
+    copies = (
+        np.where(accepted & train, drawn, np.where(accepted, 1, 0)).astype(np.int32) if n else np.zeros(0, np.int32)
+    )
+    tokens = block.column("num_tokens").to_numpy().astype(np.int64) * copies
+    return block.append_column("copies", pa.array(copies, pa.int32())).append_column(
+        "drawn_tokens", pa.array(tokens, pa.int64())
+    )
+
+
+def repeat(block: pa.Table, seed: int) -> pa.Table:
+    """Each row `copies` times, every copy with its own order key (so repeats spread over the epoch)."""
+    copies = block.column("copies").to_numpy()
+    index = np.repeat(np.arange(block.num_rows), copies)
+    nth = np.arange(len(index)) - np.repeat(np.cumsum(copies) - copies, copies)  # copy number within its row
+    keys = block.column("key").to_numpy()[index]
+    new_keys = _mix(keys ^ nth.astype(np.int64), seed * 104729 + 2).view(np.int64)
+    out = block.take(pa.array(index, pa.int64())).drop_columns(["copies"])
+    return out.set_column(out.schema.get_field_index("key"), "key", pa.array(new_keys, pa.int64()))
 
 
 def tokenizer_pool(setting: int | str) -> int:
@@ -234,10 +327,12 @@ def mark_duplicates(block: pa.Table, dedup: bool) -> pa.Table:
     return block.drop_columns(["conversation"])
 
 
-def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -> pa.Table:
-    """Parse and clean raw lines; a bad record gets a reject reason instead of disappearing."""
+def parse_batch(batch: pa.Table, formats: dict[str, str], val: float, test: float, seed: int) -> pa.Table:
+    """Parse and clean raw lines, each in its file's format; a bad record gets a reject reason instead of
+    disappearing."""
     rejects, details, splits, conversations, originals, keys = [], [], [], [], [], []
-    for raw in batch.column("raw").to_pylist():
+    for raw, source in zip(batch.column("raw").to_pylist(), batch.column("source").to_pylist()):
+        fmt = formats[source]
         reason, detail, split, conversation, original, key = "", "", "", "", "", 0
         try:
             try:
@@ -284,8 +379,9 @@ def parse_batch(batch: pa.Table, fmt: str, val: float, test: float, seed: int) -
     )
 
 
-def count_records(records: ray.data.Dataset) -> dict:
-    """Records per split, rejects per reason, and how many were truncated, counted over `Splits.records`."""
+def count_records(records: ray.data.Dataset, sources: list[dict] | None = None) -> dict:
+    """Records per split, rejects per reason, and how many were truncated, counted over `Splits.records`; for a
+    mixture (several `sources`) the same per source, with the epoch's draws and tokens."""
     rows = records.groupby(["split", "reject", "truncated"]).count().take_all()
     splits = {s: 0 for s in SPLITS}
     rejected: dict[str, int] = {}
@@ -297,12 +393,52 @@ def count_records(records: ray.data.Dataset) -> dict:
         else:
             splits[row["split"]] += n
             truncated += n if row["truncated"] else 0
-    return {
+    counts = {
         "records_in": sum(splits.values()) + sum(rejected.values()),
         "records": splits,
         "rejected": dict(sorted(rejected.items())),
         "truncated": truncated,
     }
+    if sources and len(sources) > 1:
+        counts["sources"] = source_counts(records, sources)
+    return counts
+
+
+def source_counts(records: ray.data.Dataset, sources: list[dict]) -> list[dict]:
+    """Per source of a mixture: records in, out per split, rejects per reason; `drawn`, its training records an
+    epoch draws (repeats counted), and `tokens`, theirs, with their share of all training tokens."""
+    from ray.data.aggregate import Count, Sum
+
+    owner = {path: index for index, source in enumerate(sources) for path in source["files"]}
+    out = [
+        {
+            "path": source["path"],
+            "format": source["format"],
+            "weight": source["weight"],
+            "records_in": 0,
+            "records": {split: 0 for split in SPLITS},
+            "rejected": {},
+            "drawn": 0,
+            "tokens": 0,
+        }
+        for source in sources
+    ]
+    groups = records.groupby(["source", "split", "reject"]).aggregate(Count(), Sum("copies"), Sum("drawn_tokens"))
+    for row in groups.take_all():
+        entry, n = out[owner[row["source"]]], row["count()"]
+        entry["records_in"] += n
+        if row["reject"]:
+            entry["rejected"][row["reject"]] = entry["rejected"].get(row["reject"], 0) + n
+            continue
+        entry["records"][row["split"]] += n
+        if row["split"] == "train":
+            entry["drawn"] += int(row["sum(copies)"])
+            entry["tokens"] += int(row["sum(drawn_tokens)"])
+    total = sum(entry["tokens"] for entry in out) or 1
+    for entry in out:
+        entry["rejected"] = dict(sorted(entry["rejected"].items()))
+        entry["token_share"] = round(entry["tokens"] / total, 4)
+    return out
 
 
 def split_of(conversation: str, val: float, test: float, seed: int) -> str:

@@ -121,11 +121,13 @@ def write_rejects(splits: Splits, fs, path: str) -> None:
 def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path: str) -> dict:
     """Counts from what was written (not from what was planned), with both accounting identities checked:
     every record is out or rejected, and every token of an accepted record is in its split's rows."""
-    counts = count_records(splits.records)
+    counts = count_records(splits.records, splits.sources)
     accepted = splits.records.filter(expr=col("reject") == "")
     expected_tokens = {s: 0 for s in SPLITS}
-    for row in accepted.groupby("split").sum("num_tokens").take_all():
-        expected_tokens[row["split"]] = row["sum(num_tokens)"]
+    # (a mixture's training split holds each record as many times as it was drawn)
+    drawn = "drawn_tokens" if len(splits.sources) > 1 else "num_tokens"
+    for row in accepted.groupby("split").sum(drawn).take_all():
+        expected_tokens[row["split"]] = row[f"sum({drawn})"]
     rows, tokens = {}, {}
     histogram = np.zeros(len(HISTOGRAM_EDGES) - 1, dtype=np.int64)
     for split in SPLITS:
@@ -164,6 +166,7 @@ def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path:
         },
         "format": splits.format,
         "files": splits.files,
+        **({"sources": counts["sources"]} if "sources" in counts else {}),
         "max_length": data.max_length,
         "split": data.split.model_dump(),
         "model": model_path,
@@ -209,6 +212,16 @@ def summary_line(report: dict) -> str:
         f"{records['val']} / test {records['test']}), rejected: {rej}; truncated {report['truncated']}; "
         f"train {rows['train']} rows, {tokens['train']} tokens{packed}"
     )
+
+
+def source_lines(counts: dict) -> list[str]:
+    """One line per source of a mixture: what it brought, and what the training epoch draws from it."""
+    return [
+        f"data: source {source['path']} ({source['format']}, weight {source['weight']:g}): "
+        f"{source['records_in']} records in, train {source['records']['train']} drawn {source['drawn']} times, "
+        f"{source['token_share']:.1%} of training tokens"
+        for source in counts.get("sources", [])
+    ]
 
 
 def _read_split(fs, root: str, split: str, columns: list[str]):

@@ -26,15 +26,15 @@ HF_ARROW = ".arrow"  # shards of a saved Hugging Face dataset (found through `da
 ROWS_PER_BLOCK = 8192  # ~ a few MB of conversations: big enough to amortise, small enough to stream
 
 
-def resolve_files(spec: str, announce: bool = True) -> list[str]:
+def resolve_files(spec: str, announce: bool = True, key: str = "data.train") -> list[str]:
     """The data files that `spec` names (a file, a glob, a directory, or a saved Hugging Face dataset
-    directory), sorted; a UserError if there are none or one has an unsupported type. `announce`: say which split
-    of a Hugging Face DatasetDict is used."""
+    directory), sorted; a UserError naming the config `key` if there are none or one has an unsupported type.
+    `announce`: say which split of a Hugging Face DatasetDict is used."""
     if any(ch in spec for ch in "*?["):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
     elif os.path.isdir(spec):
         if is_hf_dataset(spec):
-            return hf_dataset_files(spec, announce)
+            return hf_dataset_files(spec, announce, key)
         files = sorted(
             os.path.join(root, name) for root, _, names in os.walk(spec) for name in names if name.endswith(SUFFIXES)
         )
@@ -42,18 +42,17 @@ def resolve_files(spec: str, announce: bool = True) -> list[str]:
         files = [spec]
     else:
         raise UserError(
-            f"data.train: {spec} does not exist (give a file, a glob, a directory or a saved Hugging Face dataset)"
+            f"{key}: {spec} does not exist (give a file, a glob, a directory or a saved Hugging Face dataset)"
         )
     if not files:
         raise UserError(
-            f"data.train: no data files found at {spec} (valid: {', '.join(BASE_SUFFIXES)}, "
+            f"{key}: no data files found at {spec} (valid: {', '.join(BASE_SUFFIXES)}, "
             "optionally .gz/.zst, or a saved Hugging Face dataset directory)"
         )
     for path in files:
         if not path.endswith(SUFFIXES):
             raise UserError(
-                f"data.train: {path} is not a supported file type "
-                f"(valid: {', '.join(BASE_SUFFIXES)}, optionally .gz/.zst)"
+                f"{key}: {path} is not a supported file type (valid: {', '.join(BASE_SUFFIXES)}, optionally .gz/.zst)"
             )
     return files
 
@@ -62,7 +61,24 @@ def is_hf_dataset(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
 
 
-def hf_dataset_files(path: str, announce: bool = True) -> list[str]:
+def source_files(data, announce: bool = True) -> list[list[str]]:
+    """The files of each training source of `data` (a DataConfig); a file that two sources name is refused,
+    since a record belongs to one source."""
+    found, owner = [], {}
+    for index, source in enumerate(data.sources()):
+        key = data.source_key(index)
+        files = resolve_files(source.path, announce, key)
+        for path in files:
+            if path in owner:
+                raise UserError(
+                    f"{key}: {path} is also in {data.source_key(owner[path])}; a file belongs to one source"
+                )
+            owner[path] = index
+        found.append(files)
+    return found
+
+
+def hf_dataset_files(path: str, announce: bool = True, key: str = "data.train") -> list[str]:
     """The Arrow shards of a `save_to_disk` dataset; of a DatasetDict, those of its `train` split."""
     import datasets
 
@@ -70,21 +86,21 @@ def hf_dataset_files(path: str, announce: bool = True) -> list[str]:
         loaded = datasets.load_from_disk(path)
     except Exception as exc:
         raise UserError(
-            f"data.train: {path} looks like a saved Hugging Face dataset but cannot be loaded: "
+            f"{key}: {path} looks like a saved Hugging Face dataset but cannot be loaded: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
             raise UserError(
-                f"data.train: the Hugging Face DatasetDict at {path} has no `train` split "
-                f"(it has {', '.join(loaded)}); point data.train at one split's folder"
+                f"{key}: the Hugging Face DatasetDict at {path} has no `train` split "
+                f"(it has {', '.join(loaded)}); point {key} at one split's folder"
             )
         if announce:
-            print(f"data.train: using the `train` split of the Hugging Face DatasetDict at {path}")
+            print(f"{key}: using the `train` split of the Hugging Face DatasetDict at {path}")
         loaded = loaded["train"]
     if loaded._indices is not None:  # a filtered/shuffled view: its Arrow files would not be the rows it shows
         raise UserError(
-            f"data.train: the Hugging Face dataset at {path} is an index view; save it with "
+            f"{key}: the Hugging Face dataset at {path} is an index view; save it with "
             "`dataset.flatten_indices().save_to_disk(...)`"
         )
     return [entry["filename"] for entry in loaded.cache_files]

@@ -72,6 +72,10 @@ def test_unknown_key_in_file(tmp_path, artifacts):
         # a union says each way to be valid, under the key's own name
         ("data.tokenizer_actors=0", "invalid value for data.tokenizer_actors in"),
         ("data.tokenizer_actors=0", "greater than or equal to 1 or Input should be 'auto' (got 0)"),
+        # a mixture's sources: the source and field named, not the union's other member (a plain string)
+        ("data.train=[{path: a.jsonl, weight: -1}]", "invalid value for data.train[0].weight in"),
+        ("data.train=[{pat: a.jsonl}]", "missing key data.train[0].path in"),
+        ("data.train=[{path: a.jsonl, format: xml}]", "invalid value for data.train[0].format in"),
         # line breaks in an override are shown escaped: the error stays one line
         ("\n=", "override '\\n=' must look like section.key=value"),
         ("train.lr=1\n2", "(override 'train.lr=1\\n2')"),
@@ -94,6 +98,18 @@ def test_missing_data_file_and_model_dir(config, tmp_path):
         load_config(config, [f"data.train={tmp_path}/nope.jsonl"])
     with pytest.raises(UserError, match=r"model.name_or_path: directory .*missing-model does not exist"):
         load_config(config, [f"model.name_or_path={tmp_path}/missing-model"])
+
+
+def test_a_mixtures_sources_are_checked_each_by_its_own_key(config, artifacts, tmp_path):
+    data = artifacts["data"]
+    with pytest.raises(UserError, match=r"^data.train\[1\].path: .*nope.jsonl does not exist"):
+        load_config(config, [f"data.train=[{{path: {data}}}, {{path: {tmp_path}/nope.jsonl}}]"])
+    with pytest.raises(UserError, match=r"^data.train\[1\].path: .* is also in data.train\[0\].path"):
+        load_config(config, [f"data.train=[{{path: {os.path.dirname(data)}}}, {{path: {data}}}]"])
+    with pytest.raises(UserError, match="a source may appear once in data.train"):
+        load_config(config, [f"data.train=[{{path: {data}}}, {{path: {data}, weight: 2}}]"])
+    cfg = load_config(config, [f"data.train=[{{path: {data}, weight: 3}}]"])
+    assert [(s.path, s.weight, s.format) for s in cfg.data.sources()] == [(data, 3.0, None)]
 
 
 def test_bad_yaml_and_missing_config(tmp_path):

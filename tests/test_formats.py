@@ -85,7 +85,7 @@ def test_parse_batch_keeps_every_line_with_its_reason():
         b"[" * 100_000 + b"]" * 100_000,
     ]  # deeper than Python's parser recurses
     batch = pa.table({"source": ["f.jsonl"] * 6, "line": [1, 2, 3, 5, 6, 7], "raw": pa.array(raws, pa.binary())})
-    out = parse_batch(batch, "messages", 0.1, 0.1, 42).to_pylist()
+    out = parse_batch(batch, {"f.jsonl": "messages"}, 0.1, 0.1, 42).to_pylist()
     assert [r["reject"] for r in out] == [
         "",
         "unparsable",

@@ -231,7 +231,7 @@ def jsonl_lines(draw) -> list[bytes]:
 def _parsed(content: bytes, path: str, fmt: str) -> list[dict]:
     opened = pa.input_stream(pa.BufferReader(content), compression="gzip" if path.endswith(".gz") else None)
     blocks = list(read_records(opened, path))
-    rows = [parse_batch(block, fmt, 0.1, 0.1, 0).to_pylist() for block in blocks]
+    rows = [parse_batch(block, {path: fmt}, 0.1, 0.1, 0).to_pylist() for block in blocks]
     return [row for block in rows for row in block]
 
 

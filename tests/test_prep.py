@@ -120,6 +120,59 @@ def test_prep_accounts_for_every_record_and_train_reuses_it(ray_cluster, artifac
     assert summary["steps"] == 3 and summary["records"]["rows"]["train"] == report["rows"]["train"]
 
 
+def test_a_weighted_mixture_draws_each_source_by_its_weight_and_accounts_for_every_record(
+    ray_cluster, artifacts, tmp_path, capsys
+):
+    """Two sources in two formats, one weighted three times the other: each source's records are accounted for
+    on their own, the epoch draws the sources' training records in the ratio of their weights (within sampling
+    error: the smaller source is repeated, the larger sampled), and the training rows hold exactly the tokens
+    drawn."""
+    import math
+
+    lines = open(artifacts["data"], encoding="utf-8").read().splitlines()
+    (tmp_path / "chat.jsonl").write_text("\n".join(lines[:1800]) + "\n", encoding="utf-8")
+    role = {"user": "human", "assistant": "gpt", "system": "system"}
+    sharegpt = [
+        {"conversations": [{"from": role[t["role"]], "value": t["content"]} for t in json.loads(line)["messages"]]}
+        for line in lines[1800:]
+    ]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sharegpt), encoding="utf-8")
+    sources = [
+        {"path": str(tmp_path / "chat.jsonl"), "weight": 1},
+        {"path": str(tmp_path / "other.jsonl"), "weight": 3},
+    ]
+    config = write_config(
+        tmp_path / "mix.yaml",
+        name="mix",
+        storage=str(tmp_path / "runs"),
+        data={"train": sources, "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+    )
+    assert main(["prep", config]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "runs" / "mix" / "data" / "report.json").read_text())
+    chat, other = report["sources"]
+    assert (chat["path"], chat["format"], other["format"]) == (sources[0]["path"], "messages", "sharegpt")
+    assert chat["records_in"] == 1800 and other["records_in"] == len(lines) - 1800
+    for source in (chat, other):  # every record of each source is out or rejected
+        assert source["records_in"] == sum(source["records"].values()) + sum(source["rejected"].values())
+        assert f"data: source {source['path']} ({source['format']}, weight {source['weight']:g})" in out
+    assert report["records_in"] == chat["records_in"] + other["records_in"]
+    # the weights' shares of all the training records, each source's draws within 4 standard deviations
+    total = chat["records"]["train"] + other["records"]["train"]
+    for source, share in ((chat, 0.25), (other, 0.75)):
+        rate = total * share / source["records"]["train"]
+        spread = math.sqrt(source["records"]["train"] * (rate % 1) * (1 - rate % 1))
+        assert abs(source["drawn"] - total * share) <= 4 * spread + 1, (source, total)
+    assert other["drawn"] > other["records"]["train"] > chat["records"]["train"] > chat["drawn"]  # (1800 vs 692 lines)
+    train = pq.read_table(tmp_path / "runs" / "mix" / "data" / "train")
+    drawn_tokens = chat["tokens"] + other["tokens"]
+    assert sum(train.column("num_tokens").to_pylist()) == drawn_tokens == report["tokens"]["train"]
+    assert chat["token_share"] == round(chat["tokens"] / drawn_tokens, 4) and 0.15 < chat["token_share"] < 0.35
+    # every drawn record starts a sequence at position 0
+    assert sum(p.count(0) for p in train.column("position_ids").to_pylist()) == chat["drawn"] + other["drawn"]
+
+
 @pytest.mark.slow
 @pytest.mark.reliability("fault", "`zeray prep` SIGKILLed while writing its output, then run again")
 def test_prep_killed_while_writing_then_run_again_writes_it_once(ray_cluster, artifacts, tmp_path):

@@ -17,7 +17,19 @@ from zeray.cli import main
 
 pytestmark = pytest.mark.integration
 
-STEPS = 40  # a cap: one epoch of the test data is 27 steps (447 packed rows in global micro-batches of 16)
+STEPS = 40  # a cap: one epoch of the test mixture is 26 steps (429 packed rows in global micro-batches of 16)
+
+
+def mixture(root, artifacts) -> list[dict]:
+    """The test data as a mixture of two sources, the second weighted three times the first: exact resume holds
+    for the drawn (repeated and sampled) records too."""
+    lines = open(artifacts["data"], encoding="utf-8").read().splitlines(keepends=True)
+    sources = []
+    for name, part, weight in (("first.jsonl", lines[:1800], 1), ("second.jsonl", lines[1800:], 3)):
+        if not (root / name).exists():
+            (root / name).write_text("".join(part), encoding="utf-8")
+        sources.append({"path": str(root / name), "weight": weight})
+    return sources
 
 
 def run_config(root, name, artifacts, max_failures=2, **train):
@@ -25,7 +37,7 @@ def run_config(root, name, artifacts, max_failures=2, **train):
         root / f"{name}.yaml",
         name=name,
         storage=str(root / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"train": mixture(root, artifacts), "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 2,
@@ -118,8 +130,9 @@ def test_a_zero3_run_exports_the_weights_its_shards_hold(straight, capsys):
     from trainers.checkpoints import consolidate
 
     summary = json.loads((straight / "summary.json").read_text())
-    assert summary["steps"] == 27 and summary["zero_stage"] == 3 and summary["world_size"] == 2
-    assert [r["step"] for r in metrics(str(straight)) if "checkpoint" in r] == [8, 16, 24, 27]
+    assert summary["steps"] == 26 and summary["zero_stage"] == 3 and summary["world_size"] == 2
+    assert [r["step"] for r in metrics(str(straight)) if "checkpoint" in r] == [8, 16, 24, 26]
+    assert [s["weight"] for s in summary["records"]["sources"]] == [1, 3]
     model, _ = consolidate(summary["checkpoint"])
     exported = load_file(str(straight / "model" / "model.safetensors"))
     state = model.state_dict()
@@ -139,13 +152,14 @@ def test_a_zero3_run_exports_the_weights_its_shards_hold(straight, capsys):
 
 @pytest.mark.reliability(
     "fault",
-    "a training worker (2-worker ZeRO-3 run of 27 steps, gradient checkpointing) SIGKILLed at three random steps",
+    "a training worker (2-worker ZeRO-3 run of 26 steps on a two-source mixture, gradient checkpointing) SIGKILLed "
+    "at three random steps",
     runs=3,
 )
 def test_worker_killed_at_three_random_steps_resumes_to_identical_weights(straight, artifacts, tmp_path, paced_reports):
     seed = int(os.environ.get("ZERAY_TEST_SEED", time.time_ns() % 10**6))
     rng = random.Random(seed)
-    # one step in each third of the 27-step run (steps are logged every 2), on and between checkpoints
+    # one step in each third of the 26-step run (steps are logged every 2), on and between checkpoints
     targets = [rng.randrange(lo, hi, 2) for lo, hi in ((2, 10), (10, 18), (18, 26))]
     why = f"ZERAY_TEST_SEED={seed}: kills at steps {targets}"
     interrupted = tmp_path / "runs" / "killed"

@@ -102,7 +102,13 @@ def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_clust
         artifacts,
         max_steps=6,
         checkpoint_every=2,
-        tune={"search": "grid", "scheduler": "fifo", "metric": "eval_loss", "mode": "max", "space": {}},
+        tune={
+            "search": "grid",
+            "scheduler": "fifo",
+            "metric": "eval_loss",
+            "mode": "max",
+            "space": {"train.lr": {"grid": [3.0e-3]}},
+        },
     )
     assert main(["tune", config]) == 0
     out = tmp_path / "runs" / "largest" / "tune"
@@ -113,7 +119,7 @@ def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_clust
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == "eval_loss" and best["step"] == 2 and best["value"] == pytest.approx(scored[2])
     kept = sorted(path.rstrip(os.sep) for path in glob.glob(os.path.join(run, "checkpoint_*", "")))
-    assert len(kept) == 2 and best["checkpoint"] == row["checkpoint"] == kept[0]  # and the latest, never deleted
+    assert kept == [best["checkpoint"]] == [row["checkpoint"]]  # step 2's, the only one the trial keeps
 
 
 @pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")

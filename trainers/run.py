@@ -15,7 +15,7 @@ from ray.train.torch import TorchTrainer
 from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain, placement_timeout
 from cluster.storage import run_store
 from pipelines.dataset import build_splits, count_records, load_tokenizer
-from pipelines.prep import load_prepared, summary_line
+from pipelines.prep import load_prepared, source_lines, summary_line
 from trainers.checkpoints import CheckpointScore, damage, export
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
 from trainers.loop import train_loop_per_worker
@@ -170,14 +170,16 @@ def _train(
 
     if d.prepared:
         datasets, report = prepared or load_prepared(d.prepared)
-        counts = {k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows")}
+        counts = {
+            k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows", "sources") if k in report
+        }
         print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
     else:
         splits = build_splits(
             d, cfg.model.name_or_path, cfg.model.trust_remote_code, wait_s=placement_timeout(cfg.cluster)
         )
         datasets = {"train": splits.train, "val": splits.val, "test": splits.test}
-        counts = count_records(splits.records)
+        counts = count_records(splits.records, splits.sources)
         counts["rows"] = {split: ds.count() for split, ds in datasets.items()}  # materialized: free to count
         del splits  # the per-record dataset is no longer needed: let Ray free it
         print(
@@ -188,6 +190,8 @@ def _train(
             + (f" (packed to {d.max_length} tokens)" if d.packing else ""),
             flush=True,
         )
+    for line in source_lines(counts):
+        print(line, flush=True)
     if counts["rows"]["train"] == 0:
         rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
         raise UserError(

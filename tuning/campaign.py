@@ -137,7 +137,8 @@ def prepare_once(cfg, out: str) -> str:
     data_dir = join(out, "data")
     fs, path = resolve(data_dir, "storage")
     if not exists(fs, f"{path}/{REPORT}"):
-        print(f"data: preparing {cfg.data.train} once for every trial, in {data_dir}", flush=True)
+        sources = ", ".join(source.path for source in cfg.data.sources())
+        print(f"data: preparing {sources} once for every trial, in {data_dir}", flush=True)
         prepare(
             cfg.data,
             cfg.model.name_or_path,

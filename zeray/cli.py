@@ -115,7 +115,7 @@ def cmd_plan(args) -> int:
 def cmd_prep(args) -> int:
     from cluster.local import placement_timeout, ray_session
     from cluster.storage import check_storage
-    from pipelines.prep import prepare, summary_line
+    from pipelines.prep import prepare, source_lines, summary_line
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides, prep_only=True)
@@ -132,6 +132,8 @@ def cmd_prep(args) -> int:
             placement_timeout(cfg.cluster),
         )
     print(f"prepared: {summary_line(report)}", flush=True)
+    for line in source_lines(report):
+        print(line, flush=True)
     print(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
     return 0
 

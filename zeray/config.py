@@ -66,7 +66,11 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
     except ValidationError as exc:
         raise UserError(_describe(exc, path, overrides)) from None
     cfg.storage = _absolute(cfg.storage)
-    cfg.data.train = _absolute(cfg.data.train) if cfg.data.train else None
+    if isinstance(cfg.data.train, list):
+        for source in cfg.data.train:
+            source.path = _absolute(source.path)
+    elif cfg.data.train:
+        cfg.data.train = _absolute(cfg.data.train)
     cfg.data.prepared = _absolute(cfg.data.prepared) if cfg.data.prepared else None
     if _looks_like_path(cfg.model.name_or_path):
         cfg.model.name_or_path = _absolute(cfg.model.name_or_path)
@@ -109,9 +113,9 @@ def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> N
     elif not cfg.data.train:
         raise UserError(f"data.train is not set in {source}: give a .jsonl file, a glob or a directory")
     else:
-        from pipelines.sources import resolve_files  # local: keeps config import light
+        from pipelines.sources import source_files  # local: keeps config import light
 
-        resolve_files(cfg.data.train, announce=False)  # raises UserError naming the path; the pipeline announces
+        source_files(cfg.data, announce=False)  # raises UserError naming the key and path; the pipeline announces
     if cfg.train.deepspeed and not prep_only:
         from trainers.deepspeed_config import load_user_deepspeed
 
@@ -193,9 +197,10 @@ NEVER_SHOWN = {"train.mlflow_uri", "cluster.address", "storage", "data.prepared"
 def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
     """One line for the first problem pydantic found."""
     errors = exc.errors()
-    err = errors[0]
+    # the most specific first: a list of sources that fails inside one of them also fails as a plain string
+    err = max(errors, key=lambda e: len(_field_loc(e["loc"])))
     loc = _field_loc(err["loc"])
-    key = ".".join(loc)
+    key = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
     source = _source_of(key, path, overrides)
     if err["type"] == "extra_forbidden":
         hint = _suggest(loc)
