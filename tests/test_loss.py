@@ -88,10 +88,12 @@ def test_the_chunked_loss_is_used_only_where_it_is_exact(artifacts):
         )
     )
     assert not exact_for(capped)
-    # a chunk's logits about the size of the tokens' hidden states (Liger-Kernel's rule), a power of two
-    assert chunk_tokens(2048, 768, 32_000) == 64  # 2048 / ceil(32000 / 768) = 48.8 -> 64
-    assert chunk_tokens(16_384, 4096, 32_000) == 2048 and chunk_tokens(4096, 896, 151_936) == 32
-    assert chunk_tokens(5, 64, 96) == 4 and chunk_tokens(3, 4096, 1000) == 3 and chunk_tokens(1, 768, 32_000) == 1
+    # a chunk's logits about the size of the tokens' hidden states (Liger-Kernel's rule), a power of two ...
+    assert chunk_tokens(16_384, 4096, 32_000) == 2048  # 16384 / ceil(32000 / 4096)
+    assert chunk_tokens(65_536, 896, 151_936) == 512  # 65536 / 170 = 385.5 -> 512
+    # ... but never under 32 MiB of fp32 logits (2048 / 42 = 48.8 -> 64 tokens would be 8 MiB)
+    assert chunk_tokens(2048, 768, 32_000) == 262 and chunk_tokens(4096, 896, 151_936) == 55
+    assert chunk_tokens(5, 64, 96) == 5 and chunk_tokens(3, 4096, 1000) == 3 and chunk_tokens(1, 768, 32_000) == 1
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients():

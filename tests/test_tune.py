@@ -22,7 +22,7 @@ from zeray.cli import main
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def campaign(root, name, artifacts, tune, **train):
+def campaign(root, name, artifacts, tune, data=None, **train):
     settings = {
         "num_workers": 1,
         "max_steps": 8,
@@ -39,7 +39,7 @@ def campaign(root, name, artifacts, tune, **train):
         root / f"{name}.yaml",
         name=name,
         storage=str(root / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"train": data or artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train=settings,
         tune=tune,
@@ -95,11 +95,15 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
 def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_cluster, artifacts, tmp_path):
     """tune.metric and tune.mode rank a trial's checkpoints as they rank trials: a campaign after the largest
     validation loss (the earliest checkpoint, as the loss falls) keeps and chooses that one, where ranking by the
-    lowest loss, as `zeray train` does, would have deleted it."""
+    lowest loss, as `zeray train` does, would have deleted it. (Its data: a two-source mixture, prepared once for
+    the campaign.)"""
+    from test_resume import mixture
+
     config = campaign(
         tmp_path,
         "largest",
         artifacts,
+        data=mixture(tmp_path, artifacts),
         max_steps=6,
         checkpoint_every=2,
         tune={
@@ -120,6 +124,9 @@ def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_clust
     assert best["metric"] == "eval_loss" and best["step"] == 2 and best["value"] == pytest.approx(scored[2])
     kept = sorted(path.rstrip(os.sep) for path in glob.glob(os.path.join(run, "checkpoint_*", "")))
     assert kept == [best["checkpoint"]] == [row["checkpoint"]]  # step 2's, the only one the trial keeps
+    summary = json.loads(open(os.path.join(run, "summary.json")).read())
+    prepared = json.loads((out / "data" / "report.json").read_text())
+    assert [s["weight"] for s in summary["records"]["sources"]] == [1, 3] == [s["weight"] for s in prepared["sources"]]
 
 
 @pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")

@@ -19,11 +19,15 @@ from torch.utils.checkpoint import checkpoint
 
 from pipelines.chat import IGNORE
 
+MIN_CHUNK_BYTES = 32 * 1024**2  # fp32 logits a chunk holds at least: smaller chunks cost more calls than they save
+
 
 def chunk_tokens(tokens: int, hidden: int, vocab: int) -> int:
     """Tokens per chunk when `tokens` go through the head: a chunk's logits about as large as all their hidden
-    states (Liger-Kernel's rule: the loss then never needs more than the layers' activations), a power of two."""
-    return min(tokens, 1 << max(0, math.ceil(tokens / math.ceil(vocab / hidden)) - 1).bit_length())
+    states (Liger-Kernel's rule, a power of two: the loss then never needs more than the layers' activations), but
+    not under MIN_CHUNK_BYTES of logits (on a small model, many tiny chunks only add overhead)."""
+    rule = 1 << max(0, math.ceil(tokens / math.ceil(vocab / hidden)) - 1).bit_length()
+    return min(tokens, max(rule, MIN_CHUNK_BYTES // (4 * vocab)))
 
 
 def forward(model, batch: dict):
