@@ -11,20 +11,25 @@ from trainers.tracking import MLFLOW_RUN_FILE, Tracking
 from zeray.config import load_config
 
 
-@pytest.mark.reliability("fault", "the MLflow tracking store gone when the run ends")
-@pytest.mark.parametrize("failed", [False, True])
-def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, tmp_path, capsys, failed):
-    db = tmp_path / "mlflow.db"
-    cfg = load_config(
+def tracked(tmp_path, artifacts, **train):
+    """The config of a run with these tracker settings (no training happens in these tests)."""
+    return load_config(
         write_config(
             tmp_path / "run.yaml",
             name="tracked",
             storage=str(tmp_path / "runs"),
             data={"train": artifacts["data"], "format": "messages"},
             model={"name_or_path": artifacts["model"]},
-            train={"mlflow_uri": f"sqlite:///{db}", "mlflow_experiment": "tests"},
+            train=train,
         )
     )
+
+
+@pytest.mark.reliability("fault", "the MLflow tracking store gone when the run ends")
+@pytest.mark.parametrize("failed", [False, True])
+def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, tmp_path, capsys, failed):
+    db = tmp_path / "mlflow.db"
+    cfg = tracked(tmp_path, artifacts, mlflow_uri=f"sqlite:///{db}", mlflow_experiment="tests")
 
     def run():
         with run_store(cfg.run_dir) as store, Tracking(cfg, store) as tracking:
@@ -54,16 +59,7 @@ def test_a_rerun_continues_its_wandb_run_and_missing_credentials_stop_it_in_one_
 
     from zeray.errors import UserError
 
-    cfg = load_config(
-        write_config(
-            tmp_path / "run.yaml",
-            name="tracked",
-            storage=str(tmp_path / "runs"),
-            data={"train": artifacts["data"], "format": "messages"},
-            model={"name_or_path": artifacts["model"]},
-            train={"wandb_project": "zeray-tests", "wandb_entity": "team", "wandb_run_name": "first try"},
-        )
-    )
+    cfg = tracked(tmp_path, artifacts, wandb_project="zeray-tests", wandb_entity="team", wandb_run_name="first try")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     ids = []

@@ -368,18 +368,23 @@ def train_step(engine, loss_of: TokenLoss, group: list[dict], world: int) -> tup
     DeepSpeed divides by the accumulation steps and averages gradients over ranks.
     """
     local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
-    counts = torch.tensor([float(local_tokens)], dtype=torch.float64)
-    dist.all_reduce(counts)
-    global_tokens = max(counts.item(), 1.0)
+    global_tokens = max(all_reduce([float(local_tokens)])[0], 1.0)
     loss_sum = 0.0
     for batch in group:
         summed = loss_of(engine, batch)
         engine.backward(summed * (world * len(group) / global_tokens))
         engine.step()
         loss_sum += summed.item()
-    totals = torch.tensor([loss_sum], dtype=torch.float64)
-    dist.all_reduce(totals)
-    return totals.item(), int(global_tokens)
+    return all_reduce([loss_sum])[0], int(global_tokens)
+
+
+def all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    """`values` summed (or `op`) over the ranks, in float64, on the device the process group communicates on
+    (NCCL, Ray Train's backend on GPUs, takes only CUDA tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
 
 
 @torch.no_grad()
@@ -407,15 +412,14 @@ def evaluate(
         sums[0] += loss_of(engine, batch).item()
         sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
         sums[2] += int(loss_of.correct)
-    if world > 1:
-        dist.all_reduce(sums)
+    loss_sum, tokens, correct = all_reduce(sums.tolist()) if world > 1 else sums.tolist()
     engine.train()
-    loss = sums[0].item() / max(sums[1].item(), 1.0)
+    loss = loss_sum / max(tokens, 1.0)
     return {
         "eval_loss": loss,
         "eval_perplexity": math.exp(min(loss, 50.0)),
-        "eval_token_accuracy": sums[2].item() / max(sums[1].item(), 1.0),
-        "eval_tokens": int(sums[1].item()),
+        "eval_token_accuracy": correct / max(tokens, 1.0),
+        "eval_tokens": int(tokens),
         "eval_s": time.perf_counter() - began,
     }
 
@@ -526,12 +530,10 @@ class Window:
 
     def flush(self, step: int, epoch: int, lr: float, total_steps: int, rank: int) -> dict:
         now = time.perf_counter()
-        counts = torch.tensor([float(self.real_tokens)], dtype=torch.float64)
-        dist.all_reduce(counts)  # real (non-padding) input tokens of all ranks
-        peak = torch.tensor([peak_memory_gb()], dtype=torch.float64)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the worker closest to running out
+        (real_tokens,) = all_reduce([float(self.real_tokens)])  # real (non-padding) input tokens of all ranks
+        (peak,) = all_reduce([peak_memory_gb()], op=dist.ReduceOp.MAX)  # the worker closest to running out
         elapsed = max(now - self.since, 1e-9)
-        tokens_per_s = counts.item() / elapsed
+        tokens_per_s = real_tokens / elapsed
         metrics = {
             "step": step,
             "epoch": epoch,
@@ -540,7 +542,7 @@ class Window:
             "tokens_per_s": tokens_per_s,
             "step_time_s": elapsed / max(self.steps, 1),
             "mfu": (tokens_per_s * self.flops_per_token / (self.peak_flops * self.world) if self.peak_flops else None),
-            "peak_memory_gb": peak.item(),
+            "peak_memory_gb": peak,
             "world_size": self.world,
         }
         if rank == 0:

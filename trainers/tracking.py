@@ -174,13 +174,13 @@ class Tracking:
         self.store = store
         self.mlflow_uri = t.mlflow_uri
         self.mlflow_run = self.wandb = None
-        if t.mlflow_uri:
-            self.mlflow_run = start_mlflow_run(cfg, store.local)
-            store.push(MLFLOW_RUN_FILE)
-        if t.wandb_project:
+        if t.wandb_project:  # (first: its opening closes itself, so a refusal below leaves nothing open)
             self.wandb = start_wandb_run(cfg, store.local)
             store.push(WANDB_RUN_FILE)
             store.push(WANDB_DIR)
+        if t.mlflow_uri:
+            self.mlflow_run = start_mlflow_run(cfg, store.local)
+            store.push(MLFLOW_RUN_FILE)
         wanted = t.tensorboard or self.mlflow_run or self.wandb
         self.callbacks = [Trackers(store, t.tensorboard, t.mlflow_uri, self.mlflow_run, self.wandb)] if wanted else []
         self.summary: dict | None = None
