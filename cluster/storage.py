@@ -26,12 +26,8 @@ from cluster.local import autoscaler_maximum
 from zeray.errors import UserError
 from zeray.fs import display, download, exists, is_local, is_uri, reach, resolve, upload
 
-PULLED = (
-    "config.json",
-    "metrics.jsonl",
-    "mlflow_run.json",
-    "wandb_run.json",
-)  # what a re-run of an object-store run continues
+# what a re-run of an object-store run continues
+PULLED = ("config.json", "metrics.jsonl", "mlflow_run.json", "wandb_run.json")
 STAGING_PREFIX = "zeray-run-"  # + the pid of the process staging there
 
 

@@ -217,15 +217,12 @@ def draw(block: pa.Table, rates: dict[str, float], seed: int) -> pa.Table:
     """`copies`: the epoch's draws of each accepted training record (the whole part of its source's rate, and one
     more with the rate's fractional part as probability, from a seeded hash of the record); 1 for a val/test
     record, 0 for a reject. `drawn_tokens`: its tokens times that."""
-    n = block.num_rows
     rate = np.array([rates.get(s, 0.0) for s in block.column("source").to_pylist()], dtype=np.float64)
     u = (_mix(block.column("key").to_numpy(), seed * 7919 + 1) >> np.uint64(11)).astype(np.float64) / 2.0**53
     drawn = np.floor(rate) + (u < rate - np.floor(rate))
     accepted = pc.equal(block.column("reject"), "").to_numpy(zero_copy_only=False)
     train = pc.equal(block.column("split"), "train").to_numpy(zero_copy_only=False)
-    copies = (
-        np.where(accepted & train, drawn, np.where(accepted, 1, 0)).astype(np.int32) if n else np.zeros(0, np.int32)
-    )
+    copies = np.where(accepted & train, drawn, np.where(accepted, 1, 0)).astype(np.int32)
     tokens = block.column("num_tokens").to_numpy().astype(np.int64) * copies
     return block.append_column("copies", pa.array(copies, pa.int32())).append_column(
         "drawn_tokens", pa.array(tokens, pa.int64())

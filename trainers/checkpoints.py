@@ -41,9 +41,9 @@ class CheckpointScore:
     metric: str = "eval_loss"
     mode: str = "min"  # or "max"
 
-    def best(self, items: list, metrics=lambda item: item):
-        """The best of `items`, by the metric in `metrics(item)`."""
-        return (min if self.mode == "min" else max)(items, key=lambda item: metrics(item)[self.metric])
+    def best(self, scored: list[tuple]) -> tuple:
+        """The best of (checkpoint, its metrics) pairs."""
+        return (min if self.mode == "min" else max)(scored, key=lambda pair: pair[1][self.metric])
 
 
 MANIFEST = "zeray_files.rank{rank}.json"

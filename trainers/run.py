@@ -268,7 +268,7 @@ def _train(
             for c, m in result.best_checkpoints or []
             if score.metric in m and damage(c.path, c.filesystem) is None
         ]
-        best, best_metrics = score.best(ranked, lambda item: item[1]) if ranked else (result.checkpoint, final)
+        best, best_metrics = score.best(ranked) if ranked else (result.checkpoint, final)
         tested = {k: final[k] for k in ("test_loss", "test_perplexity", "test_token_accuracy")}
         tested_step = final["step"]  # whose weights the test numbers describe
         model_dir = os.path.join(run_dir, MODEL_DIR) if export_model else None
