@@ -25,6 +25,8 @@ def test_demo_config_is_valid_as_shipped():
     assert cfg.name == "chat-demo"
     assert cfg.train.zero_stage == 2 and cfg.train.num_workers == 2
     assert cfg.data.format == "messages"
+    # the defaults: the chunked loss on (it is exact), gradient checkpointing off (it costs a recomputation)
+    assert (cfg.train.chunked_loss, cfg.train.gradient_checkpointing) == (True, False)
     assert os.path.isabs(cfg.storage) and os.path.isabs(cfg.data.train) and os.path.isabs(cfg.model.name_or_path)
 
 

@@ -36,6 +36,9 @@ def trained(ray_cluster, artifacts, tmp_path_factory):
             "checkpoint_every": 8,
             "log_every": 4,
             "warmup_ratio": 0.0,
+            # (the memory savers on: test_one_and_two_workers_give_the_same_loss_curve compares this run's curve
+            # with a plain single worker's)
+            "gradient_checkpointing": True,
             "deepspeed": str(root / "ds.json"),
             # and the experiment trackers: TensorBoard files and an MLflow run (a local database here)
             "tensorboard": True,
@@ -160,7 +163,7 @@ def test_train_exits_0_and_loss_goes_down(trained):
     with open(os.path.join(trained["run_dir"], "summary.json")) as f:
         summary = json.load(f)
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 16
-    assert summary["chunked_loss"] is True and summary["gradient_checkpointing"] is False  # the defaults
+    assert summary["chunked_loss"] is True and summary["gradient_checkpointing"] is True
     assert summary["eval_loss"] < summary["first_loss"]
     assert summary["final_loss"] < summary["first_loss"] - 0.5
     assert summary["test_loss"] > 0 and summary["eval_perplexity"] > 1
@@ -436,35 +439,37 @@ def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp
 
 
 @pytest.mark.slow
-def test_one_and_two_workers_give_the_same_loss_curve(ray_cluster, artifacts, tmp_path):
-    """The same data and global batch (1 x 8 rows, or 2 workers x 4) give the same loss at every step; the one
-    worker with the plain loss, the two with the chunked loss and gradient checkpointing (at ZeRO-2)."""
+def test_one_and_two_workers_give_the_same_loss_curve(trained, artifacts, tmp_path):
+    """The same data and global batch (1 x 16 rows, or the `trained` run's 2 workers x 8) give the same loss at
+    every logged step; the one worker with the plain loss and without checkpointing, the two with the chunked loss
+    and gradient checkpointing (at ZeRO-2)."""
+    config = write_config(
+        tmp_path / "w1.yaml",
+        name="w1",
+        storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+        train={
+            "num_workers": 1,
+            "max_steps": 16,
+            "micro_batch_size": 16,
+            "lr": 3.0e-3,
+            "zero_stage": 2,
+            "eval_every": 100,
+            "checkpoint_every": 100,
+            "log_every": 4,
+            "warmup_ratio": 0.0,
+            "chunked_loss": False,
+            "gradient_checkpointing": False,
+        },
+    )
+    assert main(["train", config]) == 0
     losses = {}
-    for workers, micro, memory_savers in ((1, 8, False), (2, 4, True)):
-        config = write_config(
-            tmp_path / f"w{workers}.yaml",
-            name=f"w{workers}",
-            storage=str(tmp_path / "runs"),
-            data={"train": artifacts["data"], "format": "messages", "max_length": 96},
-            model={"name_or_path": artifacts["model"]},
-            train={
-                "num_workers": workers,
-                "max_steps": 8,
-                "micro_batch_size": micro,
-                "lr": 3.0e-3,
-                "zero_stage": 2,
-                "eval_every": 100,
-                "checkpoint_every": 100,
-                "log_every": 1,
-                "chunked_loss": memory_savers,
-                "gradient_checkpointing": memory_savers,
-            },
-        )
-        assert main(["train", config]) == 0
-        rows = [json.loads(line) for line in open(tmp_path / "runs" / f"w{workers}" / "metrics.jsonl")]
+    for workers, run_dir in ((1, str(tmp_path / "runs" / "w1")), (2, trained["run_dir"])):
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         losses[workers] = [r["loss"] for r in rows if "loss" in r]
-        summary = json.loads((tmp_path / "runs" / f"w{workers}" / "summary.json").read_text())
-        assert summary["chunked_loss"] is summary["gradient_checkpointing"] is memory_savers
-    assert len(losses[1]) == len(losses[2]) == 8
+        summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+        assert summary["chunked_loss"] is summary["gradient_checkpointing"] is (workers == 2)
+    assert len(losses[1]) == len(losses[2]) == 4
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
     assert losses[1][-1] < losses[1][0]

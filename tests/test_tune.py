@@ -92,11 +92,15 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
         assert kept == [r["checkpoint"]]
 
 
-def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_cluster, artifacts, tmp_path):
+@pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")
+def test_trials_keep_the_checkpoint_best_by_the_campaigns_own_metric_and_a_failing_trial_is_recorded(
+    ray_cluster, artifacts, tmp_path
+):
     """tune.metric and tune.mode rank a trial's checkpoints as they rank trials: a campaign after the largest
     validation loss (the earliest checkpoint, as the loss falls) keeps and chooses that one, where ranking by the
-    lowest loss, as `zeray train` does, would have deleted it. (Its data: a two-source mixture, prepared once for
-    the campaign.)"""
+    lowest loss, as `zeray train` does, would have deleted it. A trial whose settings cannot train (a micro-batch
+    larger than the data) is recorded failed with its reason, and the campaign goes on. (Its data: a two-source
+    mixture, prepared once for the campaign.)"""
     from test_resume import mixture
 
     config = campaign(
@@ -111,41 +115,27 @@ def test_a_trial_keeps_the_checkpoint_best_by_the_campaigns_own_metric(ray_clust
             "scheduler": "fifo",
             "metric": "eval_loss",
             "mode": "max",
-            "space": {"train.lr": {"grid": [3.0e-3]}},
+            "space": {"train.micro_batch_size": {"grid": [8, 4096]}},
         },
     )
     assert main(["tune", config]) == 0
     out = tmp_path / "runs" / "largest" / "tune"
-    (row,) = results(out)
+    rows = {r["train.micro_batch_size"]: r for r in results(out)}
+    assert rows["4096"]["status"] == "failed"
+    assert "too few for train.num_workers=1 x train.micro_batch_size=4096" in rows["4096"]["reason"]
+    row = rows["8"]
+    assert row["status"] == "completed" and row["reason"] == ""
     run = os.path.join(trial_dir(out, row["trial"]), "train")
     scored = {r["step"]: r["eval_loss"] for r in metrics(run) if "checkpoint" in r}
     assert sorted(scored) == [2, 4, 6] and scored[2] > scored[4] > scored[6]  # the loss falls
     best = json.loads((out / "best.json").read_text())
+    assert best["config"] == {"train.micro_batch_size": 8} and best["trials"]["failed"] == 1
     assert best["metric"] == "eval_loss" and best["step"] == 2 and best["value"] == pytest.approx(scored[2])
     kept = sorted(path.rstrip(os.sep) for path in glob.glob(os.path.join(run, "checkpoint_*", "")))
     assert kept == [best["checkpoint"]] == [row["checkpoint"]]  # step 2's, the only one the trial keeps
     summary = json.loads(open(os.path.join(run, "summary.json")).read())
     prepared = json.loads((out / "data" / "report.json").read_text())
     assert [s["weight"] for s in summary["records"]["sources"]] == [1, 3] == [s["weight"] for s in prepared["sources"]]
-
-
-@pytest.mark.reliability("bad input", "a trial whose settings cannot train (micro-batch larger than the data)")
-def test_a_failing_trial_is_recorded_with_its_reason_and_the_campaign_goes_on(ray_cluster, artifacts, tmp_path):
-    config = campaign(
-        tmp_path,
-        "failing",
-        artifacts,
-        max_steps=4,
-        tune={"search": "grid", "scheduler": "fifo", "space": {"train.micro_batch_size": {"grid": [8, 4096]}}},
-    )
-    assert main(["tune", config]) == 0
-    out = tmp_path / "runs" / "failing" / "tune"
-    rows = {r["train.micro_batch_size"]: r for r in results(out)}
-    assert rows["8"]["status"] == "completed" and rows["8"]["reason"] == ""
-    assert rows["4096"]["status"] == "failed"
-    assert "too few for train.num_workers=1 x train.micro_batch_size=4096" in rows["4096"]["reason"]
-    best = json.loads((out / "best.json").read_text())
-    assert best["config"] == {"train.micro_batch_size": 8} and best["trials"]["failed"] == 1
 
 
 def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, tmp_path, paced_reports):
