@@ -8,6 +8,7 @@ actor pool into Ray's object store, and from there to whoever consumes them (Ray
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,15 +283,23 @@ def _boundaries(partitions: int) -> list[int]:
     return [-(2**63) + (2**64 * i) // partitions for i in range(1, partitions)]
 
 
+@contextmanager
+def overriding(settings, **values):
+    """`settings` (Ray Data's DataContext or part of it) with `values` for the block, then as before."""
+    before = {name: getattr(settings, name) for name in values}
+    for name, value in values.items():
+        setattr(settings, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(settings, name, value)
+
+
 def materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
     """Materialize keeping block order (by default Ray Data keeps blocks in the order tasks finish)."""
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
+    with overriding(ray.data.DataContext.get_current().execution_options, preserve_order=True):
         return ds.materialize()
-    finally:
-        ctx.execution_options.preserve_order = before
 
 
 def mark_duplicates(block: pa.Table, dedup: bool) -> pa.Table:

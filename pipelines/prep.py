@@ -18,7 +18,7 @@ import ray.data
 from ray.data.expressions import col
 
 from pipelines.config import DataConfig
-from pipelines.dataset import SPLITS, Splits, build_splits, count_records, materialize_in_order
+from pipelines.dataset import SPLITS, Splits, build_splits, count_records, materialize_in_order, overriding
 from zeray.errors import UserError
 from zeray.fs import entries, exists, files, is_local, kind, reach, read_bytes, resolve, write_bytes
 
@@ -230,12 +230,8 @@ def _read_split(fs, root: str, split: str, columns: list[str]):
         return None
     # Ray Data's first Parquet reader: its second lists files through footer-reading actors, a new process per
     # read (2-6 s for a split of a few hundred rows on 2 cores, against 0.3-1 s; a run reads three splits)
-    ctx = ray.data.DataContext.get_current()
-    before, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
+    with overriding(ray.data.DataContext.get_current(), use_datasource_v2=False):
         return ray.data.read_parquet(folder, filesystem=fs).select_columns(columns)
-    finally:
-        ctx.use_datasource_v2 = before
 
 
 def _count_lines(fs, path: str) -> int:
