@@ -94,6 +94,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_tree(proc) -> None:
+    """SIGKILL a process and everything it started (a `ray start --block` head: its GCS, raylet, workers). Its
+    SIGTERM stop asks each process to exit and waits on it, about 30 s a head, for nothing a test reads."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait(timeout=30)
+
+
+def stop_cluster(cluster) -> None:
+    """End a `ray.cluster_utils.Cluster` at once: each node's processes killed rather than asked to stop."""
+    for node in [*cluster.worker_nodes, cluster.head_node]:
+        if node is not None:
+            cluster.remove_node(node, allow_graceful=False)
+    cluster.shutdown()  # (nothing left to remove; resets what it keeps of the cluster)
+
+
 def write_config(path, **sections) -> str:
     import yaml
 

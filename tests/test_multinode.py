@@ -9,7 +9,6 @@ their own GCS, and `ray start` heads write their address file into their own --t
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import PACED, free_port, write_config
+from tests.conftest import PACED, free_port, kill_tree, stop_cluster, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -90,7 +89,7 @@ def one_worker_node(monkeypatch):
     )
     cluster.wait_for_nodes()
     yield cluster
-    cluster.shutdown()
+    stop_cluster(cluster)
 
 
 class LayoutMismatch(AssertionError):
@@ -272,8 +271,7 @@ def autoscaling_head(tmp_path_factory):
             time.sleep(1)
         yield gcs
     finally:
-        head.send_signal(signal.SIGTERM)
-        head.wait(timeout=90)
+        kill_tree(head)
         log.close()
         for proc in psutil.process_iter(["cmdline"]):  # fake nodes are the monitor's children; make sure
             if any(gcs in part for part in (proc.info["cmdline"] or [])):
@@ -337,7 +335,7 @@ def three_nodes():
         cluster.wait_for_nodes()
         assert cluster.address == address
         yield cluster, workers
-        cluster.shutdown()
+        stop_cluster(cluster)
 
 
 @pytest.fixture(scope="module")

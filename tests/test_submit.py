@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import REPO, SECRETS, free_port, write_config
+from tests.conftest import REPO, SECRETS, free_port, kill_tree, write_config
 
 TOKEN = "zeray-submit-test-token-5d1f0a4c9e8b7a6f5e4d3c2b1a0f9e8d"
 BIN = os.path.dirname(sys.executable)
@@ -44,7 +44,7 @@ class Head(NamedTuple):
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """`ray start --head --block` with RAY_AUTH_MODE=token, dashboard on 127.0.0.1; SIGTERM stops it and only it.
+    """`ray start --head --block` with RAY_AUTH_MODE=token, dashboard on 127.0.0.1; killed with its processes after.
 
     Two Ray instances share this machine while it runs (the session's embedded one too). Ray's internal actors
     that look their cluster up (Train's placement-group cleaner) pick "the latest `ray start`" from
@@ -88,8 +88,7 @@ def head(tmp_path_factory):
         assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
         time.sleep(2)
     yield Head(jobs=address, client=f"ray://127.0.0.1:{client}", logs=os.path.join(temp_dir, "session_latest", "logs"))
-    proc.terminate()
-    proc.wait(timeout=60)
+    kill_tree(proc)
     log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
