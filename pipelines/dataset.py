@@ -297,8 +297,9 @@ def overriding(settings, **values):
 
 
 def materialize_in_order(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """Materialize keeping block order (by default Ray Data keeps blocks in the order tasks finish)."""
-    with overriding(ray.data.DataContext.get_current().execution_options, preserve_order=True):
+    """Materialize keeping block order (by default Ray Data keeps blocks in the order tasks finish). Set on the
+    dataset's own context: a dataset runs with the copy of the current one it took when it was created."""
+    with overriding(ds.context.execution_options, preserve_order=True):
         return ds.materialize()
 
 

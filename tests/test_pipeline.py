@@ -8,7 +8,7 @@ from ray.data.expressions import col
 
 from pipelines.chat import IGNORE
 from pipelines.config import DataConfig
-from pipelines.dataset import build_splits, count_records
+from pipelines.dataset import build_splits, count_records, materialize_in_order
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
 
@@ -90,6 +90,23 @@ def test_order_and_packing_do_not_depend_on_files_or_blocks(ray_cluster, artifac
         assert getattr(a, split).take_all() == getattr(b, split).take_all()
     assert count_records(a.records) == count_records(b.records)
     assert 0.75 < count_records(a.records)["records"]["train"] / 400 < 0.85
+
+
+@pytest.mark.integration
+def test_materialized_blocks_keep_their_order_when_the_first_task_finishes_last(ray_cluster):
+    """The block order of a materialized split is the data's, not the order its tasks finish in: with the workers
+    on two nodes the tasks finished in another order, and the same config trained on other batches."""
+    import time
+
+    import ray
+
+    def first_finishes_last(batch):
+        if batch["id"][0] == 0:
+            time.sleep(2)
+        return batch
+
+    ds = ray.data.range(40, override_num_blocks=4).map_batches(first_finishes_last, batch_size=None)
+    assert [row["id"] for row in materialize_in_order(ds).take_all()] == list(range(40))
 
 
 @pytest.mark.integration
