@@ -12,7 +12,7 @@ import time
 
 import ray
 
-from zeray.errors import UserError
+from core.errors import UserError
 
 
 def client_address(cfg) -> str | None:
@@ -26,7 +26,7 @@ def client_address(cfg) -> str | None:
     return address if address and address.startswith("ray://") else None
 
 
-def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool) -> int:
+def run_through_client(command, address: str, argv: list[str], cfg, watch_placement: bool) -> int:
     """`zeray ARGV` as a task on the cluster behind `address`; returns its exit code. With `watch_placement`, a
     worker group of the command that stays unplaced for cluster.placement_timeout_s stops it with the reason."""
     from cluster.local import PlacementWatchdog, placement_timeout, python_sigint
@@ -39,7 +39,7 @@ def run_through_client(address: str, argv: list[str], cfg, watch_placement: bool
     _connect(address, runtime_env(root, cfg.storage, install=False))
     try:
         print(f"zeray {argv[0]}: driving the cluster at {address}; the command runs there", flush=True)
-        ref = _command.remote(argv)
+        ref = _command.remote(command, argv)
         # the task runs off its process's main thread, where the placement watchdog cannot interrupt it: watch
         # here (the task's placement groups are this job's, and an elastic fit announces itself under the job) and
         # cancel it with the explanation
@@ -93,10 +93,9 @@ def _connect(address: str, env: dict, attempts: int = 4, pause_s: float = 5.0) -
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _command(argv: list[str]) -> tuple[int, str | None]:
-    """On the cluster: the command's exit code, and its user error (shown where the user is)."""
-    from zeray.cli import run
-
+def _command(run, argv: list[str]) -> tuple[int, str | None]:
+    """On the cluster: the command's exit code, and its user error (shown where the user is). `run` is the CLI's
+    (shipped by reference: the cluster imports it from the uploaded project)."""
     try:
         return run(argv), None
     except UserError as exc:

@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from zeray.section import Section
+from core.section import Section
 
 
 class ClusterConfig(Section):

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import ray
 
 from cluster.config import ClusterConfig
-from zeray.errors import UserError
+from core.errors import UserError
 
 
 def embedded_cpus(cluster: ClusterConfig, train_cpus: float) -> int:

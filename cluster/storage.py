@@ -23,8 +23,9 @@ import pyarrow.fs as pafs
 import ray
 
 from cluster.local import autoscaler_maximum
-from zeray.errors import UserError
-from zeray.fs import display, download, exists, is_local, is_uri, reach, resolve, upload
+from core.errors import UserError
+from core.fs import display, download, exists, is_local, is_uri, reach, resolve, upload
+from core.process import alive
 
 # what a re-run of an object-store run continues
 PULLED = ("config.json", "metrics.jsonl", "mlflow_run.json", "wandb_run.json")
@@ -110,15 +111,5 @@ def remove_orphaned_staging() -> None:
     root = tempfile.gettempdir()
     for name in os.listdir(root):
         found = re.fullmatch(rf"{STAGING_PREFIX}(\d+)-\w+", name)
-        if found and not _alive(int(found.group(1))):
+        if found and not alive(int(found.group(1))):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True

@@ -16,8 +16,8 @@ import time
 
 import tomllib
 
-from zeray.errors import UserError
-from zeray.fs import is_uri
+from core.errors import UserError, first_line
+from core.fs import is_uri
 
 # never uploaded: the environment, history, outputs, caches
 EXCLUDES = [".venv", ".git", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis"]
@@ -49,11 +49,11 @@ def project_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def job_command(command: list[str], config: str) -> str:
-    """The job's entrypoint: the given command, or `zeray train CONFIG`; `zeray ...` runs as `python -m zeray ...`
-    so it works from the uploaded copy whether or not the cluster has the console script."""
+def job_command(command: list[str], config: str, overrides: list[str] = ()) -> str:
+    """The job's entrypoint: the given command, or `zeray train CONFIG [k=v ...]`; `zeray ...` runs as
+    `python -m zeray ...` so it works from the uploaded copy whether or not the cluster has the console script."""
     if not command:
-        command = ["zeray", "train", config]
+        command = ["zeray", "train", config, *overrides]
     if command[0] == "zeray":
         command = ["python", "-m", "zeray", *command[1:]]
     return shlex.join(command)
@@ -102,6 +102,7 @@ def dependencies(root: str) -> list[str]:
 
 
 def submit(
+    cfg,
     config_path: str,
     overrides: list[str],
     command: list[str],
@@ -111,12 +112,9 @@ def submit(
     root: str | None = None,
     out=sys.stdout,
 ) -> int:
-    """Submit the job; print its id; with `follow`, stream its logs and return its exit status."""
-    from zeray.config import load_config
-
+    """Submit the job (`cfg` is `config_path` with `overrides`, validated by the caller); print its id; with
+    `follow`, stream its logs and return its exit status."""
     root = os.path.abspath(root or project_root())
-    # validate here, before anything is uploaded; the paths in it are the cluster's to check
-    cfg = load_config(config_path, overrides, check_paths=False)
     rel_config = os.path.relpath(os.path.abspath(config_path), root)
     if rel_config.startswith("..") and not command:
         raise UserError(
@@ -138,7 +136,7 @@ def submit(
     left_home = secrets_in(root)
     if left_home:
         print(f"not uploaded (look like secrets): {', '.join(left_home)}", file=out, flush=True)
-    entrypoint = job_command(command, rel_config)
+    entrypoint = job_command(command, rel_config, overrides)
     job_id = client.submit_job(
         entrypoint=entrypoint,
         runtime_env=runtime_env(root, cfg.storage, install),
@@ -188,7 +186,7 @@ def _client(address: str):
         return JobSubmissionClient(address)
     except AuthenticationError as exc:
         raise UserError(
-            f"the cluster at {address} refused the token: {str(exc).splitlines()[0]} "
+            f"the cluster at {address} refused the token: {first_line(exc)} "
             "(Ray reads it from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)"
         ) from None
     except ConnectionError as exc:

@@ -4,7 +4,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from zeray.section import Section
+from core.section import Section
 
 
 class SplitConfig(Section):

@@ -19,12 +19,12 @@ import ray.data
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.data.expressions import col
 
+from core.errors import UserError, first_line
 from pipelines.chat import ChatTokenizer, TemplateError, check_tokenizer
 from pipelines.config import DataConfig
 from pipelines.formats import FORMATS, Reject, detect_format, normalize
 from pipelines.packing import pack_batch, unpacked_batch
 from pipelines.sources import RecordSource, first_records, source_files
-from zeray.errors import UserError
 
 SPLITS = ("train", "val", "test")
 PARTITION_BYTES = 64 << 20  # input bytes per shuffle partition (duplicate check, split order)
@@ -54,9 +54,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(
-            f"model.name_or_path: cannot load a tokenizer from {name_or_path}: {_first_line(exc)}"
-        ) from None
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {name_or_path}: {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -545,7 +543,3 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -17,10 +17,11 @@ import pyarrow.fs as pafs
 import ray.data
 from ray.data.expressions import col
 
+from core.errors import UserError
+from core.fs import entries, exists, files, is_local, kind, reach, read_bytes, resolve, write_bytes
+from core.process import alive
 from pipelines.config import DataConfig
 from pipelines.dataset import SPLITS, Splits, build_splits, count_records, materialize_in_order, overriding
-from zeray.errors import UserError
-from zeray.fs import entries, exists, files, is_local, kind, reach, read_bytes, resolve, write_bytes
 
 ROW_COLUMNS = ("input_ids", "labels", "position_ids", "num_tokens")
 REPORT = "report.json"
@@ -80,18 +81,8 @@ def remove_leftovers(fs, out_dir: str) -> None:
         if not match or (match["host"] or socket.gethostname()) != socket.gethostname():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or not _alive(pid):  # our own pid on it: an earlier process's, reused
+        if pid == os.getpid() or not alive(pid):  # our own pid on it: an earlier process's, reused
             fs.delete_dir(entry.path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def write_rejects(splits: Splits, fs, path: str) -> None:

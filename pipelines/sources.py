@@ -17,7 +17,7 @@ from typing import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
-from zeray.errors import UserError
+from core.errors import UserError, first_line
 
 COMPRESSION = (".gz", ".zst")
 BASE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -86,8 +86,7 @@ def hf_dataset_files(path: str, announce: bool = True, key: str = "data.train") 
         loaded = datasets.load_from_disk(path)
     except Exception as exc:
         raise UserError(
-            f"{key}: {path} looks like a saved Hugging Face dataset but cannot be loaded: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"{key}: {path} looks like a saved Hugging Face dataset but cannot be loaded: {first_line(exc)}"
         ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
+from core.errors import UserError
 from trainers.checkpoints import STATE_FILE, damage, find_checkpoint, intact_checkpoint, write_manifest
-from zeray.errors import UserError
 
 
 def fake_checkpoint(run, name: str, step: int, world: int = 2):

@@ -9,8 +9,8 @@ from conftest import REPO
 from ray.train import WorkerGroupError
 from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 
+from core.errors import UserError
 from zeray.cli import _unwrap_user_errors
-from zeray.errors import UserError
 
 
 def test_user_error_from_a_train_worker_is_unwrapped():

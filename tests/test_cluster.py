@@ -8,7 +8,7 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.local import PlacementWatchdog, check_fits, embedded_cpus, python_sigint
-from zeray.errors import UserError
+from core.errors import UserError
 
 
 def test_embedded_ray_leaves_room_for_the_data_pipeline():

@@ -5,8 +5,8 @@ import sys
 import pytest
 from conftest import REPO, write_config
 
+from core.errors import UserError
 from zeray.config import load_config, parse_value
-from zeray.errors import UserError
 
 
 @pytest.fixture

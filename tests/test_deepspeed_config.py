@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from core.errors import UserError
 from trainers.config import TrainConfig
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
-from zeray.errors import UserError
 
 
 def build(user, **train):

@@ -4,11 +4,11 @@ running, dealt so that every row is trained on once per step and every rank runs
 import numpy as np
 import pytest
 
+from core.errors import UserError
 from pipelines.chat import IGNORE
 from trainers.config import TrainConfig
 from trainers.deepspeed_config import deepspeed_config
 from trainers.loop import deal
-from zeray.errors import UserError
 
 
 def unit(first: int, rows: int) -> dict:

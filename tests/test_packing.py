@@ -134,8 +134,8 @@ def test_model_keeps_packed_conversations_apart(artifacts, attn):
 def test_a_model_that_ignores_packing_is_refused(artifacts):
     from transformers import AutoModelForCausalLM
 
+    from core.errors import UserError
     from trainers.loop import check_packing_isolation
-    from zeray.errors import UserError
 
     model = AutoModelForCausalLM.from_pretrained(artifacts["model"], dtype=torch.float32).eval()
     plain = model.forward

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from core.errors import UserError
 from pipelines.dataset import detect_file_format
 from pipelines.formats import normalize
 from pipelines.sources import first_records, read_records, resolve_files
-from zeray.errors import UserError
 
 RECORDS = [
     {

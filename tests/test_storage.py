@@ -57,13 +57,13 @@ def bucket_fs(env):
 
 
 def listing(fs, path) -> dict[str, int]:
-    from zeray.fs import files
+    from core.fs import files
 
     return files(fs, path)
 
 
 def read_json_lines(fs, path) -> list[dict]:
-    from zeray.fs import read_bytes
+    from core.fs import read_bytes
 
     return [json.loads(line) for line in read_bytes(fs, path).decode().splitlines() if line.strip()]
 
@@ -74,7 +74,7 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
     import pyarrow.fs as pafs
     from safetensors.torch import load_file
 
-    from zeray.fs import read_bytes
+    from core.fs import read_bytes
 
     ray_tmp = tempfile.mkdtemp(prefix="zr-")  # short: Ray's socket paths live under it
     staging = tmp_path / "tmp"  # the processes' temp dir: what they stage there must be gone when they end
@@ -176,9 +176,9 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
 
 def test_an_object_store_is_storage_every_node_shares_and_an_unreachable_one_is_one_line(s3, monkeypatch):
     from cluster.storage import check_storage
+    from core.errors import UserError
     from pipelines.prep import load_prepared
     from zeray.config import RunConfig
-    from zeray.errors import UserError
 
     for key, value in s3.items():
         monkeypatch.setenv(key, value)
@@ -217,7 +217,7 @@ def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts,
     there; pruned at the end to one checkpoint per trial; nothing left in the temp dir."""
     import re
 
-    from zeray.fs import read_bytes
+    from core.fs import read_bytes
 
     ray_tmp = tempfile.mkdtemp(prefix="zr-")
     staging = tmp_path / "tmp"

@@ -57,7 +57,7 @@ def test_a_rerun_continues_its_wandb_run_and_missing_credentials_stop_it_in_one_
 ):
     from test_train import wandb_records
 
-    from zeray.errors import UserError
+    from core.errors import UserError
 
     cfg = tracked(tmp_path, artifacts, wandb_project="zeray-tests", wandb_entity="team", wandb_run_name="first try")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -3,10 +3,11 @@
 import pytest
 from ray.tune.search.sample import Categorical, Float, Integer
 
+from core.errors import UserError
+from core.keys import flatten
 from tuning.config import TuneConfig
 from tuning.space import parse_space, pbt_mutations, trial_config
-from zeray.config import RunConfig, flatten
-from zeray.errors import UserError
+from zeray.config import RunConfig
 
 
 def config(**tune) -> RunConfig:

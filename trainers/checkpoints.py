@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from core.errors import UserError, first_line
+from core.fs import display, download, entries, exists, files, is_local, kind, read_bytes, resolve, upload
 from trainers.outputs import RUN_CONFIG
-from zeray.errors import UserError
-from zeray.fs import display, download, entries, exists, files, is_local, kind, read_bytes, resolve, upload
 
 CKPT_TAG = "ds"
 STATE_FILE = "zeray_state.json"
@@ -139,7 +139,7 @@ def verify_weights_only(checkpoint_dir: str) -> None:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 found = re.findall(r"GLOBAL (\S+)", str(exc))
-                what = f"it contains {found[0]}" if found else str(exc).strip().splitlines()[0]
+                what = f"it contains {found[0]}" if found else first_line(exc)
                 raise UserError(
                     f"checkpoint file {path} failed the weights-only safety check ({what}); refusing to load it"
                 ) from None

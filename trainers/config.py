@@ -5,7 +5,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from zeray.section import Section
+from core.section import Section
 
 
 class LoraConfig(Section):

@@ -3,8 +3,8 @@ DeepSpeed JSON (`train.deepspeed`) when one is given."""
 
 import json
 
+from core.errors import UserError
 from trainers.config import ModelConfig, TrainConfig
-from zeray.errors import UserError
 
 # What zeray sets and where a user changes it instead (a DeepSpeed file may repeat these only with equal values).
 CONTROLLED = {

@@ -17,11 +17,11 @@ from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
 from cluster.local import fit_or_explain, placement_timeout
+from cluster.resources import worker_resources
+from core.errors import UserError
+from core.fs import resolve
 from pipelines.dataset import build_splits, load_tokenizer
 from trainers.lora import holds_adapters
-from trainers.run import worker_resources
-from zeray.errors import UserError
-from zeray.fs import resolve
 
 
 def eval_loop_per_worker(config: dict) -> None:

@@ -2,9 +2,9 @@
 
 import os
 
+from core.errors import UserError
 from trainers.lora import holds_adapters
 from trainers.remote_code import check_remote_code
-from zeray.errors import UserError
 
 
 def generate(

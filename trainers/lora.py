@@ -7,8 +7,8 @@ The checkpoints keep the whole PeftModel's state (frozen base included), so each
 
 import os
 
+from core.errors import UserError, first_line
 from trainers.config import LoraConfig
-from zeray.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -29,7 +29,7 @@ def with_adapters(model, lora: LoraConfig, name_or_path: str):
     try:
         return peft.get_peft_model(model, config)
     except ValueError as exc:  # no default targets for this architecture, or names that match nothing
-        first = str(exc).strip().splitlines()[0].rstrip(".")
+        first = first_line(exc).rstrip(".")
         raise UserError(
             f"model.lora.target_modules: {first}; name the modules to adapt (e.g. [q_proj, v_proj]) or use all-linear"
         ) from None

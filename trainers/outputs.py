@@ -5,7 +5,7 @@ import os
 
 from ray.train.v2.api.callback import UserCallback
 
-from zeray.fs import exists, read_bytes, resolve
+from core.fs import exists, read_bytes, resolve
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -14,9 +14,9 @@ import math
 
 import ray
 
+from core.errors import UserError, first_line
 from trainers.deepspeed_config import precision
 from trainers.loss import chunk_tokens
-from zeray.errors import UserError
 
 GB = 1024**3
 ADDITIONAL_BUFFER = 1.5  # DeepSpeed's default factor for CPU-side buffers
@@ -38,7 +38,7 @@ def model_shape(name_or_path: str, trust_remote_code: bool, lora=None, attn_impl
                 attn_implementation=None if attn_implementation == "auto" else attn_implementation,
             )
         except (ImportError, ValueError) as e:
-            reason = str(e).strip().splitlines()[0]
+            reason = first_line(e)
             raise UserError(
                 f"model.attn_implementation: {attn_implementation} cannot run {name_or_path} here ({reason}); "
                 "valid: auto, sdpa, eager, flash_attention_2 (needs the flash-attn package and CUDA GPUs)"

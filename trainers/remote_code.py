@@ -3,7 +3,7 @@
 import json
 import os
 
-from zeray.errors import UserError
+from core.errors import UserError
 
 
 def check_remote_code(model_dir: str, trusted: bool, key: str, allow: str) -> None:

@@ -12,8 +12,11 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train import RunConfig as TrainRunConfig
 from ray.train.torch import TorchTrainer
 
-from cluster.local import autoscaler_maximum, capacity, check_fits, fit_or_explain, placement_timeout
+from cluster.local import fit_or_explain, placement_timeout
+from cluster.resources import worker_resources
 from cluster.storage import run_store
+from core.errors import UserError
+from core.fs import exists, read_bytes, resolve
 from pipelines.dataset import build_splits, count_records, load_tokenizer
 from pipelines.prep import load_prepared, source_lines, summary_line
 from trainers.checkpoints import CheckpointScore, damage, export
@@ -31,8 +34,6 @@ from trainers.outputs import (
 )
 from trainers.plan import explain, make_memory_plan
 from trainers.tracking import Tracking
-from zeray.errors import UserError
-from zeray.fs import exists, read_bytes, resolve
 
 
 def make_plan(
@@ -49,28 +50,6 @@ def make_plan(
         )
     total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
     return {"steps_per_epoch": steps_per_epoch, "total_steps": total}
-
-
-def worker_resources(cfg) -> tuple[bool, dict[str, float]]:
-    """Whether workers get a GPU, and what each reserves; a request the cluster can never hold fails here."""
-    gpu = use_gpu(cfg.train.use_gpu, capacity(), autoscaler_maximum() == {})  # an autoscaler may add GPU nodes
-    per_worker = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
-    check_fits(cfg.train.min_workers, per_worker, cfg.cluster.data_cpus)  # an elastic run starts with its min
-    return gpu, per_worker
-
-
-def use_gpu(setting, resources: dict, unknown_reach: bool = False) -> bool:
-    """`auto`: GPUs if the cluster has or can get some; `true` on a cluster that can never have one is an error
-    (unless its autoscaler does not say what it can add)."""
-    gpus = resources.get("GPU", 0)
-    if setting == "auto":
-        return gpus > 0
-    if setting and gpus == 0 and not unknown_reach:
-        raise UserError(
-            "train.use_gpu: true but the Ray cluster has no GPUs (nor can its autoscaler add any); "
-            "set train.use_gpu: auto or false"
-        )
-    return bool(setting)
 
 
 # How often Ray Train's controller polls the workers (Ray's default: 2 s). A worker's next ray.train.report waits

@@ -23,8 +23,8 @@ import time
 
 from ray.train.v2.api.callback import UserCallback
 
-from zeray.config import flatten
-from zeray.errors import UserError
+from core.errors import UserError, first_line
+from core.keys import flatten
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -38,11 +38,6 @@ def _client(uri: str):
     except ImportError:
         raise UserError("train.mlflow_uri needs MLflow: pip install 'zeray[mlflow]' (or mlflow)") from None
     return MlflowClient(tracking_uri=uri)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else exc.__class__.__name__
 
 
 def start_mlflow_run(cfg, run_dir: str) -> str:
@@ -69,7 +64,7 @@ def start_mlflow_run(cfg, run_dir: str) -> str:
     except UserError:
         raise
     except Exception as exc:  # unreachable server, refused credentials, a bad URI
-        raise UserError(f"train.mlflow_uri={t.mlflow_uri}: {_first_line(exc)}") from None
+        raise UserError(f"train.mlflow_uri={t.mlflow_uri}: {first_line(exc, 300)}") from None
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"run_id": run.info.run_id, "experiment_id": experiment_id}, f)
     return run.info.run_id
@@ -147,8 +142,8 @@ def start_wandb_run(cfg, run_dir: str) -> dict:
         raise
     except Exception as exc:  # no credentials, an unknown entity, an unreachable server
         raise UserError(
-            f"train.wandb_project={t.wandb_project}: {_first_line(exc)} (credentials: WANDB_API_KEY or `wandb login`; "
-            "WANDB_MODE=offline keeps the run in files)"
+            f"train.wandb_project={t.wandb_project}: {first_line(exc, 300)} (credentials: WANDB_API_KEY or "
+            "`wandb login`; WANDB_MODE=offline keeps the run in files)"
         ) from None
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"run_id": run_id, "project": t.wandb_project, "entity": t.wandb_entity, "url": url}, f)
@@ -194,12 +189,12 @@ class Tracking:
             try:
                 end_mlflow_run(self.mlflow_uri, self.mlflow_run, summary)
             except Exception as error:  # the tracking server gone by the end: the run's own outcome stands
-                _warn(f"train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({_first_line(error)})")
+                _warn(f"train.mlflow_uri: could not close MLflow run {self.mlflow_run} ({first_line(error, 300)})")
         if self.wandb:
             try:
                 end_wandb_run(self.wandb, summary)
             except Exception as error:
-                _warn(f"train.wandb_project: could not close W&B run {self.wandb['run_id']} ({_first_line(error)})")
+                _warn(f"train.wandb_project: could not close W&B run {self.wandb['run_id']} ({first_line(error, 300)})")
             self.store.push(WANDB_DIR)
 
 

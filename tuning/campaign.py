@@ -12,15 +12,16 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from cluster.local import PlacementWatchdog, capacity, placement_timeout, python_sigint
+from cluster.resources import worker_resources
 from cluster.storage import remove_orphaned_staging
+from core.errors import UserError
+from core.fs import exists, is_local, join, resolve, write_bytes
+from core.section import with_values
 from pipelines.prep import REPORT, load_prepared, prepare
-from trainers.run import check_same_run, make_plan, worker_resources
+from trainers.run import check_same_run, make_plan
 from tuning.results import write_results
 from tuning.space import parse_space, pbt_mutations
 from tuning.trial import run_trial
-from zeray.config import with_values
-from zeray.errors import UserError
-from zeray.fs import exists, is_local, join, resolve, write_bytes
 
 TUNE_DIR = "tune"
 CAMPAIGN_CONFIG = "campaign.json"

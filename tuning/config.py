@@ -4,7 +4,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from zeray.section import Section
+from core.section import Section
 
 # what every evaluation reports, so what a scheduler can act on
 METRICS = ("eval_loss", "eval_perplexity", "eval_token_accuracy")

@@ -13,12 +13,12 @@ import tempfile
 
 import pyarrow.fs as pafs
 
+from core.errors import UserError, find_user_error, first_line
+from core.fs import display, entries, exists, files, join, kind, resolve, upload, write_bytes
+from core.keys import flatten
 from trainers.checkpoints import export
 from trainers.outputs import SUMMARY_FILE, read_metrics
 from tuning.trial import FIRST_RUN
-from zeray.config import flatten
-from zeray.errors import UserError, find_user_error
-from zeray.fs import display, entries, exists, files, join, kind, resolve, upload, write_bytes
 
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.json"
@@ -211,7 +211,7 @@ def _reason(error) -> str:
         return ""
     found = find_user_error(error)
     if found is not None:
-        return str(found).strip().splitlines()[0]
+        return first_line(found)
     return (str(error).strip().splitlines() or [type(error).__name__])[-1]  # a traceback's last line names it
 
 

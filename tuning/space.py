@@ -5,8 +5,9 @@ from typing import Any
 
 from ray import tune
 
-from zeray.config import RunConfig, flatten, with_values
-from zeray.errors import UserError
+from core.errors import UserError
+from core.keys import flatten
+from core.section import Section, with_values
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 # keys a trial may not change: where the campaign lives and how it runs
@@ -15,7 +16,7 @@ FIXED = ("name", "storage", "tune", "cluster")
 PBT_MUTABLE = ("train.lr", "train.weight_decay", "train.grad_clip")
 
 
-def parse_space(cfg: RunConfig) -> dict[str, Any]:
+def parse_space(cfg: Section) -> dict[str, Any]:
     """`tune.space` as a nested Ray Tune param_space (`{"train": {"lr": tune.loguniform(...)}}`), every key and
     every end of every range validated against the config."""
     t = cfg.tune
@@ -52,7 +53,7 @@ def parse_space(cfg: RunConfig) -> dict[str, Any]:
     return space
 
 
-def pbt_mutations(cfg: RunConfig) -> dict[str, Any]:
+def pbt_mutations(cfg: Section) -> dict[str, Any]:
     """What PBT resamples or perturbs when a trial exploits another: listed values stay lists (PBT moves to a
     neighbour), ranges stay Tune domains (PBT scales by 0.8 / 1.2 or resamples); nested like the param_space."""
     mutations: dict[str, Any] = {}
@@ -90,6 +91,6 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def trial_config(base: RunConfig, params: dict) -> RunConfig:
+def trial_config(base: Section, params: dict) -> Section:
     """The campaign's config with one trial's values applied (validated: a bad value fails that trial, named)."""
     return with_values(base, flatten(params), "tune.space")

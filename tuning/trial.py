@@ -20,10 +20,10 @@ from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
+from core.fs import display, exists, join, read_bytes, resolve, upload, write_bytes
 from trainers.checkpoints import CheckpointScore
 from trainers.run import train
 from tuning.space import trial_config
-from zeray.fs import display, exists, join, read_bytes, resolve, upload, write_bytes
 
 RUN_FILE = "zeray_run.json"
 FIRST_RUN = "train"

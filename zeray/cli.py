@@ -7,8 +7,8 @@ import argparse
 import os
 import sys
 
-from zeray.errors import UserError, find_user_error
-from zeray.fs import is_uri
+from core.errors import UserError, find_user_error
+from core.fs import is_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def run(argv: list[str]) -> int:
 
         cfg = load_config(args.config, args.overrides, check_paths=False)  # the paths are the cluster's
         if address := client_address(cfg):  # a ray:// cluster: the command runs there
-            return run_through_client(address, argv, cfg, watch_placement=args.command in ("train", "eval"))
+            return run_through_client(run, address, argv, cfg, watch_placement=args.command in ("train", "eval"))
     return args.func(args) or 0
 
 
@@ -85,14 +85,17 @@ def cmd_tune(args) -> int:
 
 def cmd_submit(args) -> int:
     from cluster.submit import submit
+    from zeray.config import load_config
 
-    return submit(args.config, args.overrides, args.job, args.address, args.follow, args.install)
+    # validated here, before anything is uploaded; the paths in it are the cluster's to check
+    cfg = load_config(args.config, args.overrides, check_paths=False)
+    return submit(cfg, args.config, args.overrides, args.job, args.address, args.follow, args.install)
 
 
 def cmd_plan(args) -> int:
-    from cluster.local import autoscaler_maximum, capacity, describe_fit, ray_session
+    from cluster.local import describe_fit, ray_session
+    from cluster.resources import worker_request
     from trainers.plan import format_plan, make_memory_plan
-    from trainers.run import use_gpu
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -103,8 +106,7 @@ def cmd_plan(args) -> int:
             f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens",
             flush=True,
         )
-        gpu = use_gpu(t.use_gpu, capacity(), autoscaler_maximum() == {})
-        per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1.0} if gpu else {})}
+        gpu, per_worker = worker_request(cfg)
         print(describe_fit(t.max_workers, per_worker, cfg.cluster.data_cpus), flush=True)
         if t.elastic:
             print(describe_fit(t.min_workers, per_worker, cfg.cluster.data_cpus, minimum=True), flush=True)
@@ -165,8 +167,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import pyarrow.fs as pafs
 
+    from core.fs import kind, resolve
     from trainers.checkpoints import export
-    from zeray.fs import kind, resolve
 
     if kind(*resolve(args.run_dir, "run directory")) != pafs.FileType.Directory:
         raise UserError(f"run directory {args.run_dir} does not exist")
@@ -243,7 +245,9 @@ def _parser() -> argparse.ArgumentParser:
         usage="zeray submit CONFIG [k=v ...] [--address URL] [--follow] [--install] [-- COMMAND ...]",
     )
     p.add_argument("config", help="run config YAML inside the project (validated here before anything is sent)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, for the validation")
+    p.add_argument(
+        "overrides", nargs="*", help="section.key=value overrides: validated here, and given to the default command"
+    )
     p.add_argument(
         "--address", help="the cluster's dashboard, http://<head>:8265 (default: cluster.address, then RAY_ADDRESS)"
     )

@@ -4,22 +4,21 @@ Every problem a user can cause here becomes a `UserError` with one line that nam
 and what would be valid, e.g. `unknown key train.lrr in configs/demo.yaml (did you mean train.lr?)`.
 """
 
-import difflib
 import os
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from cluster.config import ClusterConfig
+from core.errors import UserError
+from core.fs import check_uri, is_uri, join
+from core.keys import set_dotted
+from core.section import Section, validated
 from pipelines.config import DataConfig
 from trainers.config import ModelConfig, TrainConfig
 from tuning.config import TuneConfig
-from zeray.errors import UserError
-from zeray.fs import check_uri, is_uri, join
-from zeray.section import Section
 
 
 class RunConfig(Section):
@@ -38,6 +37,11 @@ class RunConfig(Section):
     """Hyperparameter search with Ray Tune."""
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     """Where it runs."""
+
+    # values that may carry credentials: not echoed in errors
+    hidden_keys: ClassVar[frozenset[str]] = frozenset(
+        {"train.mlflow_uri", "cluster.address", "storage", "data.prepared"}
+    )
 
     @field_validator("storage")
     @classmethod
@@ -61,10 +65,7 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
     raw = _read_yaml(path)
     for item in overrides:
         _apply_override(raw, item)
-    try:
-        cfg = RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(_describe(exc, path, overrides)) from None
+    cfg = validated(RunConfig, raw, path, overrides)
     cfg.storage = _absolute(cfg.storage)
     if isinstance(cfg.data.train, list):
         for source in cfg.data.train:
@@ -79,30 +80,6 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
     if check_paths:
         check_local_paths(cfg, path, prep_only)
     return cfg
-
-
-def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested settings as dotted keys: `{"train": {"lr": 1e-3}}` -> `{"train.lr": 1e-3}`."""
-    flat: dict[str, Any] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def with_values(cfg: RunConfig, values: dict[str, Any], source: str) -> RunConfig:
-    """A copy of `cfg` with dotted keys set to the given values, validated like the file: a bad key or value is a
-    one-line UserError naming `source` (e.g. a tune trial's parameters)."""
-    raw = cfg.model_dump(mode="json")
-    items = [f"{key}={value}" for key, value in values.items()]
-    for key, value in values.items():
-        _set_dotted(raw, key, value, f"{key}={value}")
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(_describe(exc, source, items)) from None
 
 
 def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> None:
@@ -174,80 +151,7 @@ def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     if not sep or not key or any(not part or not part.isprintable() or part != part.strip() for part in key.split(".")):
         raise UserError(f"override {item!r} must look like section.key=value, e.g. train.lr=3e-4")
-    _set_dotted(raw, key, parse_value(text), item)
-
-
-def _set_dotted(raw: dict, key: str, value: Any, item: str) -> None:
-    parts = key.split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"override {_shown(item)}: {'.'.join(parts[: depth + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-# values that may carry credentials: not echoed in errors
-NEVER_SHOWN = {"train.mlflow_uri", "cluster.address", "storage", "data.prepared"}
-
-
-def _describe(exc: ValidationError, path: str, overrides: list[str]) -> str:
-    """One line for the first problem pydantic found."""
-    errors = exc.errors()
-    # the most specific first: a list of sources that fails inside one of them also fails as a plain string
-    err = max(errors, key=lambda e: len(_field_loc(e["loc"])))
-    loc = _field_loc(err["loc"])
-    key = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
-    source = _source_of(key, path, overrides)
-    if err["type"] == "extra_forbidden":
-        hint = _suggest(loc)
-        return f"unknown key {key} in {source}" + (f" (did you mean {hint}?)" if hint else "")
-    if err["type"] == "missing":
-        return f"missing key {key} in {source}"
-    # a union (e.g. a number or "auto") fails once per member: say every way the value could be valid
-    msgs = [e["msg"] for e in errors if _field_loc(e["loc"]) == loc]
-    msg = " or ".join(dict.fromkeys(m[len("Value error, ") :] if m.startswith("Value error, ") else m for m in msgs))
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) or key in NEVER_SHOWN else f" (got {got!r})"
-    return f"invalid value for {key} in {source}: {msg}{shown}"
-
-
-_UNION_TAG = re.compile(r"^(constrained-)?(int|float|str|bool|none)$|^(literal|list|dict|tuple|function-\w+)\[")
-
-
-def _field_loc(loc: tuple) -> list[str]:
-    """The config key of an error, without the union-member tags pydantic puts in its location."""
-    return [str(p) for p in loc if not _UNION_TAG.match(str(p))]
-
-
-def _source_of(key: str, path: str, overrides: list[str]) -> str:
-    for item in overrides:
-        name = item.partition("=")[0]
-        if key == name or key.startswith(name + ".") or name.startswith(key + "."):
-            return f"{path} (override {name}=...)" if key in NEVER_SHOWN else f"{path} (override {_shown(item)})"
-    return path
-
-
-def _shown(item: str) -> str:
-    """An override as the user typed it, quoted when it holds line breaks or other unprintable characters (an error
-    is one line)."""
-    return item if item.isprintable() else repr(item)
-
-
-def _suggest(loc: list[str]) -> str | None:
-    """The closest valid key at the same place, spelled as a dotted path."""
-    model: type[Section] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        sub = getattr(field, "annotation", None) if field else None
-        if not (isinstance(sub, type) and issubclass(sub, Section)):
-            return None
-        model = sub
-    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
-    return ".".join(loc[:-1] + match) if match else None
+    set_dotted(raw, key, parse_value(text), item)
 
 
 def _looks_like_path(value: str) -> bool:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pyarrow
 import pyarrow.fs as pafs
 
-from zeray.errors import UserError
+from core.errors import UserError, first_line
 
 SCHEMES = {"s3": "s3", "gcs": "gs", "abfs": "abfs", "hdfs": "hdfs"}  # pyarrow's type_name -> URI scheme
 
@@ -56,7 +56,7 @@ def resolve(location: str, key: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(location)
     except (pyarrow.ArrowException, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise UserError(
             f"{key}: {location}: pyarrow cannot open it ({first}); use a local path or an "
             "s3://, gs://, abfs:// or hdfs:// URI"
@@ -71,7 +71,7 @@ def reach(location: str, key: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs.get_file_info(path)
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = first_line(exc)
         raise UserError(
             f"{key}: {location}: cannot reach it ({first}); check the endpoint and credentials in the "
             "environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "

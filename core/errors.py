@@ -18,3 +18,10 @@ def find_user_error(exc: BaseException | None, depth: int = 0) -> UserError | No
         if found is not None:
             return found
     return exc if isinstance(exc, UserError) else None
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """What a one-line error quotes of a library's exception: its message's first line, up to `limit` characters
+    (its type's name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
