@@ -5,11 +5,13 @@
 A Llama-architecture model of 134M parameters built from a config (hidden 768, 12 layers, vocabulary 32,000; no
 download; the demo tokenizer uses the first ids), the demo conversations packed into 2048-token rows, `zeray train`
 with 2 workers, ZeRO-3, fp32, on CPU, one optimizer step of one row per worker, for (a) plain, (b) gradient
-checkpointing, (c) the chunked loss, (d) both. Measured: each run's peak resident memory of a worker (rank 0,
-getrusage), and its activations: that peak minus the peak of the same run on 64-token rows (the model states,
-the optimizer's and the runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s
-activation estimate and its total (whose model states leave out the runtime: the 64-token run's peak is shown
-beside it).
+checkpointing, (c) the chunked loss, (d) both. Measured: each run's `peak_memory_gb`, the fullest worker's
+resident high-water mark from its first step on (not the model's loading), with glibc returning every freed
+buffer of 64 KiB or more to the system (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather
+than what the allocator keeps; and its activations: that peak minus the peak of the same run on 64-token rows (the
+model states, the optimizer's and the runtime's memory, which do not grow with the sequence). Printed against
+`zeray plan`'s activation estimate and its total (whose model states leave out the runtime: the 64-token run's
+peak is shown beside it).
 """
 
 import argparse
@@ -109,7 +111,13 @@ def main() -> None:
         data, model = os.path.join(root, "chat.jsonl"), os.path.join(root, "model")
         write_demo_data(data)
         params = build(data, model)
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            logging_level="ERROR",
+            runtime_env={"env_vars": {"MALLOC_MMAP_THRESHOLD_": "65536"}},
+        )
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             base = run(root, data, model, "base", 64, False, False)

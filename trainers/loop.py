@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from core.errors import UserError
+from core.fs import read_bytes
 from pipelines.chat import IGNORE
 from trainers.checkpoints import (
     CKPT_TAG,
@@ -39,8 +41,6 @@ from trainers.checkpoints import (
 )
 from trainers.lora import save_lora_model, with_adapters
 from trainers.loss import TokenLoss, exact_for
-from zeray.errors import UserError
-from zeray.fs import read_bytes
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -162,6 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
         first_step=step, flops_per_token=plan["flops_per_token"], world=world, peak_flops=peak_flops(device, dtype)
     )
     started = time.perf_counter()
+    reset_peak_memory()
     last_eval = None
     score = functools.partial(
         evaluate,
@@ -582,13 +583,32 @@ def peak_flops(device, dtype: str) -> float | None:
     return None
 
 
+def reset_peak_memory() -> None:
+    """Start measuring this worker's peak memory here: what training holds, not loading the model (which on CPU
+    briefly holds the whole model before ZeRO-3 partitions it), as `zeray plan` estimates it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:  # Linux: the process's resident high-water mark (VmHWM) back to its current size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # elsewhere the peak counts from the process's start
+        pass
+
+
 def peak_memory_gb() -> float:
-    """Peak memory of this worker: the GPU's allocations, or on CPU the process's peak resident set."""
+    """Peak memory of this worker since reset_peak_memory(): the GPU's allocations, or on CPU the process's
+    resident high-water mark."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 1024**3
-    import resource
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024**2  # KiB
+    except (OSError, StopIteration):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS reports bytes
+        return maxrss / 1024**3 if sys.platform == "darwin" else maxrss / 1024**2
 
 
 def say(message: str) -> None:
