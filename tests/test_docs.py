@@ -1,6 +1,7 @@
-"""Every `zeray ...` command the README and docs/ show in a code block parses with the real CLI parser, and where it
-names one of the project's configs, the config loads with its overrides (an error example must fail with the error
-line the page shows). A renamed flag, key or command breaks a page here first."""
+"""Every `zeray ...` command the README and docs/ show in a code block, and every example `zeray COMMAND --help`
+shows, parses with the real CLI parser, and where it names one of the project's configs, the config loads with its
+overrides (an error example must fail with the error line the page shows). A renamed flag, key or command breaks a
+page here first."""
 
 import glob
 import os
@@ -11,7 +12,8 @@ import pytest
 
 from core.errors import UserError
 from tests.conftest import REPO
-from zeray.cli import _parser
+from zeray import __version__
+from zeray.cli import EXAMPLES, _parser
 from zeray.config import load_config
 
 PAGES = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
@@ -46,9 +48,25 @@ def test_the_pages_show_commands_to_check():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: os.path.relpath(p, REPO))
 def test_every_command_shown_parses_and_its_config_loads(page, monkeypatch):
+    check(page, shown_commands(page), monkeypatch)
+
+
+def test_every_command_has_an_example_in_its_help_that_parses(monkeypatch, capsys):
+    parser = _parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(EXAMPLES) == set(commands)
+    for name, sub in commands.items():
+        assert all(f"  {example}" in sub.format_help() for example in EXAMPLES[name])
+    check("zeray --help", [(shlex.split(e)[1:], None) for examples in EXAMPLES.values() for e in examples], monkeypatch)
+    with pytest.raises(SystemExit) as done:
+        parser.parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"zeray {__version__}\n"
+
+
+def check(page: str, commands: list[tuple[list[str], str | None]], monkeypatch) -> None:
     monkeypatch.chdir(REPO)  # the pages' paths are relative to the project
     parser = _parser()
-    for argv, error in shown_commands(page):
+    for argv, error in commands:
         command, job = argv, []
         if "--" in argv:  # `zeray submit CONFIG -- COMMAND`: the job's command is checked on its own
             at = argv.index("--")

@@ -224,22 +224,51 @@ def _unwrap_user_errors(fn, *args):
         raise
 
 
+# one example per command, shown by `zeray COMMAND --help` (tests/test_docs.py parses them like the docs' commands)
+EXAMPLES = {
+    "train": ["zeray train configs/demo.yaml", "zeray train configs/demo.yaml train.lr=1e-3 train.max_steps=100"],
+    "tune": ["zeray tune configs/tune.yaml", "zeray tune configs/tune.yaml --resume"],
+    "submit": [
+        "zeray submit configs/demo.yaml --address http://127.0.0.1:8265 --follow -- zeray train configs/demo.yaml"
+    ],
+    "plan": ["zeray plan configs/demo.yaml train.zero_stage=3"],
+    "prep": ["zeray prep configs/demo.yaml", "zeray train configs/demo.yaml data.prepared=runs/chat-demo/data"],
+    "eval": ["zeray eval configs/demo.yaml --model runs/chat-demo/model"],
+    "export": ["zeray export runs/chat-demo --out exported/"],
+    "generate": ['zeray generate runs/chat-demo/model --prompt "Hello, how are you?" --temperature 0.7'],
+    "demo-data": ["zeray demo-data artifacts/chatterbot.jsonl"],
+    "init-model": ["zeray init-model --data artifacts/chatterbot.jsonl --out artifacts/tiny-chat"],
+}
+
+
+def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with its examples."""
+    examples = "\n".join(f"  {example}" for example in EXAMPLES[name])
+    return sub.add_parser(
+        name, epilog=f"examples:\n{examples}", formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
+    from zeray import __version__
+
     parser = argparse.ArgumentParser(prog="zeray", description="Fine-tune language models on Ray.")
+    parser.add_argument("--version", action="version", version=f"zeray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="preprocess (streamed) and train with Ray Train + DeepSpeed, then export")
+    p = _command(sub, "train", help="preprocess (streamed) and train with Ray Train + DeepSpeed, then export")
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tune", help="a Ray Tune campaign (tune: section) around the same training run")
+    p = _command(sub, "tune", help="a Ray Tune campaign (tune: section) around the same training run")
     p.add_argument("config", help="run config YAML with a tune: section")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue the campaign of this config after a stop")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "submit",
         help="run a command of this project on a Ray cluster as a Ray Job",
         usage="zeray submit CONFIG [k=v ...] [--address URL] [--follow] [--install] [-- COMMAND ...]",
@@ -259,23 +288,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("plan", help="memory per device for each ZeRO stage and offload, and whether the run fits")
+    p = _command(sub, "plan", help="memory per device for each ZeRO stage and offload, and whether the run fits")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="k=v")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("prep", help="Ray Data preprocessing only: writes Parquet splits, rejects and a report")
+    p = _command(sub, "prep", help="Ray Data preprocessing only: writes Parquet splits, rejects and a report")
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_prep)
 
-    p = sub.add_parser("eval", help="loss, perplexity and token accuracy of a model on the config's test split")
+    p = _command(sub, "eval", help="loss, perplexity and token accuracy of a model on the config's test split")
     p.add_argument("config", help="run config YAML (its data: section names the data)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.add_argument("--model", required=True, help="Hugging Face model directory, e.g. <storage>/<name>/model")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="turn a run's checkpoint (any ZeRO stage) into a Hugging Face model directory")
+    p = _command(sub, "export", help="turn a run's checkpoint (any ZeRO stage) into a Hugging Face model directory")
     p.add_argument("run_dir", help="<storage>/<name> of a run (a path or a URI such as s3://bucket/runs/x)")
     p.add_argument("--checkpoint", help="a checkpoint_* folder of that run (default: the newest)")
     p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
@@ -287,7 +316,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="reply from an exported model, using its chat template")
+    p = _command(sub, "generate", help="reply from an exported model, using its chat template")
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -297,11 +326,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo-data", help="write the chatterbot-corpus conversations as messages JSON Lines")
+    p = _command(sub, "demo-data", help="write the chatterbot-corpus conversations as messages JSON Lines")
     p.add_argument("out", help="output .jsonl path")
     p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("init-model", help="build the tiny demo chat model (tokenizer trained on --data)")
+    p = _command(sub, "init-model", help="build the tiny demo chat model (tokenizer trained on --data)")
     p.add_argument("--data", required=True, help="JSON Lines conversations to train the tokenizer on")
     p.add_argument("--out", required=True, help="output model directory (a path or a URI)")
     p.add_argument(
