@@ -113,10 +113,12 @@ def test_every_logged_metric_reaches_tensorboard_mlflow_and_wandb(trained):
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     assert [s for s, _ in losses] == [4, 8, 12, 16] and {s for s, _ in evals} == {8, 16}  # (the end reports twice)
+    (base,) = [r["base_eval_loss"] for r in rows if "base_eval_loss" in r]
 
     scalars = tensorboard_scalars(os.path.join(trained["run_dir"], "tensorboard"))
     assert [(s, pytest.approx(v)) for s, v in scalars["train/loss"]] == losses
     assert [(s, pytest.approx(v)) for s, v in scalars["eval/eval_loss"]] == evals
+    assert scalars["eval/base_eval_loss"] == [(0, pytest.approx(base))]
     assert {"train/lr", "train/tokens_per_s", "eval/eval_perplexity"} <= set(scalars)
 
     client = MlflowClient(tracking_uri=trained["mlflow"])
@@ -145,7 +147,8 @@ def test_every_logged_metric_reaches_tensorboard_mlflow_and_wandb(trained):
             history.setdefault(row["_step"], {}).update(row)
     assert [(s, pytest.approx(history[s]["loss"])) for s, _ in losses] == losses
     assert [(s, pytest.approx(history[s]["eval_loss"])) for s, _ in evals] == evals
-    assert sorted(history) == [4, 8, 12, 16] and "lr" in history[4] and "eval_perplexity" in history[16]
+    assert sorted(history) == [0, 4, 8, 12, 16] and "lr" in history[4] and "eval_perplexity" in history[16]
+    assert history[0]["base_eval_loss"] == pytest.approx(base) and "loss" not in history[0]
     final = {
         wandb_key(item): json.loads(item.value_json)
         for r in records
@@ -235,6 +238,12 @@ def test_metrics_jsonl_has_steps_evals_and_checkpoints(trained):
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows if "loss" in r] == [4, 8, 12, 16]
     assert [r["step"] for r in rows if "eval_loss" in r] == [8, 16, 16]
+    # the base model, evaluated before the first step: the same split and metric, a worse loss than trained
+    (base,) = [r for r in rows if "base_eval_loss" in r]
+    assert rows[0] is base and base["step"] == 0 and base["base_eval_tokens"] == rows[-1]["eval_tokens"]
+    summary = json.load(open(os.path.join(trained["run_dir"], "summary.json")))
+    assert summary["base_eval_loss"] == base["base_eval_loss"] > summary["eval_loss"] + 0.5
+    assert summary["base_eval_perplexity"] == pytest.approx(math.exp(base["base_eval_loss"]))
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows if "loss" in r)
     assert len([r for r in rows if "checkpoint" in r]) == 2
     assert os.path.getsize(os.path.join(trained["run_dir"], "report.png")) > 10_000
@@ -427,6 +436,7 @@ def test_every_zero_stage_trains_resumes_and_exports(ray_cluster, artifacts, tmp
     run_dir = tmp_path / "runs" / f"stage{stage}"
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r] == [3, 6, 9]  # the second run went on from step 6
+    assert [r["step"] for r in rows if "base_eval_loss" in r] == [0]  # the base evaluated once, not on resuming
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 9 and summary["zero_stage"] == stage
     model, _ = consolidate(summary["checkpoint"])
@@ -456,12 +466,14 @@ def test_one_and_two_workers_give_the_same_loss_curve(trained, tmp_path):
         "train.wandb_project=null",
     ]
     assert main(["train", trained["config"], *one]) == 0
-    losses = {}
+    losses, bases = {}, {}
     for workers, run_dir in ((1, str(tmp_path / "runs" / "w1")), (2, trained["run_dir"])):
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         losses[workers] = [r["loss"] for r in rows if "loss" in r]
+        bases[workers] = [r["base_eval_loss"] for r in rows if "base_eval_loss" in r]
         summary = json.loads(open(os.path.join(run_dir, "summary.json")).read())
         assert summary["chunked_loss"] is summary["gradient_checkpointing"] is (workers == 2)
     assert len(losses[1]) == len(losses[2]) == 4
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    assert len(bases[1]) == 1 and bases[2] == pytest.approx(bases[1], abs=1e-6)  # shared evaluation, same number
     assert losses[1][-1] < losses[1][0]

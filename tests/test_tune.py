@@ -85,6 +85,14 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
     assert best["value"] == min(float(r["eval_loss"]) for r in rows)
     assert best["trials"] == {"completed": 3, "stopped": 0, "failed": 0} and best["steps_trained"] == 12
     assert os.path.isfile(os.path.join(best["model_dir"], "model.safetensors"))
+    # the base model was evaluated once for the campaign (its trials share the data), by one trial
+    bases = [
+        row["base_eval_loss"]
+        for r in rows
+        for row in metrics(os.path.join(trial_dir(out, r["trial"]), "train"))
+        if "base_eval_loss" in row
+    ]
+    assert len(bases) == 1 and best["base_eval_loss"] == bases[0] > best["value"]
     # disk: every trial kept exactly its best checkpoint
     for r in rows:
         kept = glob.glob(os.path.join(trial_dir(out, r["trial"]), "train", "checkpoint_*", ""))

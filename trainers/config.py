@@ -84,6 +84,9 @@ class TrainConfig(Section):
     logits are its LM head applied to its last hidden states (checked at start); other models get the plain loss."""
     offload: Literal["none", "cpu"] = "none"
     """Offload optimizer states to CPU memory (and parameters too at stage 3)."""
+    eval_base: bool = True
+    """Before the first step, evaluate the model as loaded on the validation split (`base_eval_loss` in the
+    summary, beside the final `eval_loss`: what the fine-tune gained). Not repeated when a run resumes."""
     eval_every: int = Field(100, ge=1)
     """Evaluate on the validation split every this many optimizer steps (and at the end)."""
     checkpoint_every: int = Field(100, ge=1)

@@ -193,6 +193,14 @@ def train_loop_per_worker(config: dict) -> None:
             write_manifest(tmp, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    if checkpoint is None and plan["eval_base"]:  # the model as loaded: what the fine-tune is measured against
+        base = score("val")
+        ray.train.report({"step": 0, "epoch": 0, **{f"base_{k}": v for k, v in base.items()}})
+        if rank == 0:
+            say(
+                f"eval of the base model: loss {base['eval_loss']:.4f} perplexity {base['eval_perplexity']:.2f} "
+                f"({base['eval_s']:.1f} s)"
+            )
     if checkpoint and own is None:
         # what this run starts from, evaluated: equal to the source run's validation loss at that step when the
         # weights were really taken over

@@ -57,7 +57,12 @@ def plot_report(run_dir: str, rows: list[dict]) -> str:
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    # the base model's evaluation is the curve's step 0
+    evals = [
+        (r["step"], r.get("eval_loss", r.get("base_eval_loss")))
+        for r in rows
+        if "eval_loss" in r or "base_eval_loss" in r
+    ]
     lrs = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:

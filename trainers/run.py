@@ -75,6 +75,7 @@ RESUMABLE_CHANGES = {
     "train.wandb_project",
     "train.wandb_entity",
     "train.wandb_run_name",
+    "train.eval_base",
     "train.elastic_resize_s",
 }
 
@@ -188,6 +189,7 @@ def _train(
     deepspeed_config(t, t.max_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     plan["init_checkpoint"] = init_checkpoint
+    plan["eval_base"] = t.eval_base and init_checkpoint is None
     print(
         f"plan: {t.workers_label()} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
         f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
@@ -264,7 +266,10 @@ def _train(
                 tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
             store.push(MODEL_DIR)
         train_rows = [r for r in rows if "tokens_per_s" in r]
+        base = next((r for r in rows if "base_eval_loss" in r), {})  # (a run resumed by a re-run: its first part's)
         summary = {
+            "base_eval_loss": base.get("base_eval_loss"),
+            "base_eval_perplexity": base.get("base_eval_perplexity"),
             "eval_loss": best_metrics["eval_loss"],
             "eval_perplexity": best_metrics["eval_perplexity"],
             "eval_token_accuracy": best_metrics["eval_token_accuracy"],

@@ -229,7 +229,8 @@ class Trackers(UserCallback):
 
                 self._writer = SummaryWriter(self.tensorboard_dir)
             for key, value in numbers.items():
-                self._writer.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, step)
+                eval_key = key.startswith(("eval_", "base_eval_"))
+                self._writer.add_scalar(f"{'eval' if eval_key else 'train'}/{key}", value, step)
             if row.get("final"):  # the controller ends right after this: write out the queue (flush does not)
                 self._writer.close()
                 self._writer = None

@@ -21,7 +21,7 @@ from pipelines.prep import REPORT, load_prepared, prepare
 from trainers.run import check_same_run, make_plan
 from tuning.results import write_results
 from tuning.space import parse_space, pbt_mutations
-from tuning.trial import run_trial
+from tuning.trial import FirstClaim, run_trial
 
 TUNE_DIR = "tune"
 CAMPAIGN_CONFIG = "campaign.json"
@@ -66,7 +66,14 @@ def run_campaign(cfg, resume: bool = False) -> dict:
     t = cfg.tune
     pbt = t.scheduler == "pbt"
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, campaign_dir=out, pbt=pbt, prepared=prepared),
+        tune.with_parameters(
+            run_trial,
+            base=base,
+            campaign_dir=out,
+            pbt=pbt,
+            prepared=prepared,
+            base_eval=FirstClaim.remote() if prepared else None,
+        ),
         {"CPU": TRIAL_DRIVER_CPU},
     )
     if resume:

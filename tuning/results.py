@@ -70,6 +70,10 @@ def write_results(cfg, out: str, grid) -> dict:
         "metric": t.metric,
         "mode": t.mode,
         "value": best["checkpoint_value"],
+        # the model before any trial trained it (evaluated once, by one trial, when all trials share the data)
+        "base_eval_loss": best["base_eval_loss"]
+        if best["base_eval_loss"] is not None
+        else next((x["base_eval_loss"] for x in trials if x["base_eval_loss"] is not None), None),
         "trial": best["trial"],
         "step": best["checkpoint_step"],
         "config": best["params"],
@@ -82,7 +86,8 @@ def write_results(cfg, out: str, grid) -> dict:
     write_bytes(fs, f"{out_path}/{BEST_FILE}", json.dumps(summary, indent=2).encode())
     print(
         f"best: trial {best['trial']} {t.metric} {best['checkpoint_value']:.4f} at step {best['checkpoint_step']} "
-        f"({_params(best['params'])}); model in {model_dir}; campaign uses "
+        + (f"(base model eval_loss {summary['base_eval_loss']:.4f}) " if summary["base_eval_loss"] is not None else "")
+        + f"({_params(best['params'])}); model in {model_dir}; campaign uses "
         f"{summary['disk_bytes'] / 2**20:.1f} MiB in {out}",
         flush=True,
     )
@@ -100,12 +105,13 @@ def describe(result, metric: str, better, fs: pafs.FileSystem) -> dict:
         ),
         key=lambda d: int(d.rpartition("-")[2]) if "-" in d else 1,
     )
-    evals, checkpoints, steps_trained = [], [], 0
+    evals, checkpoints, steps_trained, base = [], [], 0, None
     for run in runs:
         rows = read_metrics(display(fs, f"{trial_dir}/{run}"))
         start = next((r["step"] for r in rows if "started_from" in r), 0)
         steps_trained += max((r["step"] for r in rows), default=start) - start
         evals += [r for r in rows if metric in r]
+        base = base or next((r for r in rows if "base_eval_loss" in r), None)
         # (a row's checkpoint is its path in fs)
         checkpoints += [
             (r, display(fs, f"{trial_dir}/{run}"))
@@ -135,6 +141,7 @@ def describe(result, metric: str, better, fs: pafs.FileSystem) -> dict:
         "steps_trained": steps_trained,
         "reason": _reason(result.error),
         "curve": [(r["step"], r[metric]) for r in evals],
+        "base_eval_loss": base["base_eval_loss"] if base else None,
     }
 
 

@@ -15,12 +15,14 @@ import posixpath
 import tempfile
 import threading
 
+import ray
 import ray.tune
 from ray.train.v2.api.callback import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.util.queue import Queue
 
 from core.fs import display, exists, join, read_bytes, resolve, upload, write_bytes
+from core.section import with_values
 from trainers.checkpoints import CheckpointScore
 from trainers.run import train
 from tuning.space import trial_config
@@ -29,10 +31,28 @@ RUN_FILE = "zeray_run.json"
 FIRST_RUN = "train"
 
 
-def run_trial(params: dict, base, campaign_dir: str, pbt: bool, prepared: tuple[dict, dict] | None) -> None:
+@ray.remote(num_cpus=0)
+class FirstClaim:
+    """Which trial evaluates the base model: the first to ask. The trials share the data and start from the same
+    model, so one evaluation serves the whole campaign."""
+
+    def __init__(self):
+        self.taken = False
+
+    def claim(self) -> bool:
+        taken, self.taken = self.taken, True
+        return not taken
+
+
+def run_trial(
+    params: dict, base, campaign_dir: str, pbt: bool, prepared: tuple[dict, dict] | None, base_eval=None
+) -> None:
     """Tune's trainable: `params` are the trial's sampled values (nested like the config); `prepared` is the
-    campaign's data (datasets, report) when every trial trains on the same."""
+    campaign's data (datasets, report) when every trial trains on the same, and then `base_eval` (a FirstClaim)
+    picks the one trial that evaluates the base model."""
     cfg = trial_config(base, params)
+    if base_eval is not None and cfg.train.eval_base:
+        cfg = with_values(cfg, {"train.eval_base": ray.get(base_eval.claim.remote())}, "tune")
     # the trial's folder in the campaign's storage (get_trial_dir() is a local staging folder Tune syncs from)
     trial_dir = join(campaign_dir, os.path.basename(ray.tune.get_context().get_trial_dir()))
     name, start_from = current_run(trial_dir, ray.tune.get_checkpoint())

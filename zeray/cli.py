@@ -53,8 +53,9 @@ def cmd_train(args) -> int:
         check_storage(cfg)
         summary = _unwrap_user_errors(train, cfg)
     print(
-        f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} "
-        f"(first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
+        f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} ("
+        + (f"base model {summary['base_eval_loss']:.4f}, " if summary["base_eval_loss"] is not None else "")
+        + f"first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
         f"model in {summary['model_dir']}",
         flush=True,
     )
@@ -211,6 +212,21 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_import_gguf(args) -> int:
+    from trainers.import_gguf import import_gguf
+
+    print(f"importing {args.file} (dequantizing to {args.dtype}; a minute for a small model)", flush=True)
+    info = import_gguf(args.file, args.out, args.dtype)
+    print(
+        f"wrote a {info['parameters'] / 1e6:.1f}M-parameter {info['architecture']} (vocabulary {info['vocab_size']}, "
+        f"{info['dtype']}) with its tokenizer"
+        + (" and chat template" if info["chat_template"] else " (no chat template in the file)")
+        + f" to {args.out}",
+        flush=True,
+    )
+    return 0
+
+
 def _unwrap_user_errors(fn, *args):
     """A UserError raised inside a Ray task or Train worker arrives wrapped; surface it as the user error it is."""
     try:
@@ -238,6 +254,10 @@ EXAMPLES = {
     "generate": ['zeray generate runs/chat-demo/model --prompt "Hello, how are you?" --temperature 0.7'],
     "demo-data": ["zeray demo-data artifacts/chatterbot.jsonl"],
     "init-model": ["zeray init-model --data artifacts/chatterbot.jsonl --out artifacts/tiny-chat"],
+    "import-gguf": [
+        "zeray import-gguf artifacts/SmolLM2-135M-Instruct.Q4_1.gguf --out artifacts/smollm2",
+        "zeray train configs/smollm2.yaml",
+    ],
 }
 
 
@@ -341,4 +361,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_init_model)
+
+    from trainers.import_gguf import DTYPES  # (a light module: its heavy imports are inside its functions)
+
+    p = _command(sub, "import-gguf", help="a GGUF model file (llama.cpp) as a Hugging Face model folder to fine-tune")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("--out", required=True, help="a new (or empty) model directory")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="the weights' dtype on disk (default: bf16)")
+    p.set_defaults(func=cmd_import_gguf)
     return parser

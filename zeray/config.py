@@ -98,6 +98,11 @@ def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> N
 
         load_user_deepspeed(cfg.train.deepspeed)  # raises UserError naming the file
     model = cfg.model.name_or_path
+    if model.lower().endswith(".gguf"):
+        raise UserError(
+            f"model.name_or_path: {model} is a GGUF file; zeray trains Hugging Face model folders: convert it once "
+            f"with `zeray import-gguf {model} --out DIR` and point model.name_or_path at DIR"
+        )
     if _looks_like_path(model):
         if not os.path.isdir(model):
             raise UserError(
