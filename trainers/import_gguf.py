@@ -18,16 +18,7 @@ GGUF_MAGIC = b"GGUF"
 
 def import_gguf(path: str, out: str, dtype: str = "bf16") -> dict:
     """Write the model in GGUF file `path` to the new (or empty) directory `out`; returns what was written."""
-    check_gguf_file(path, "FILE")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise UserError(f"--out {out} already exists and is not an empty directory: give a new directory")
-    arch = architecture(path)
-    readable = gguf_architectures()
-    if arch not in readable:
-        raise UserError(
-            f"{path}: transformers cannot read GGUF architecture {arch!r} (it reads: {', '.join(sorted(readable))})"
-        )
-
+    check_inputs(path, out)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -74,6 +65,19 @@ def import_gguf(path: str, out: str, dtype: str = "bf16") -> dict:
         "dtype": dtype,
         "chat_template": tokenizer.chat_template is not None,
     }
+
+
+def check_inputs(path: str, out: str) -> None:
+    """A GGUF file of an architecture transformers reads, and a new or empty `out`: else a one-line error."""
+    check_gguf_file(path, "FILE")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"--out {out} already exists and is not an empty directory: give a new directory")
+    arch = architecture(path)
+    readable = gguf_architectures()
+    if arch not in readable:
+        raise UserError(
+            f"{path}: transformers cannot read GGUF architecture {arch!r} (it reads: {', '.join(sorted(readable))})"
+        )
 
 
 def check_gguf_file(path: str, what: str) -> None:

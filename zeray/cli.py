@@ -213,8 +213,9 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_import_gguf(args) -> int:
-    from trainers.import_gguf import import_gguf
+    from trainers.import_gguf import check_inputs, import_gguf
 
+    check_inputs(args.file, args.out)
     print(f"importing {args.file} (dequantizing to {args.dtype}; a minute for a small model)", flush=True)
     info = import_gguf(args.file, args.out, args.dtype)
     print(
