@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import ray
 
 from cluster.config import ClusterConfig
+from cluster.console import relay_worker_output
 from core.errors import UserError
 
 
@@ -45,6 +46,7 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
     address = cluster_address(cluster)
     if address:
         ray.init(address=address, log_to_driver=True)
+        relay_worker_output()
         where = f"Ray cluster at {address}"
     else:
         num_cpus = embedded_cpus(cluster, train_cpus)
@@ -56,6 +58,7 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
             logging_level="WARNING",
             _system_config=embedded_system_config(num_cpus),
         )
+        relay_worker_output()
         where = f"embedded local Ray ({num_cpus} logical CPUs)"
     try:
         yield where

@@ -19,6 +19,7 @@ import ray.data
 from ray.data.exceptions import ExecutionTimeoutError
 from ray.data.expressions import col
 
+from core.console import say
 from core.errors import UserError, first_line
 from pipelines.chat import ChatTokenizer, TemplateError, check_tokenizer
 from pipelines.config import DataConfig
@@ -250,10 +251,9 @@ def tokenizer_pool(setting: int | str) -> int:
         alive = [n for n in ray.nodes() if n.get("Alive")]
         return min(most, os.cpu_count() or 1) if len(alive) <= 1 else most
     if setting > most:
-        print(
+        say(
             f"data.tokenizer_actors={setting} capped to {most}: the cluster has {cpus} CPUs free and reading "
             "and parsing need one",
-            flush=True,
         )
         return most
     return setting
@@ -534,7 +534,7 @@ def detect_file_format(files: list[str], probe_lines: int = 100) -> str:
             f"set data.format to one of {', '.join(FORMATS)}"
         )
     fmt = max(seen, key=seen.get)
-    print(f"data.format auto: detected {fmt} from {files[0]}")
+    say(f"data.format auto: detected {fmt} from {files[0]}")
     return fmt
 
 

@@ -17,6 +17,7 @@ from typing import Iterator
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from core.console import say
 from core.errors import UserError, first_line
 
 COMPRESSION = (".gz", ".zst")
@@ -95,7 +96,7 @@ def hf_dataset_files(path: str, announce: bool = True, key: str = "data.train") 
                 f"(it has {', '.join(loaded)}); point {key} at one split's folder"
             )
         if announce:
-            print(f"{key}: using the `train` split of the Hugging Face DatasetDict at {path}")
+            say(f"{key}: using the `train` split of the Hugging Face DatasetDict at {path}")
         loaded = loaded["train"]
     if loaded._indices is not None:  # a filtered/shuffled view: its Arrow files would not be the rows it shows
         raise UserError(

@@ -212,10 +212,19 @@ def test_prep_killed_while_writing_then_run_again_writes_it_once(ray_cluster, ar
     assert writing and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    assert not (run / "data").exists() and [p.name for p in run.iterdir()] == [f"data.tmp-{first.pid}"]
+    assert not (run / "data").exists() and sorted(p.name for p in run.iterdir()) == [f"data.tmp-{first.pid}", "logs"]
+    # its console held zeray's lines only; Ray's and Ray Data's went to the run's log file
+    console = (tmp_path / "first.log").read_text().splitlines()
+    assert console[0] == (
+        f"logs: {run / 'logs' / 'prep.log'} (Ray's, DeepSpeed's and transformers' output; --verbose shows it here)"
+    )
+    assert console[1].startswith("zeray prep kill: embedded local Ray (") and console[1].endswith(str(run / "data"))
+    assert not [line for line in console if "pid=" in line or "INFO" in line or "WARNING" in line], console
+    logged = (run / "logs" / "prep.log").read_text()
+    assert "Running Dataset" in logged and "ReadRecordSource" in logged  # Ray Data's progress
 
     assert main(["prep", config]) == 0
-    assert [p.name for p in run.iterdir()] == ["data"]  # the killed prep's folder is gone
+    assert sorted(p.name for p in run.iterdir()) == ["data", "logs"]  # the killed prep's folder is gone
     report = json.loads((run / "data" / "report.json").read_text())
     rows = {s: pq.read_table(run / "data" / s).to_pylist() for s in ("train", "val", "test")}
     assert report["records_in"] == report["records_out"] + sum(report["rejected"].values())

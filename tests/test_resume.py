@@ -218,6 +218,13 @@ def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straig
     resumed = re.search(r"resumed from checkpoint at step (\d+)", again.stdout)
     assert resumed and int(resumed.group(1)) >= checkpointed, again.stdout[-3000:]
     assert_same_run(run, straight)
+    # the console: zeray's lines only (each step's, the evaluations', the summary), none of Ray's or DeepSpeed's,
+    # which went to the run's log file with the workers' own output
+    assert again.stderr == "" and again.stdout.startswith(f"logs: {run / 'logs' / 'train.log'} ")
+    assert re.search(r"^step (\d+)/\1 epoch .* eta 0m00s$", again.stdout, re.M) and "\ndone in " in again.stdout
+    assert not re.search(r"pid=|INFO|WARNING|Setting accelerator|\[A", again.stdout), again.stdout
+    logged = (run / "logs" / "train.log").read_text()
+    assert "(RayTrainWorker pid=" in logged and "Setting accelerator to CPU" in logged
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from cluster.console import worker_line
 from core.errors import UserError
 from core.fs import read_bytes
 from pipelines.chat import IGNORE
@@ -619,10 +620,7 @@ def peak_memory_gb() -> float:
         return maxrss / 1024**3 if sys.platform == "darwin" else maxrss / 1024**2
 
 
-def say(message: str) -> None:
-    """A progress line to the driver's console. Straight to the process's stdout: Ray Train's patched
-    print() would echo it twice (its logger plus Ray's stdout forwarding)."""
-    print(message, file=sys.__stdout__, flush=True)
+say = worker_line  # a progress line to the driver's console
 
 
 def seed_everything(seed: int) -> None:

@@ -15,6 +15,7 @@ from ray.train.torch import TorchTrainer
 from cluster.local import fit_or_explain, placement_timeout
 from cluster.resources import worker_resources
 from cluster.storage import run_store
+from core.console import say
 from core.errors import UserError
 from core.fs import exists, read_bytes, resolve
 from pipelines.dataset import build_splits, count_records, load_tokenizer
@@ -134,10 +135,9 @@ def _train(
     run_dir = store.local  # where this process writes the run's files (a staging copy of an object store's)
     if store.exists("checkpoint_manager_snapshot.json"):
         check_same_run(cfg, os.path.join(run_dir, RUN_CONFIG))
-        print(
+        say(
             f"resuming run {cfg.name} from its checkpoints in {cfg.run_dir} "
             "(change `name` or remove that folder to start afresh)",
-            flush=True,
         )
     with open(os.path.join(run_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
         json.dump(cfg.model_dump(mode="json"), f, indent=2)
@@ -153,7 +153,7 @@ def _train(
         counts = {
             k: report[k] for k in ("records_in", "records", "rejected", "truncated", "rows", "sources") if k in report
         }
-        print(f"data: prepared in {d.prepared}: {summary_line(report)}", flush=True)
+        say(f"data: prepared in {d.prepared}: {summary_line(report)}")
     else:
         splits = build_splits(
             d, cfg.model.name_or_path, cfg.model.trust_remote_code, wait_s=placement_timeout(cfg.cluster)
@@ -162,16 +162,15 @@ def _train(
         counts = count_records(splits.records, splits.sources)
         counts["rows"] = {split: ds.count() for split, ds in datasets.items()}  # materialized: free to count
         del splits  # the per-record dataset is no longer needed: let Ray free it
-        print(
+        say(
             f"data: {counts['records_in']} records in -> train {counts['records']['train']}, val "
             f"{counts['records']['val']}, test {counts['records']['test']}; rejected "
             + (", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "0")
             + f"; truncated {counts['truncated']}; {counts['rows']['train']} training rows"
             + (f" (packed to {d.max_length} tokens)" if d.packing else ""),
-            flush=True,
         )
     for line in source_lines(counts):
-        print(line, flush=True)
+        say(line)
     if counts["rows"]["train"] == 0:
         rejected = ", ".join(f"{k} {v}" for k, v in counts["rejected"].items()) or "none"
         raise UserError(
@@ -190,11 +189,10 @@ def _train(
     plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
     plan["init_checkpoint"] = init_checkpoint
     plan["eval_base"] = t.eval_base and init_checkpoint is None
-    print(
+    say(
         f"plan: {t.workers_label()} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
         f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
         f"steps/epoch, {plan['total_steps']} steps",
-        flush=True,
     )
 
     storage_fs, storage_path = resolve(cfg.storage, "storage")
@@ -258,10 +256,9 @@ def _train(
             if best.path != result.checkpoint.path:  # an earlier checkpoint validated better: it is the model
                 from trainers.evaluate import evaluate_model
 
-                print(
+                say(
                     f"model: the checkpoint of step {best_metrics['step']} ({score.metric} "
                     f"{best_metrics[score.metric]:.4f}) beats the last one ({final[score.metric]:.4f}); testing it",
-                    flush=True,
                 )
                 tested, tested_step = evaluate_model(cfg, model_dir), best_metrics["step"]
             store.push(MODEL_DIR)

@@ -18,11 +18,11 @@ import json
 import math
 import os
 import secrets
-import sys
 import time
 
 from ray.train.v2.api.callback import UserCallback
 
+from core.console import say, warn
 from core.errors import UserError, first_line
 from core.keys import flatten
 
@@ -148,7 +148,7 @@ def start_wandb_run(cfg, run_dir: str) -> dict:
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"run_id": run_id, "project": t.wandb_project, "entity": t.wandb_entity, "url": url}, f)
     where = url if url else f"offline, in {os.path.join(run_dir, WANDB_DIR)} (wandb sync uploads it)"
-    print(f"W&B run {run_id}: {where}", flush=True)
+    say(f"W&B run {run_id}: {where}")
     return wandb_cfg
 
 
@@ -199,7 +199,7 @@ class Tracking:
 
 
 def _warn(what: str) -> None:
-    print(f"warning: {what}; the run's results are in its folder", file=sys.stderr, flush=True)
+    warn(f"{what}; the run's results are in its folder")
 
 
 class Trackers(UserCallback):

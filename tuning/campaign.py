@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from cluster.local import PlacementWatchdog, capacity, placement_timeout, python_sigint
 from cluster.resources import worker_resources
 from cluster.storage import remove_orphaned_staging
+from core.console import say
 from core.errors import UserError
 from core.fs import exists, is_local, join, resolve, write_bytes
 from core.section import with_values
@@ -77,10 +78,9 @@ def run_campaign(cfg, resume: bool = False) -> dict:
         {"CPU": TRIAL_DRIVER_CPU},
     )
     if resume:
-        print(
+        say(
             f"resuming campaign {cfg.name} in {out}: finished trials are kept, unfinished ones continue from "
             "their checkpoints",
-            flush=True,
         )
         tuner = tune.Tuner.restore(
             out_path,
@@ -92,12 +92,11 @@ def run_campaign(cfg, resume: bool = False) -> dict:
         )
     else:
         grid = t.search == "grid"
-        print(
+        say(
             f"campaign {cfg.name}: "
             + ("every combination of the grid" if grid else f"{t.num_samples} trials")
             + f", {t.search} search, {t.scheduler} scheduler, {concurrent} at once, each "
             f"{cfg.train.num_workers} worker(s) x {_resources(per_worker)}; results in {out}",
-            flush=True,
         )
         tuner = tune.Tuner(
             trainable,
@@ -146,7 +145,7 @@ def prepare_once(cfg, out: str) -> str:
     fs, path = resolve(data_dir, "storage")
     if not exists(fs, f"{path}/{REPORT}"):
         sources = ", ".join(source.path for source in cfg.data.sources())
-        print(f"data: preparing {sources} once for every trial, in {data_dir}", flush=True)
+        say(f"data: preparing {sources} once for every trial, in {data_dir}")
         prepare(
             cfg.data,
             cfg.model.name_or_path,
@@ -171,10 +170,9 @@ def trials_at_once(cfg, per_worker: dict[str, float]) -> int:
     if wanted == "auto":
         return fits
     if wanted > fits:
-        print(
+        say(
             f"tune.max_concurrent={wanted} is more than the cluster holds ({fits} trials of {workers} x "
             f"{_resources(per_worker)} beside {cfg.cluster.data_cpus:g} CPU for Ray Data); running {fits} at once",
-            flush=True,
         )
         return fits
     return wanted

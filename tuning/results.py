@@ -13,6 +13,7 @@ import tempfile
 
 import pyarrow.fs as pafs
 
+from core.console import say
 from core.errors import UserError, find_user_error, first_line
 from core.fs import display, entries, exists, files, join, kind, resolve, upload, write_bytes
 from core.keys import flatten
@@ -84,12 +85,11 @@ def write_results(cfg, out: str, grid) -> dict:
         "disk_bytes": disk_usage(fs, out_path),
     }
     write_bytes(fs, f"{out_path}/{BEST_FILE}", json.dumps(summary, indent=2).encode())
-    print(
+    say(
         f"best: trial {best['trial']} {t.metric} {best['checkpoint_value']:.4f} at step {best['checkpoint_step']} "
         + (f"(base model eval_loss {summary['base_eval_loss']:.4f}) " if summary["base_eval_loss"] is not None else "")
         + f"({_params(best['params'])}); model in {model_dir}; campaign uses "
         f"{summary['disk_bytes'] / 2**20:.1f} MiB in {out}",
-        flush=True,
     )
     return summary
 
@@ -190,16 +190,16 @@ def print_table(trials: list[dict], metric: str, mode: str, keys: list[str], top
     ranked = sorted((x for x in trials if x["value"] is not None), key=lambda x: x["value"], reverse=mode == "max")[
         :top
     ]
-    print(f"\ntop {len(ranked)} of {len(trials)} trials by {metric}:")
-    print(f"  {'trial':<14}{'status':<11}{metric:>12}{'step':>7}  " + "  ".join(keys))
+    say(f"\ntop {len(ranked)} of {len(trials)} trials by {metric}:")
+    say(f"  {'trial':<14}{'status':<11}{metric:>12}{'step':>7}  " + "  ".join(keys))
     for x in ranked:
-        print(
+        say(
             f"  {x['trial']:<14}{x['status']:<11}{x['value']:>12.4f}{x['step']:>7}  "
             + "  ".join(_fmt(x["params"].get(k)) for k in keys)
         )
     for x in trials:
         if x["status"] == "failed":
-            print(f"  {x['trial']} failed: {x['reason']}")
+            say(f"  {x['trial']} failed: {x['reason']}")
 
 
 def disk_usage(fs: pafs.FileSystem, path: str) -> int:

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from core.console import say
 from core.errors import UserError, find_user_error
 from core.fs import is_uri
 
@@ -30,14 +31,43 @@ def run(argv: list[str]) -> int:
     if after and args.command != "submit":
         parser.error(f"only `zeray submit` takes a command after --, not `zeray {args.command}`")
     args.job = after
-    if args.command in {"train", "prep", "tune", "eval", "plan"}:
+    if args.command in CONSOLE_COMMANDS:
         from cluster.client import client_address, run_through_client
+        from cluster.console import relayed_workers
+        from core.console import quiet_console
         from zeray.config import load_config
 
         cfg = load_config(args.config, args.overrides, check_paths=False)  # the paths are the cluster's
         if address := client_address(cfg):  # a ray:// cluster: the command runs there
             return run_through_client(run, address, argv, cfg, watch_placement=args.command in ("train", "eval"))
+        if not _ray_running():
+            path = _log_path(cfg, args.command)
+            if not args.verbose:
+                say(f"logs: {path} (Ray's, DeepSpeed's and transformers' output; --verbose shows it here)")
+            with quiet_console(path, verbose=args.verbose) as log, relayed_workers(log):
+                return args.func(args) or 0
     return args.func(args) or 0
+
+
+# the commands that start (or connect to) a Ray and run work on it: their library output goes to a log file
+CONSOLE_COMMANDS = ("train", "prep", "tune", "eval", "plan")
+
+
+def _ray_running() -> bool:
+    """Ray already initialised in this process (a test's, or a caller's): its console is theirs to manage."""
+    import ray
+
+    return ray.is_initialized()
+
+
+def _log_path(cfg, command: str) -> str:
+    """<run>/logs/<command>.log for a run on a local path; for a run in an object store (and for `plan`, which
+    writes no run folder) a local file under the temp directory."""
+    import tempfile
+
+    if command != "plan" and not is_uri(cfg.run_dir):
+        return os.path.join(cfg.run_dir, "logs", f"{command}.log")
+    return os.path.join(tempfile.gettempdir(), "zeray-logs", cfg.name, f"{command}.log")
 
 
 def cmd_train(args) -> int:
@@ -49,15 +79,14 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
     with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
-        print(f"zeray train {cfg.name}: {where}, results in {cfg.run_dir}", flush=True)
+        say(f"zeray train {cfg.name}: {where}, results in {cfg.run_dir}")
         check_storage(cfg)
         summary = _unwrap_user_errors(train, cfg)
-    print(
+    say(
         f"done in {summary['wall_s']:.0f}s: eval_loss {summary['eval_loss']:.4f} ("
         + (f"base model {summary['base_eval_loss']:.4f}, " if summary["base_eval_loss"] is not None else "")
         + f"first train loss {summary['first_loss']:.4f}), test_loss {summary['test_loss']:.4f}; "
         f"model in {summary['model_dir']}",
-        flush=True,
     )
     return 0
 
@@ -78,7 +107,7 @@ def cmd_tune(args) -> int:
     # embedded Ray: as many trial slots as the machine has cores (at least one trial), plus the data pipeline's
     trial_cpus = max(os.cpu_count() or 1, t.max_workers * t.cpus_per_worker)
     with ray_session(cfg.cluster, trial_cpus) as where:
-        print(f"zeray tune {cfg.name}: {where}", flush=True)
+        say(f"zeray tune {cfg.name}: {where}")
         check_storage(cfg)
         _unwrap_user_errors(run_campaign, cfg, args.resume)
     return 0
@@ -102,16 +131,15 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     t = cfg.train
     with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
-        print(
+        say(
             f"zeray plan {cfg.name}: {where}; {t.workers_label()} workers x micro-batch {t.micro_batch_size} x "
             f"accumulation {t.grad_accum} x {cfg.data.max_length} tokens",
-            flush=True,
         )
         gpu, per_worker = worker_request(cfg)
-        print(describe_fit(t.max_workers, per_worker, cfg.cluster.data_cpus), flush=True)
+        say(describe_fit(t.max_workers, per_worker, cfg.cluster.data_cpus))
         if t.elastic:
-            print(describe_fit(t.min_workers, per_worker, cfg.cluster.data_cpus, minimum=True), flush=True)
-        print(format_plan(make_memory_plan(cfg, gpu)), flush=True)
+            say(describe_fit(t.min_workers, per_worker, cfg.cluster.data_cpus, minimum=True))
+        say(format_plan(make_memory_plan(cfg, gpu)))
     return 0
 
 
@@ -124,7 +152,7 @@ def cmd_prep(args) -> int:
     cfg = load_config(args.config, args.overrides, prep_only=True)
     out_dir = f"{cfg.run_dir}/data"
     with ray_session(cfg.cluster, train_cpus=0) as where:
-        print(f"zeray prep {cfg.name}: {where}, writing {out_dir}", flush=True)
+        say(f"zeray prep {cfg.name}: {where}, writing {out_dir}")
         check_storage(cfg)
         report = _unwrap_user_errors(
             prepare,
@@ -134,10 +162,10 @@ def cmd_prep(args) -> int:
             cfg.model.trust_remote_code,
             placement_timeout(cfg.cluster),
         )
-    print(f"prepared: {summary_line(report)}", flush=True)
+    say(f"prepared: {summary_line(report)}")
     for line in source_lines(report):
-        print(line, flush=True)
-    print(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
+        say(line)
+    say(f"report: {os.path.join(out_dir, 'report.json')}; rejects: {os.path.join(out_dir, 'rejects.jsonl')}")
     return 0
 
 
@@ -158,10 +186,10 @@ def cmd_eval(args) -> int:
     model_dir = os.path.abspath(args.model)
     t = cfg.train
     with ray_session(cfg.cluster, t.max_workers * t.cpus_per_worker) as where:
-        print(f"zeray eval {model_dir} on the test split of {args.config}: {where}", flush=True)
+        say(f"zeray eval {model_dir} on the test split of {args.config}: {where}")
         check_storage(cfg)
         result = _unwrap_user_errors(evaluate_model, cfg, model_dir)
-    print(json.dumps(result, indent=2))
+    say(json.dumps(result, indent=2))
     return 0
 
 
@@ -263,11 +291,18 @@ EXAMPLES = {
 
 
 def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
-    """A subcommand whose --help ends with its examples."""
+    """A subcommand whose --help ends with its examples (and which takes --verbose if it runs work on Ray)."""
     examples = "\n".join(f"  {example}" for example in EXAMPLES[name])
-    return sub.add_parser(
+    parser = sub.add_parser(
         name, epilog=f"examples:\n{examples}", formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
     )
+    if name in CONSOLE_COMMANDS:
+        parser.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Ray's, DeepSpeed's and transformers' output on the console too (else: in the run's logs/)",
+        )
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
