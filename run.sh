@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The two things a newcomer runs; each sets up what it needs first (a .venv here, installed from pyproject.toml).
-#   ./run.sh demo    fine-tune the demo chat model end to end on an embedded local Ray, then ask it something
+#   ./run.sh demo    fine-tune SmolLM2-135M-Instruct end to end on an embedded local Ray, asking it before and after
 #   ./run.sh test    run the test suite (extra arguments go to pytest)
 #   ./run.sh reliability   run the fault and bad-input tests and rewrite RELIABILITY.md with what they survived
 set -euo pipefail
@@ -43,11 +43,16 @@ PY
 }
 
 demo() {
-  local data=artifacts/chatterbot.jsonl model=artifacts/tiny-chat
+  fetch_smollm2
+  local data=artifacts/chatterbot.jsonl model=artifacts/smollm2
   [ -f "$data" ] || .venv/bin/zeray demo-data "$data"
-  [ -f "$model/config.json" ] || .venv/bin/zeray init-model --data "$data" --out "$model"
+  [ -f "$model/config.json" ] || .venv/bin/zeray import-gguf "$SMOLLM2_GGUF" --out "$model"
+  local ask=(--prompt "Hello, how are you?" --prompt "Tell me a joke." --prompt "你好" --max-new-tokens 40 --repetition-penalty 1.2)
+  echo "SmolLM2 before fine-tuning:"
+  .venv/bin/zeray generate "$model" "${ask[@]}"
   .venv/bin/zeray train configs/demo.yaml "$@"
-  .venv/bin/zeray generate runs/chat-demo/model --prompt "Hello, how are you?" --temperature 0.7 --repetition-penalty 1.2
+  echo "SmolLM2 after fine-tuning on the chatterbot conversations:"
+  .venv/bin/zeray generate runs/chat-demo/model "${ask[@]}"
 }
 
 case "${1:-}" in

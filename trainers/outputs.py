@@ -5,6 +5,7 @@ import os
 
 from ray.train.v2.api.callback import UserCallback
 
+from cluster.console import worker_line
 from core.fs import exists, read_bytes, resolve
 
 METRICS_FILE = "metrics.jsonl"
@@ -27,6 +28,7 @@ class MetricsLog(UserCallback):
         row.pop("final", None)
         if checkpoint is not None:
             row["checkpoint"] = checkpoint.path
+            worker_line(f"checkpoint step {row.get('step')}: {self.store.location(checkpoint.path)}")
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         self.store.push(METRICS_FILE)

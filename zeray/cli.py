@@ -207,9 +207,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from trainers.generate import generate
+    from transformers.utils import logging as hf_logging
 
-    reply = generate(
+    from trainers.generate import generate_many
+
+    hf_logging.disable_progress_bar()  # a second's load: a bar would only add lines
+    replies = generate_many(
         args.model_dir,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
@@ -218,7 +221,8 @@ def cmd_generate(args) -> int:
         trust_remote_code=args.trust_remote_code,
         seed=args.seed,
     )
-    print(reply)
+    for prompt, reply in zip(args.prompt, replies):
+        print(f"> {prompt}\n{reply}" if len(args.prompt) > 1 else reply)
     return 0
 
 
@@ -241,17 +245,21 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_import_gguf(args) -> int:
+    import tempfile
+
+    from core.console import quiet_console
     from trainers.import_gguf import check_inputs, import_gguf
 
     check_inputs(args.file, args.out)
-    print(f"importing {args.file} (dequantizing to {args.dtype}; a minute for a small model)", flush=True)
-    info = import_gguf(args.file, args.out, args.dtype)
-    print(
+    log = os.path.join(tempfile.gettempdir(), "zeray-logs", "import-gguf.log")
+    say(f"importing {args.file} (dequantizing to {args.dtype}; a minute for a small model; transformers' log: {log})")
+    with quiet_console(log):
+        info = import_gguf(args.file, args.out, args.dtype)
+    say(
         f"wrote a {info['parameters'] / 1e6:.1f}M-parameter {info['architecture']} (vocabulary {info['vocab_size']}, "
         f"{info['dtype']}) with its tokenizer"
         + (" and chat template" if info["chat_template"] else " (no chat template in the file)")
-        + f" to {args.out}",
-        flush=True,
+        + f" to {args.out}"
     )
     return 0
 
@@ -374,7 +382,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "generate", help="reply from an exported model, using its chat template")
     p.add_argument("model_dir")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append", help="a user message; give several to ask each")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeating tokens")
