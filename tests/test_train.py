@@ -257,7 +257,7 @@ def test_checkpoint_holds_both_ranks_deepspeed_shards(trained):
     assert os.path.exists(os.path.join(ckpt, "ds", "mp_rank_00_model_states.pt"))
 
 
-def test_exported_model_loads_and_generates(trained, artifacts):
+def test_exported_model_loads_and_generates(trained, artifacts, capsys):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -282,6 +282,9 @@ def test_exported_model_loads_and_generates(trained, artifacts):
     # `zeray generate` (greedy by default) replies with exactly the tokens greedy decoding gives
     reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert generate(model_dir, "Hello", max_new_tokens=8) == reply
+    # several prompts from the command line: each answered as if asked alone, under its prompt
+    assert main(["generate", model_dir, "--prompt", "Hi", "--prompt", "Hello", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == f"> Hi\n{generate(model_dir, 'Hi', max_new_tokens=8)}\n> Hello\n{reply}\n"
     # the export carries the trained weights, not the initial ones
     initial = AutoModelForCausalLM.from_pretrained(artifacts["model"])
     assert not torch.allclose(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)

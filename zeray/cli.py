@@ -41,6 +41,8 @@ def run(argv: list[str]) -> int:
         if address := client_address(cfg):  # a ray:// cluster: the command runs there
             return run_through_client(run, address, argv, cfg, watch_placement=args.command in ("train", "eval"))
         if not _ray_running():
+            # the whole config checked (its files too) before a log folder appears for it
+            cfg = load_config(args.config, args.overrides, prep_only=args.command in ("prep", "eval"))
             path = _log_path(cfg, args.command)
             if not args.verbose:
                 say(f"logs: {path} (Ray's, DeepSpeed's and transformers' output; --verbose shows it here)")
