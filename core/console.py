@@ -14,9 +14,14 @@ from contextlib import contextmanager
 _console: dict = {}  # while quiet_console holds: "out" and "err", the real console's streams
 
 
+def console():
+    """The stream zeray's own lines go to: the real console while quiet_console holds, else stdout."""
+    return _console.get("out") or sys.stdout
+
+
 def say(*values, sep: str = " ", end: str = "\n") -> None:
     """A line for the person at the console (print's signature, always flushed)."""
-    print(*values, sep=sep, end=end, file=_console.get("out") or sys.stdout, flush=True)
+    print(*values, sep=sep, end=end, file=console(), flush=True)
 
 
 def warn(message: str) -> None:

@@ -155,6 +155,10 @@ def _train(
         }
         say(f"data: prepared in {d.prepared}: {summary_line(report)}")
     else:
+        say(
+            f"data: Ray Data reads, validates, tokenizes{', packs' if d.packing else ''} and splits "
+            + ", ".join(source.path for source in d.sources())
+        )
         splits = build_splits(
             d, cfg.model.name_or_path, cfg.model.trust_remote_code, wait_s=placement_timeout(cfg.cluster)
         )
