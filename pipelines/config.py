@@ -5,6 +5,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from core.section import Section
+from pipelines.formats import FORMATS
 
 
 class SplitConfig(Section):
@@ -22,7 +23,7 @@ class SplitConfig(Section):
         return self
 
 
-FORMAT = Literal["auto", "messages", "sharegpt", "alpaca", "text"]
+FORMAT = Literal[("auto", *FORMATS)]
 
 
 class SourceConfig(Section):

@@ -7,9 +7,9 @@ The internal form is a list of `{"role": "system"|"user"|"assistant", "content":
 import json
 import re
 import unicodedata
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
-FORMATS = ("messages", "sharegpt", "alpaca", "text")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -24,42 +24,18 @@ class Reject(Exception):
 
 
 def detect_format(record: Any) -> str | None:
-    """The format a record's keys say it is in, or None."""
+    """The format a record's keys say it is in (the first in FORMATS whose keys it has), or None."""
     if not isinstance(record, dict):
         return None
-    if "messages" in record:
-        return "messages"
-    if "conversations" in record:
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    if "text" in record:
-        return "text"
-    return None
+    return next((name for name, fmt in FORMATS.items() if fmt.keys <= record.keys()), None)
 
 
 def normalize(record: Any, fmt: str) -> list[dict[str, str]]:
     """The record as a cleaned list of turns; raises Reject with the reason it cannot be used."""
     if not isinstance(record, dict):
         raise Reject("wrong_shape", f"expected a JSON object, got {type(record).__name__}")
-    if fmt == "messages":
-        turns = _turns(record, "messages", "role", "content", {r: r for r in ROLES})
-    elif fmt == "sharegpt":
-        # ShareGPT's turns are {"from", "value"}; many datasets that follow it write {"role", "content"} instead
-        turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES, alternate=("role", "content"))
-    elif fmt == "alpaca":
-        turns = _alpaca(record)
-    elif fmt == "text":
-        text = record.get("text")
-        if not isinstance(text, str):
-            raise Reject("wrong_shape", "`text` must be a string")
-        text = clean_text(text)
-        if not text.strip():
-            raise Reject("empty_content", "text is empty")
-        return [{"role": "text", "content": text}]
-    else:  # pragma: no cover - config validation allows only FORMATS
-        raise ValueError(fmt)
-    if not any(t["role"] == "assistant" for t in turns):
+    turns = FORMATS[fmt].turns(record)
+    if fmt != "text" and not any(t["role"] == "assistant" for t in turns):
         raise Reject("no_assistant_turn", "nothing to learn from")
     return turns
 
@@ -119,3 +95,35 @@ def _alpaca(record: dict) -> list[dict[str, str]]:
         raise Reject("empty_content", "instruction and output must not be empty")
     prompt = fields["instruction"] if not fields["input"].strip() else f"{fields['instruction']}\n\n{fields['input']}"
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": fields["output"]}]
+
+
+def _text(record: dict) -> list[dict[str, str]]:
+    """A plain-text record: one turn, trained on in full."""
+    text = record.get("text")
+    if not isinstance(text, str):
+        raise Reject("wrong_shape", "`text` must be a string")
+    text = clean_text(text)
+    if not text.strip():
+        raise Reject("empty_content", "text is empty")
+    return [{"role": "text", "content": text}]
+
+
+@dataclass(frozen=True)
+class Format:
+    keys: frozenset  # the keys that mark a record as this format (`data.format: auto`)
+    turns: Callable[[dict], list[dict[str, str]]]  # the record's turns, or Reject
+
+
+# Every record format, in the order `auto` tries them. Adding one is a function and a line here.
+FORMATS = {
+    "messages": Format(
+        frozenset({"messages"}), lambda r: _turns(r, "messages", "role", "content", {x: x for x in ROLES})
+    ),
+    # ShareGPT's turns are {"from", "value"}; many datasets that follow it write {"role", "content"} instead
+    "sharegpt": Format(
+        frozenset({"conversations"}),
+        lambda r: _turns(r, "conversations", "from", "value", SHAREGPT_ROLES, alternate=("role", "content")),
+    ),
+    "alpaca": Format(frozenset({"instruction", "output"}), _alpaca),
+    "text": Format(frozenset({"text"}), _text),
+}

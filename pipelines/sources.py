@@ -12,7 +12,8 @@ import glob
 import io
 import json
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
@@ -21,8 +22,6 @@ from core.console import say
 from core.errors import UserError, first_line
 
 COMPRESSION = (".gz", ".zst")
-BASE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-SUFFIXES = BASE_SUFFIXES + tuple(s + c for s in (".jsonl", ".json", ".csv") for c in COMPRESSION)
 HF_ARROW = ".arrow"  # shards of a saved Hugging Face dataset (found through `datasets.load_from_disk`)
 ROWS_PER_BLOCK = 8192  # ~ a few MB of conversations: big enough to amortise, small enough to stream
 
@@ -135,14 +134,9 @@ def read_records(f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
 
 def _records(f: "pa.NativeFile", path: str) -> Iterator[pa.Table]:
     base = path[: -len(ext)] if (ext := next((c for c in COMPRESSION if path.endswith(c)), "")) else path
-    if base.endswith(".jsonl"):
-        return _jsonl(f, path)
-    if base.endswith(".json"):
-        return _json_list(f, path)
-    if base.endswith(".csv"):
-        return _csv(f, path)
-    if base.endswith(".parquet"):
-        return _table_batches(_parquet_batches(f), path, first=1)
+    for suffix, file_type in FILE_TYPES.items():
+        if base.endswith(suffix):
+            return file_type.read(f, path)
     if path.endswith(HF_ARROW):
         return _table_batches(pa.ipc.open_stream(f), path, first=1)
     raise ValueError(f"unsupported file type: {path}")  # resolve_files admits only the types above
@@ -259,3 +253,24 @@ def _block(path: str, numbers: list[int], lines: list[bytes]) -> pa.Table:
             "raw": pa.array(lines, pa.binary()),
         }
     )
+
+
+def _parquet(f, path: str) -> Iterator[pa.Table]:
+    return _table_batches(_parquet_batches(f), path, first=1)
+
+
+@dataclass(frozen=True)
+class FileType:
+    read: Callable  # (open file, its path) -> blocks of {source, line, raw}
+    compressible: bool  # also read as .gz / .zst
+
+
+# Every file type data.train takes, by suffix. Adding one is a reader function and a line here.
+FILE_TYPES = {
+    ".jsonl": FileType(_jsonl, compressible=True),
+    ".json": FileType(_json_list, compressible=True),
+    ".parquet": FileType(_parquet, compressible=False),
+    ".csv": FileType(_csv, compressible=True),
+}
+BASE_SUFFIXES = tuple(FILE_TYPES)
+SUFFIXES = BASE_SUFFIXES + tuple(s + c for s, t in FILE_TYPES.items() if t.compressible for c in COMPRESSION)

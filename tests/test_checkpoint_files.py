@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from core.errors import UserError
-from trainers.checkpoints import STATE_FILE, damage, find_checkpoint, intact_checkpoint, write_manifest
+from trainers.checkpoints import STATE_FILE, LoopState, damage, find_checkpoint, intact_checkpoint, write_manifest
 
 
 def fake_checkpoint(run, name: str, step: int, world: int = 2):
@@ -17,7 +17,7 @@ def fake_checkpoint(run, name: str, step: int, world: int = 2):
         (staging / "ds").mkdir(parents=True)
         (staging / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"x" * 100)
         if rank == 0:
-            (staging / STATE_FILE).write_text(json.dumps({"step": step, "world": world}))
+            LoopState(step=step, epoch=0, batches_in_epoch=step, world=world).write(str(staging))
         write_manifest(str(staging), rank)
         shutil.copytree(staging, folder, dirs_exist_ok=True)
         shutil.rmtree(staging)

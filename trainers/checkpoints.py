@@ -11,6 +11,7 @@ Layout of one checkpoint (Ray Train merges what every rank wrote):
                       (a dead node mid-copy, a full disk, a truncated file) is told apart from a whole one
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -30,6 +31,28 @@ CKPT_TAG = "ds"
 STATE_FILE = "zeray_state.json"
 HF_CONFIG_DIR = "hf_config"
 HF_DIR = "hf_model"
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """Where the training loop stands, saved in every checkpoint (STATE_FILE): the optimizer steps done, the epoch,
+    the global micro-batches of that epoch consumed (where its data stream resumes), and how many workers wrote the
+    checkpoint (None in checkpoints of zeray versions before elastic runs)."""
+
+    step: int
+    epoch: int
+    batches_in_epoch: int
+    world: int | None = None
+
+    def write(self, folder: str) -> None:
+        with open(os.path.join(folder, STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self), f)
+
+    @classmethod
+    def read(cls, checkpoint: str, fs: pafs.FileSystem | None = None) -> "LoopState":
+        """The state in `checkpoint` (a folder on a local disk, or in `fs`); raises OSError or ValueError."""
+        state = json.loads(read_bytes(fs or pafs.LocalFileSystem(), f"{checkpoint}/{STATE_FILE}"))
+        return cls(**{field.name: state[field.name] for field in dataclasses.fields(cls) if field.name in state})
 
 
 @dataclass(frozen=True)
@@ -67,8 +90,8 @@ def damage(checkpoint: str, fs: pafs.FileSystem | None = None) -> str | None:
     are there in full. (Checkpoints of zeray versions before manifests are taken as they are.)"""
     fs = fs or pafs.LocalFileSystem()
     try:
-        world = json.loads(read_bytes(fs, f"{checkpoint}/{STATE_FILE}")).get("world")
-    except (OSError, ValueError) as exc:
+        world = LoopState.read(checkpoint, fs).world
+    except (OSError, ValueError, TypeError) as exc:
         return f"{STATE_FILE} unreadable: {exc.__class__.__name__}"
     present = files(fs, checkpoint)  # one listing: sizes of everything there
     manifests = sorted(name for name in present if MANIFEST_NAME.fullmatch(name))
@@ -105,7 +128,7 @@ def intact_checkpoint(latest: str, fs: pafs.FileSystem | None = None) -> tuple[s
             and other.path.rstrip("/") != latest
             and damage(other.path, fs) is None
         ):
-            step = json.loads(read_bytes(fs, f"{other.path}/{STATE_FILE}"))["step"]
+            step = LoopState.read(other.path, fs).step
             candidates.append((step, other.base_name, other.path))
     if not candidates:
         raise UserError(

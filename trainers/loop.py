@@ -8,7 +8,6 @@ same steps.
 """
 
 import functools
-import json
 import logging
 import math
 import os
@@ -29,13 +28,12 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from cluster.console import worker_line
 from core.errors import UserError
-from core.fs import read_bytes
 from pipelines.chat import IGNORE
 from trainers.checkpoints import (
     CKPT_TAG,
     HF_CONFIG_DIR,
     HF_DIR,
-    STATE_FILE,
+    LoopState,
     intact_checkpoint,
     verify_weights_only,
     write_manifest,
@@ -57,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     # it (the run's LoggingConfig reaches workers only with Ray's structured worker logging on)
     for name in ("ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    cfg, plan = config["run"], config["plan"]  # the validated RunConfig, and the driver's step plan
+    cfg, plan = config["run"], config["plan"]  # the validated RunConfig, and the driver's WorkerPlan
     train, model_cfg = cfg.train, cfg.model
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -80,7 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
         # (non-reentrant: gradients reach LoRA adapters behind frozen inputs, and it nests with ZeRO-3's hooks)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-    packed = plan["packing"]
+    packed = plan.packing
     if packed:
         check_packing_isolation(model, model_cfg.name_or_path)
     if model_cfg.lora:
@@ -89,26 +87,24 @@ def train_loop_per_worker(config: dict) -> None:
     if train.chunked_loss and not chunked and rank == 0:
         say("loss: this model's logits are not its LM head applied to its last hidden states; plain loss used")
     loss_of = TokenLoss(model, chunked)
-    total_steps = plan["total_steps"]
+    total_steps = plan.total_steps
     warmup = int(train.warmup_ratio * total_steps)
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
 
     own = ray.train.get_checkpoint()  # this run's latest: a restart after a failure, or a re-run command
     # else, under PBT, the better trial's checkpoint this run continues from
-    checkpoint = own or (ray.train.Checkpoint(plan["init_checkpoint"]) if plan.get("init_checkpoint") else None)
+    checkpoint = own or (ray.train.Checkpoint(plan.init_checkpoint) if plan.init_checkpoint else None)
     if own is not None:  # one cut short on disk: the newest intact one before it, with a warning
         path, problem = intact_checkpoint(own.path, own.filesystem)
         if problem and rank == 0:
             say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
         checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
-    saved_world = None
-    if checkpoint:  # (read where it is: a checkpoint in an object store is downloaded once, below)
-        saved_world = json.loads(read_bytes(checkpoint.filesystem, f"{checkpoint.path}/{STATE_FILE}")).get(
-            "world", world
-        )
+    # (read where it is: a checkpoint in an object store is downloaded once, below)
+    state = LoopState.read(checkpoint.path, checkpoint.filesystem) if checkpoint else None
+    saved_world = (state.world or world) if state else None
     # ZeRO-1/2/3 shard the optimizer by rank: states written by another number of workers (an elastic run that
     # grew or shrank) are converted to DeepSpeed's universal checkpoint and loaded as such
-    universal = checkpoint is not None and saved_world != world and train.zero_stage > 0
+    universal = state is not None and saved_world != world and train.zero_stage > 0
     per_rank = -(-train.grad_accum * train.max_workers // world)  # micro-batches per rank per step (see deal())
     share_fp32_master_partitions()
     engine, _, _, scheduler = deepspeed.initialize(
@@ -119,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
             world,
             dtype,
             model.config.get_text_config().hidden_size,
-            plan["deepspeed"],
+            plan.deepspeed,
             grad_accum=per_rank,
             load_universal=universal,
         ),
@@ -145,9 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
                     engine.load_checkpoint(converted, tag=CKPT_TAG)
             else:
                 engine.load_checkpoint(path, tag=CKPT_TAG)
-            with open(os.path.join(path, STATE_FILE)) as f:
-                state = json.load(f)
-        step, epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
+        step, epoch, skip_batches = state.step, state.epoch, state.batches_in_epoch
         seed_everything(rng_seed(train.seed, rank, step))  # the streams the run drew from after that checkpoint
         if own is None:  # another run's state: this run's own optimizer settings apply from here on
             apply_optimizer_settings(scheduler, train.lr, train.weight_decay)
@@ -158,9 +152,9 @@ def train_loop_per_worker(config: dict) -> None:
             )
 
     train_shard = ray.train.get_dataset_shard("train")  # the whole split: see the epoch loop
-    pad_id = plan["pad_token_id"]
+    pad_id = plan.pad_token_id
     window = Window(
-        first_step=step, flops_per_token=plan["flops_per_token"], world=world, peak_flops=peak_flops(device, dtype)
+        first_step=step, flops_per_token=plan.flops_per_token, world=world, peak_flops=peak_flops(device, dtype)
     )
     started = time.perf_counter()
     reset_peak_memory()
@@ -182,8 +176,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=CKPT_TAG)
             if rank == 0:
-                with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                    json.dump({"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "world": world}, f)
+                LoopState(step, epoch, batches_in_epoch, world).write(tmp)
                 # config + tokenizer make every checkpoint exportable on its own (`zeray export`)
                 model.config.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
                 tokenizer.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
@@ -194,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
             write_manifest(tmp, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    if checkpoint is None and plan["eval_base"]:  # the model as loaded: what the fine-tune is measured against
+    if checkpoint is None and plan.eval_base:  # the model as loaded: what the fine-tune is measured against
         base = score("val")
         ray.train.report({"step": 0, "epoch": 0, **{f"base_{k}": v for k, v in base.items()}})
         if rank == 0:
@@ -206,7 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
         # what this run starts from, evaluated: equal to the source run's validation loss at that step when the
         # weights were really taken over
         last_eval = {**score("val"), "step": step}
-        ray.train.report({**last_eval, "epoch": epoch, "started_from": plan["init_checkpoint"]})  # as named
+        ray.train.report({**last_eval, "epoch": epoch, "started_from": plan.init_checkpoint})  # as named
 
     mb = train.micro_batch_size
     collate = Collate(pad_id, device, packed)

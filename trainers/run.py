@@ -34,24 +34,8 @@ from trainers.outputs import (
     write_summary,
 )
 from trainers.plan import explain, make_memory_plan
+from trainers.steps import WorkerPlan, make_plan
 from trainers.tracking import Tracking
-
-
-def make_plan(
-    train_rows: int, workers: int, micro_batch: int, grad_accum: int, epochs: int, max_steps: int | None
-) -> dict:
-    """Optimizer steps per epoch and in total. Each step takes grad_accum global micro-batches of
-    micro_batch x workers rows; the rows that cannot fill a whole step at the end of an epoch wait for the next
-    epoch's order (fewer than one global batch)."""
-    steps_per_epoch = train_rows // (micro_batch * workers) // grad_accum
-    if steps_per_epoch == 0:
-        raise UserError(
-            f"data.train: {train_rows} training rows are too few for train.num_workers={workers} x "
-            f"train.micro_batch_size={micro_batch} x train.grad_accum={grad_accum}; add data or lower them"
-        )
-    total = steps_per_epoch * epochs if max_steps is None else min(max_steps, steps_per_epoch * epochs)
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": total}
-
 
 # How often Ray Train's controller polls the workers (Ray's default: 2 s). A worker's next ray.train.report waits
 # until the controller has taken its previous one (the worker's result queue holds one), so at the default a run
@@ -184,19 +168,23 @@ def _train(
     for split in ("val", "test"):
         if counts["rows"][split] == 0:
             raise UserError(f"data.split.{split}: no {split} records; raise data.split.{split} or add data")
-    plan = make_plan(counts["rows"]["train"], t.max_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
-    plan["packing"] = report["packing"] if d.prepared else d.packing
-    plan["flops_per_token"] = memory["flops_per_token"]
+    steps = make_plan(counts["rows"]["train"], t.max_workers, t.micro_batch_size, t.grad_accum, t.epochs, t.max_steps)
     # the user's DeepSpeed file, merged and checked for contradictions here, before any worker starts
-    plan["deepspeed"] = load_user_deepspeed(t.deepspeed) if t.deepspeed else None
-    deepspeed_config(t, t.max_workers, memory["precision"], memory["hidden"], plan["deepspeed"])
-    plan["pad_token_id"] = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id
-    plan["init_checkpoint"] = init_checkpoint
-    plan["eval_base"] = t.eval_base and init_checkpoint is None
+    user_deepspeed = load_user_deepspeed(t.deepspeed) if t.deepspeed else None
+    deepspeed_config(t, t.max_workers, memory["precision"], memory["hidden"], user_deepspeed)
+    plan = WorkerPlan(
+        **steps,
+        packing=report["packing"] if d.prepared else d.packing,
+        flops_per_token=memory["flops_per_token"],
+        deepspeed=user_deepspeed,
+        pad_token_id=load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code).pad_token_id,
+        init_checkpoint=init_checkpoint,
+        eval_base=t.eval_base and init_checkpoint is None,
+    )
     say(
         f"plan: {t.workers_label()} workers x micro-batch {t.micro_batch_size} x accumulation {t.grad_accum}, "
-        f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan['steps_per_epoch']} "
-        f"steps/epoch, {plan['total_steps']} steps",
+        f"ZeRO {t.zero_stage}{' + CPU offload' if t.offload == 'cpu' else ''}, {plan.steps_per_epoch} "
+        f"steps/epoch, {plan.total_steps} steps",
     )
 
     storage_fs, storage_path = resolve(cfg.storage, "storage")

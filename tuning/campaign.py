@@ -9,7 +9,6 @@ that was interrupted or whose driver died, through `Tuner.restore`.
 import json
 
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
 from cluster.local import PlacementWatchdog, capacity, placement_timeout, python_sigint
 from cluster.resources import worker_resources
@@ -19,9 +18,11 @@ from core.errors import UserError
 from core.fs import exists, is_local, join, resolve, write_bytes
 from core.section import with_values
 from pipelines.prep import REPORT, load_prepared, prepare
-from trainers.run import check_same_run, make_plan
+from trainers.run import check_same_run
+from trainers.steps import make_plan
 from tuning.results import write_results
-from tuning.space import parse_space, pbt_mutations
+from tuning.schedulers import SCHEDULERS
+from tuning.space import parse_space
 from tuning.trial import FirstClaim, run_trial
 
 TUNE_DIR = "tune"
@@ -65,7 +66,7 @@ def run_campaign(cfg, resume: bool = False) -> dict:
         )["total_steps"]
 
     t = cfg.tune
-    pbt = t.scheduler == "pbt"
+    pbt = SCHEDULERS[t.scheduler].clones_checkpoints
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -106,7 +107,7 @@ def run_campaign(cfg, resume: bool = False) -> dict:
                 mode=t.mode,
                 num_samples=1 if grid else t.num_samples,
                 search_alg=_search(cfg),
-                scheduler=_scheduler(cfg, total_steps),
+                scheduler=SCHEDULERS[t.scheduler].build(cfg, total_steps),
                 max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(
@@ -185,29 +186,6 @@ def _search(cfg):
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(metric=t.metric, mode=t.mode, seed=cfg.train.seed)  # Tune limits it to max_concurrent
-
-
-def _scheduler(cfg, total_steps: int | None):
-    t = cfg.tune
-    if t.scheduler == "fifo":
-        return FIFOScheduler()
-    if t.scheduler == "asha":
-        # rungs at grace x reduction_factor^k optimizer steps; a trial is judged by its evaluations
-        # (a trial that reaches its last step is never stopped there: its final checkpoint is still to come)
-        return ASHAScheduler(
-            time_attr="step",
-            max_t=total_steps or 10**9,
-            grace_period=t.grace_period or cfg.train.eval_every,
-            reduction_factor=t.reduction_factor,
-            stop_last_trials=False,
-        )
-    # PBT acts at checkpoints (only those can be cloned): every train.checkpoint_every steps
-    return PopulationBasedTraining(
-        time_attr="step",
-        perturbation_interval=cfg.train.checkpoint_every,
-        hyperparam_mutations=pbt_mutations(cfg),
-        quantile_fraction=0.5,
-    )
 
 
 def _resources(per_worker: dict[str, float]) -> str:

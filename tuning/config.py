@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from core.section import Section
+from tuning.schedulers import SCHEDULERS
 
 # what every evaluation reports, so what a scheduler can act on
 METRICS = ("eval_loss", "eval_perplexity", "eval_token_accuracy")
@@ -19,7 +20,7 @@ class TuneConfig(Section):
     """Trials to run (`search: grid` runs every combination of the grid once instead)."""
     search: Literal["random", "grid", "optuna"] = "random"
     """Search algorithm over `space`: random sampling, every combination of `choice`/`grid` values, or Optuna TPE."""
-    scheduler: Literal["fifo", "asha", "pbt"] = "asha"
+    scheduler: Literal[tuple(SCHEDULERS)] = "asha"
     """Run every trial to the end (fifo), stop weak trials early (asha), or population-based training (pbt: at each
     checkpoint a weak trial continues from a strong trial's checkpoint with perturbed `space` values)."""
     max_concurrent: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
@@ -34,7 +35,7 @@ class TuneConfig(Section):
 
     @model_validator(mode="after")
     def _combinations(self):
-        if self.search == "optuna" and self.scheduler == "pbt":
+        if self.search == "optuna" and SCHEDULERS[self.scheduler].clones_checkpoints:
             raise ValueError(
                 "tune.search: optuna cannot drive tune.scheduler: pbt (PBT explores by itself); use search: random"
             )

@@ -8,6 +8,7 @@ from ray import tune
 from core.errors import UserError
 from core.keys import flatten
 from core.section import Section, with_values
+from tuning.schedulers import SCHEDULERS
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 # keys a trial may not change: where the campaign lives and how it runs
@@ -39,7 +40,7 @@ def parse_space(cfg: Section) -> dict[str, Any]:
             raise UserError(f"{where}: search: grid needs choice or grid values, not {kind}")
         if t.search == "optuna" and kind == "grid":
             raise UserError(f"{where}: search: optuna samples its own values; use choice instead of grid")
-        if t.scheduler == "pbt" and key not in PBT_MUTABLE:
+        if SCHEDULERS[t.scheduler].clones_checkpoints and key not in PBT_MUTABLE:
             raise UserError(
                 f"{where}: PBT continues one trial from another's checkpoint, so it can only perturb "
                 f"{', '.join(PBT_MUTABLE)}"
