@@ -1,6 +1,6 @@
 """Training throughput and ZeRO memory on this machine, as ratios measured in one run.
 
-    .venv/bin/python bench/train.py [--steps 40]
+    .venv/bin/python bench/train.py [--steps 40] [--parts throughput,eval,memory]
 
 1. tokens/s (real tokens) of `zeray train` (2 workers, ZeRO 2, the demo model and data, packed) against a plain
    single-process PyTorch loop using both cores on the same rows, the same global batch and AdamW.
@@ -191,7 +191,13 @@ def zero_memory(model_dir: str, dtype: str) -> dict[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--parts", default="throughput,eval,memory", help="which measurements, comma-separated (default: all three)"
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"throughput", "eval", "memory"}:
+        parser.error(f"--parts: give throughput, eval and/or memory, not {args.parts}")
 
     from pipelines.corpus import write_demo_data
     from trainers.plan import model_shape, model_states_bytes
@@ -206,23 +212,28 @@ def main() -> None:
         ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
-            zeray = zeray_tokens_per_s(root, data, model, args.steps)
-            plain = plain_tokens_per_s(data, model, args.steps)
-            evals = {workers: eval_seconds(root, data, small, workers) for workers in (1, 2)}
-            measured = {dtype: zero_memory(small, dtype) for dtype in ("fp32", "bf16")}
+            if "throughput" in parts:
+                zeray = zeray_tokens_per_s(root, data, model, args.steps)
+                plain = plain_tokens_per_s(data, model, args.steps)
+            if "eval" in parts:
+                evals = {workers: eval_seconds(root, data, small, workers) for workers in (1, 2)}
+            if "memory" in parts:
+                measured = {dtype: zero_memory(small, dtype) for dtype in ("fp32", "bf16")}
         finally:
             ray.shutdown()
         shape, small_shape = model_shape(model, False), model_shape(small, False)
 
-    print(f"throughput (real tokens/s), demo model {shape['params'] / 1e6:.1f}M, packed 512-token rows")
-    print(f"  zeray train, 2 workers, ZeRO 2   {zeray:10.0f}")
-    print(f"  plain PyTorch loop, 1 process    {plain:10.0f}")
-    print(f"zeray / plain = {zeray / plain:.2f}  (target >= 0.85)")
-    print(f"evaluation during training, small model {small_shape['params'] / 1e6:.1f}M, validation split 30%")
-    for workers, (seconds, loss) in evals.items():
-        print(f"  {workers} worker(s): {seconds:6.2f} s per pass, first validation loss {loss:.6f}")
-    print(f"2 workers / 1 worker = {evals[2][0] / evals[1][0]:.2f}  (target <= 0.6)")
-    for dtype, stages in measured.items():
+    if "throughput" in parts:
+        print(f"throughput (real tokens/s), demo model {shape['params'] / 1e6:.1f}M, packed 512-token rows")
+        print(f"  zeray train, 2 workers, ZeRO 2   {zeray:10.0f}")
+        print(f"  plain PyTorch loop, 1 process    {plain:10.0f}")
+        print(f"zeray / plain = {zeray / plain:.2f}  (target >= 0.85)")
+    if "eval" in parts:
+        print(f"evaluation during training, small model {small_shape['params'] / 1e6:.1f}M, validation split 30%")
+        for workers, (seconds, loss) in evals.items():
+            print(f"  {workers} worker(s): {seconds:6.2f} s per pass, first validation loss {loss:.6f}")
+        print(f"2 workers / 1 worker = {evals[2][0] / evals[1][0]:.2f}  (target <= 0.6)")
+    for dtype, stages in (measured if "memory" in parts else {}).items():
         print(f"model-state memory per worker, small model {small_shape['params'] / 1e6:.1f}M (2 workers, {dtype})")
         for stage, got in stages.items():
             estimate = model_states_bytes(

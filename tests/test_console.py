@@ -65,3 +65,27 @@ def test_on_a_terminal_the_step_lines_drive_a_progress_bar():
     assert " 2/4 " in shown and " 4/4 " in shown and "100%" in shown
     assert "loss 3.5477 lr 2.00e-03 tokens/s 84" in shown and "eta 0m46s" not in shown  # tqdm shows its own ETA
     assert "\reval step 2: loss 2.9000\n\r 50%|" in shown  # the bar cleared, the line, the bar again below it
+
+
+def test_a_command_refused_after_its_log_opened_leaves_no_run_folder(tmp_path, artifacts, capsys, monkeypatch):
+    from conftest import write_config
+
+    from zeray.cli import main
+
+    monkeypatch.setattr("zeray.cli._ray_running", lambda: False)  # as from a shell, whatever Ray this session has
+
+    config = write_config(
+        tmp_path / "c.yaml",
+        name="refused",
+        storage=str(tmp_path / "runs"),
+        data={"train": artifacts["data"], "format": "messages"},
+        model={"name_or_path": artifacts["model"]},
+    )
+    assert main(["eval", config, "--model", "s3://bucket/model"]) == 2
+    out, err = capsys.readouterr()
+    assert out == (
+        f"logs: {tmp_path / 'runs' / 'refused' / 'logs' / 'eval.log'} (Ray's, DeepSpeed's and transformers' output; "
+        "--verbose shows it here)\n"
+    )
+    assert err.startswith("error: --model s3://bucket/model: give a local model directory") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists() or not os.listdir(tmp_path / "runs")

@@ -44,11 +44,24 @@ def run(argv: list[str]) -> int:
             # the whole config checked (its files too) before a log folder appears for it
             cfg = load_config(args.config, args.overrides, prep_only=args.command in ("prep", "eval"))
             path = _log_path(cfg, args.command)
+            fresh = not os.path.exists(os.path.dirname(os.path.dirname(path)))
             if not args.verbose:
                 say(f"logs: {path} (Ray's, DeepSpeed's and transformers' output; --verbose shows it here)")
-            with quiet_console(path, verbose=args.verbose) as log, relayed_workers(log):
-                return args.func(args) or 0
+            try:
+                with quiet_console(path, verbose=args.verbose) as log, relayed_workers(log):
+                    return args.func(args) or 0
+            except UserError:
+                if fresh:  # refused before it wrote anything (storage checks, say): no run folder of logs alone
+                    _remove_if_only_logs(os.path.dirname(os.path.dirname(path)))
+                raise
     return args.func(args) or 0
+
+
+def _remove_if_only_logs(folder: str) -> None:
+    import shutil
+
+    if os.path.isdir(folder) and os.listdir(folder) == ["logs"]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # the commands that start (or connect to) a Ray and run work on it: their library output goes to a log file
