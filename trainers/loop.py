@@ -153,11 +153,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")  # the whole split: see the epoch loop
     pad_id = plan.pad_token_id
-    window = Window(
-        first_step=step, flops_per_token=plan.flops_per_token, world=world, peak_flops=peak_flops(device, dtype)
-    )
-    started = time.perf_counter()
-    reset_peak_memory()
     last_eval = None
     score = functools.partial(
         evaluate,
@@ -201,6 +196,12 @@ def train_loop_per_worker(config: dict) -> None:
         last_eval = {**score("val"), "step": step}
         ray.train.report({**last_eval, "epoch": epoch, "started_from": plan.init_checkpoint})  # as named
 
+    # (after the evaluations above: the first window's throughput and ETA, and the peak memory, are training's)
+    window = Window(
+        first_step=step, flops_per_token=plan.flops_per_token, world=world, peak_flops=peak_flops(device, dtype)
+    )
+    started = time.perf_counter()
+    reset_peak_memory()
     mb = train.micro_batch_size
     collate = Collate(pad_id, device, packed)
     full = train.max_workers  # the global batch is defined by this many workers' micro-batches
