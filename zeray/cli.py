@@ -77,12 +77,14 @@ def _ray_running() -> bool:
 
 def _log_path(cfg, command: str) -> str:
     """<run>/logs/<command>.log for a run on a local path; for a run in an object store (and for `plan`, which
-    writes no run folder) a local file under the temp directory."""
-    import tempfile
-
+    writes no run folder) a local file in the user's cache directory."""
     if command != "plan" and not is_uri(cfg.run_dir):
         return os.path.join(cfg.run_dir, "logs", f"{command}.log")
-    return os.path.join(tempfile.gettempdir(), "zeray-logs", cfg.name, f"{command}.log")
+    return os.path.join(_cache_logs(), cfg.name, f"{command}.log")
+
+
+def _cache_logs() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "zeray", "logs")
 
 
 def cmd_train(args) -> int:
@@ -260,13 +262,11 @@ def cmd_init_model(args) -> int:
 
 
 def cmd_import_gguf(args) -> int:
-    import tempfile
-
     from core.console import quiet_console
     from trainers.import_gguf import check_inputs, import_gguf
 
     check_inputs(args.file, args.out)
-    log = os.path.join(tempfile.gettempdir(), "zeray-logs", "import-gguf.log")
+    log = os.path.join(_cache_logs(), "import-gguf.log")
     say(f"importing {args.file} (dequantizing to {args.dtype}; a minute for a small model; transformers' log: {log})")
     with quiet_console(log):
         info = import_gguf(args.file, args.out, args.dtype)
