@@ -34,6 +34,20 @@ def test_users_extra_settings_and_overridable_defaults_are_kept():
     assert merged["train_batch_size"] == 8 and merged["train_micro_batch_size_per_gpu"] == 4
 
 
+def test_bucket_sizes_follow_the_model_at_every_zero_stage():
+    zero = {
+        stage: deepspeed_config(TrainConfig(zero_stage=stage), 2, "fp32", hidden)["zero_optimization"]
+        for stage, hidden in ((0, 576), (2, 576), (1, 8192), (3, 2048))
+    }
+    assert "reduce_bucket_size" not in zero[0]  # ZeRO-0's allreduce keeps DeepSpeed's own
+    assert zero[2]["reduce_bucket_size"] == zero[2]["allgather_bucket_size"] == 1 << 24  # the floor, not 576^2
+    assert zero[1]["reduce_bucket_size"] == zero[1]["allgather_bucket_size"] == 8192 * 8192
+    assert zero[3]["reduce_bucket_size"] == 2048 * 2048
+    # a user's own bucket sizes win over zeray's at ZeRO-1/2 too
+    user = {"zero_optimization": {"allgather_bucket_size": 5e8}}
+    assert build(user, zero_stage=2)["zero_optimization"]["allgather_bucket_size"] == 5e8
+
+
 @pytest.mark.parametrize(
     "user, needle",
     [
