@@ -1,17 +1,17 @@
 """Peak memory per worker with gradient checkpointing and the chunked loss, against `zeray plan`, in one run.
 
-    .venv/bin/python bench/memory.py [--seq 2048]
+    .venv/bin/python bench/memory.py [--seq 2048] [--model artifacts/smollm2]
 
 A Llama-architecture model of 134M parameters built from a config (hidden 768, 12 layers, vocabulary 32,000; no
-download; the demo tokenizer uses the first ids), the demo conversations packed into 2048-token rows, `zeray train`
-with 2 workers, ZeRO-3, fp32, on CPU, one optimizer step of one row per worker, for (a) plain, (b) gradient
-checkpointing, (c) the chunked loss, (d) both. Measured: each run's `peak_memory_gb`, the fullest worker's
-resident high-water mark from its first step on (not the model's loading), with glibc returning every freed
-buffer of 64 KiB or more to the system (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather
-than what the allocator keeps; and its activations: that peak minus the peak of the same run on 64-token rows (the
-model states, the optimizer's and the runtime's memory, which do not grow with the sequence). Printed against
-`zeray plan`'s activation estimate and its total (whose model states leave out the runtime: the 64-token run's
-peak is shown beside it).
+download; the demo tokenizer uses the first ids), or with --model a real model folder and its tokenizer, the demo
+conversations packed into 2048-token rows, `zeray train` with 2 workers, ZeRO-3, fp32, on CPU, one optimizer step of
+one row per worker, for (a) plain, (b) gradient checkpointing, (c) the chunked loss, (d) both. Measured: each run's
+`peak_memory_gb`, the fullest worker's resident high-water mark from its first step on (not the model's loading),
+with glibc returning every freed buffer of 64 KiB or more to the system (MALLOC_MMAP_THRESHOLD_), so resident memory
+follows live tensors rather than what the allocator keeps; and its activations: that peak minus the peak of the same
+run on 64-token rows (the model states, the optimizer's and the runtime's memory, which do not grow with the
+sequence). Printed against `zeray plan`'s activation estimate and its total (whose model states leave out the
+runtime: the 64-token run's peak is shown beside it).
 """
 
 import argparse
@@ -103,6 +103,11 @@ def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument(
+        "--model",
+        help="a Hugging Face model folder to measure instead of the 134M Llama built from a config "
+        "(artifacts/smollm2 after ./run.sh demo: vocabulary 49,152, tied embeddings)",
+    )
     args = parser.parse_args()
 
     from pipelines.corpus import write_demo_data
@@ -110,7 +115,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         data, model = os.path.join(root, "chat.jsonl"), os.path.join(root, "model")
         write_demo_data(data)
-        params = build(data, model)
+        if args.model:
+            from transformers import AutoConfig
+
+            from trainers.plan import model_shape
+
+            model, params = os.path.abspath(args.model), model_shape(args.model, False)["params"]
+            described = (
+                f"{args.model} ({params / 1e6:.0f}M, vocabulary {AutoConfig.from_pretrained(model).vocab_size:,})"
+            )
+        else:
+            params = build(data, model)
+            described = f"{params / 1e6:.0f}M-parameter Llama, vocabulary 32,000"
         ray.init(
             num_cpus=4,
             include_dashboard=True,
@@ -128,10 +144,7 @@ def main() -> None:
         finally:
             ray.shutdown()
 
-    print(
-        f"peak memory per worker: {params / 1e6:.0f}M-parameter Llama, vocabulary 32,000, {args.seq}-token rows, "
-        "2 workers, ZeRO-3, fp32, CPU"
-    )
+    print(f"peak memory per worker: {described}, {args.seq}-token rows, 2 workers, ZeRO-3, fp32, CPU")
     print(
         f"  64-token run (states + runtime): {base['peak'] / GB:.2f} GB; "
         f"plan's model states {base['plan_states'] / GB:.2f} GB"

@@ -1,9 +1,13 @@
 """Training throughput and ZeRO memory on this machine, as ratios measured in one run.
 
     .venv/bin/python bench/train.py [--steps 40] [--parts throughput,eval,memory]
+    .venv/bin/python bench/train.py --model artifacts/smollm2
 
 1. tokens/s (real tokens) of `zeray train` (2 workers, ZeRO 2, the demo model and data, packed) against a plain
-   single-process PyTorch loop using both cores on the same rows, the same global batch and AdamW.
+   single-process PyTorch loop using both cores on the same rows, the same global batch and AdamW. With --model,
+   on that model instead, full fine-tune and LoRA (r 16, all linear layers): the plain loop, torch DDP with 2
+   processes on gloo (one thread each, like zeray's workers: what the machine's communication costs), and `zeray
+   train` at ZeRO 0 and ZeRO 2 (what DeepSpeed and zeray add to it).
 2. model-state memory per worker for ZeRO 0, 1, 2 and 3 on 2 workers, on the ~27M-parameter "small" model (on the
    4M demo model ZeRO's fixed buffers would be a third of it), in fp32 and in bf16 (what GPUs train in), against
    the estimate `zeray plan` uses: the bytes held by tensors when every model state exists at once — after the
@@ -29,24 +33,29 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # as configs/demo.yaml
 
-def zeray_tokens_per_s(root: str, data: str, model: str, steps: int) -> float:
+
+def zeray_tokens_per_s(
+    root: str, data: str, model: str, steps: int, stage: int = 2, lora: bool = False, lr: float = 3e-3
+) -> float:
     from zeray.cli import main
 
-    config = os.path.join(root, "bench.yaml")
+    name = f"bench-z{stage}{'-lora' if lora else ''}"
+    config = os.path.join(root, f"{name}.yaml")
     with open(config, "w") as f:
         yaml.safe_dump(
             {
-                "name": "bench",
+                "name": name,
                 "storage": os.path.join(root, "runs"),
                 "data": {"train": data, "format": "messages", "max_length": 512},
-                "model": {"name_or_path": model},
+                "model": {"name_or_path": model, **({"lora": LORA} if lora else {})},
                 "train": {
                     "num_workers": 2,
                     "max_steps": steps,
                     "micro_batch_size": 1,
-                    "lr": 3e-3,
-                    "zero_stage": 2,
+                    "lr": lr,
+                    "zero_stage": stage,
                     "eval_every": 10_000,
                     "checkpoint_every": 10_000,
                     "log_every": 5,
@@ -55,7 +64,7 @@ def zeray_tokens_per_s(root: str, data: str, model: str, steps: int) -> float:
             f,
         )
     assert main(["train", config]) == 0
-    with open(os.path.join(root, "runs", "bench", "summary.json")) as f:
+    with open(os.path.join(root, "runs", name, "summary.json")) as f:
         return json.load(f)["tokens_per_s"]  # steady windows: the first (start-up) is left out
 
 
@@ -92,39 +101,156 @@ def eval_seconds(root: str, data: str, model: str, workers: int) -> tuple[float,
     return times[len(times) // 2], evals[0]["eval_loss"]
 
 
-def plain_tokens_per_s(data: str, model_dir: str, steps: int) -> float:
-    """The same packed rows, two per step (the 2 workers' global batch), in one process on both cores."""
-    from transformers import AutoModelForCausalLM
-
+def training_rows(data: str, model_dir: str) -> list[dict]:
+    """The packed 512-token training rows zeray trains on, made by zeray's own pipeline."""
     from pipelines.config import DataConfig
     from pipelines.dataset import build_splits
+
+    return build_splits(
+        DataConfig(train=data, format="messages", max_length=512), model_dir, splits=("train",)
+    ).train.take_all()
+
+
+def plain_model(model_dir: str, lora: bool):
+    from transformers import AutoModelForCausalLM
+
+    from trainers.config import LoraConfig
+    from trainers.lora import with_adapters
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora:
+        model = with_adapters(model, LoraConfig(**LORA), model_dir)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def torch_engine(model, trainable: list, lr: float):
+    """(model, backward, step) of plain PyTorch: AdamW, clipping at 1.0."""
+    optimizer = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95))
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, lambda loss: loss.backward(), step
+
+
+def timed_step(engine, picked: list[dict], times: list[float]) -> int:
+    """One step on `picked` rows: forward and loss, backward, optimizer step (their seconds added to `times`).
+    Its real tokens."""
     from trainers.loop import Collate
     from trainers.loss import forward, plain_sums
 
-    rows = build_splits(
-        DataConfig(train=data, format="messages", max_length=512), model_dir, splits=("train",)
-    ).train.take_all()
+    model, backward, step = engine
+    batch = Collate(pad_id=0, device=torch.device("cpu"), packed=True)(
+        {k: [r[k] for r in picked] for k in ("input_ids", "labels", "position_ids")}
+        | {"num_tokens": torch.tensor([r["num_tokens"] for r in picked]).numpy()}
+    )
+    labels = batch["labels"]
+    marks = [time.perf_counter()]
+    loss = plain_sums(forward(model, batch).logits, labels)[0] / max(int((labels[:, 1:] != -100).sum()), 1)
+    marks.append(time.perf_counter())
+    backward(loss)
+    marks.append(time.perf_counter())
+    step()
+    marks.append(time.perf_counter())
+    for i in range(3):
+        times[i] += marks[i + 1] - marks[i]
+    return int(batch["num_tokens"])
+
+
+WARMUP = 5  # steps before the clock starts
+
+
+def plain_tokens_per_s(rows: list[dict], model_dir: str, steps: int, lora: bool = False, lr: float = 3e-3) -> float:
+    """The same packed rows, two per step (the 2 workers' global batch), in one process on both cores."""
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
-    collate = Collate(pad_id=0, device=torch.device("cpu"), packed=True)
-    warmup, tokens, started = 5, 0, 0.0
+    engine = torch_engine(*plain_model(model_dir, lora), lr)
+    tokens, started, times = 0, 0.0, [0.0] * 3
     for step in range(steps):
-        if step == warmup:
+        if step == WARMUP:
             tokens, started = 0, time.perf_counter()
-        picked = [rows[(2 * step + i) % len(rows)] for i in range(2)]
-        batch = collate(
-            {k: [r[k] for r in picked] for k in ("input_ids", "labels", "position_ids")}
-            | {"num_tokens": torch.tensor([r["num_tokens"] for r in picked]).numpy()}
-        )
-        labels = batch["labels"]
-        loss = plain_sums(forward(model, batch).logits, labels)[0] / max(int((labels[:, 1:] != -100).sum()), 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += batch["num_tokens"]
+        tokens += timed_step(engine, [rows[(2 * step + i) % len(rows)] for i in range(2)], times)
     return tokens / (time.perf_counter() - started)
+
+
+def data_parallel_worker(
+    rank: int, rows: list[dict], model_dir: str, kind: str, steps: int, lora: bool, lr: float, port: int, out
+) -> None:
+    """One of 2 processes on gloo, one thread each like a zeray worker, rank r training row 2*step + r: `kind` is
+    torch DDP, or DeepSpeed's engine at ZeRO 0 or 2 with zeray's DeepSpeed config but outside Ray and zeray."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model, trainable = plain_model(model_dir, lora)
+    if kind == "ddp":
+        engine = torch_engine(torch.nn.parallel.DistributedDataParallel(model), trainable, lr)
+    else:
+        import deepspeed
+
+        from trainers.config import TrainConfig
+        from trainers.deepspeed_config import deepspeed_config
+
+        train = TrainConfig(zero_stage=int(kind[-1]), micro_batch_size=1, grad_clip=1.0, lr=lr)
+        config = deepspeed_config(train, 2, "fp32", model.config.hidden_size)
+        ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+        engine = (ds, ds.backward, ds.step)
+    tokens, started, times = 0, 0.0, [0.0] * 3
+    for step in range(steps):
+        if step == WARMUP:
+            dist.barrier()
+            tokens, started, times = 0, time.perf_counter(), [0.0] * 3
+        tokens += timed_step(engine, [rows[(2 * step + rank) % len(rows)]], times)
+    total = torch.tensor([tokens], dtype=torch.float64)
+    dist.all_reduce(total)
+    if rank == 0:
+        out.put((float(total) / (time.perf_counter() - started), [t / (steps - WARMUP) for t in times]))
+    dist.destroy_process_group()
+
+
+def data_parallel(rows: list[dict], model_dir: str, kind: str, steps: int, lora: bool, lr: float):
+    """(tokens/s, [forward, backward, optimizer step] seconds per step) of 2 `kind` processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(data_parallel_worker, args=(rows, model_dir, kind, steps, lora, lr, port, out), nprocs=2)
+    return out.get()
+
+
+RUNS = {
+    "plain": "plain PyTorch loop, 1 process",
+    "ddp": "torch DDP, 2 processes (gloo)",
+    "ds0": "DeepSpeed ZeRO 0 alone, 2 processes",
+    "ds2": "DeepSpeed ZeRO 2 alone, 2 processes",
+    0: "zeray train, 2 workers, ZeRO 0",
+    2: "zeray train, 2 workers, ZeRO 2",
+}
+
+
+def model_throughput(root: str, data: str, model_dir: str, steps: int) -> tuple[dict, dict]:
+    """({lora: {run: tokens/s}}, {run: forward/backward/step seconds}) on a real model: each RUNS entry, full
+    fine-tune and LoRA, on the same rows."""
+    rows = training_rows(data, model_dir)
+    speed, phases = {}, {}
+    for lora in (False, True):
+        lr = 2e-4 if lora else 1e-5  # a pretrained model's usual rates
+        speed[lora] = {"plain": plain_tokens_per_s(rows, model_dir, steps, lora, lr)}
+        for kind in ("ddp", "ds0", "ds2"):
+            speed[lora][kind], split = data_parallel(rows, model_dir, kind, steps, lora, lr)
+            if not lora:
+                phases[kind] = split
+        for stage in (0, 2):
+            speed[lora][stage] = zeray_tokens_per_s(root, data, model_dir, steps, stage, lora, lr)
+    return speed, phases
 
 
 def tensor_bytes() -> int:
@@ -190,12 +316,18 @@ def zero_memory(model_dir: str, dtype: str) -> dict[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, help="training steps of each throughput run (default 40; 15 with --model)")
     parser.add_argument(
-        "--parts", default="throughput,eval,memory", help="which measurements, comma-separated (default: all three)"
+        "--parts", help="which measurements, comma-separated (default: all three; throughput with --model)"
+    )
+    parser.add_argument(
+        "--model",
+        help="measure throughput on this Hugging Face model folder (artifacts/smollm2 after ./run.sh demo): zeray "
+        "full and LoRA at ZeRO 0 and 2 against the plain loop and torch DDP",
     )
     args = parser.parse_args()
-    parts = set(args.parts.split(","))
+    steps = args.steps or (15 if args.model else 40)
+    parts = set((args.parts or ("throughput" if args.model else "throughput,eval,memory")).split(","))
     if not parts <= {"throughput", "eval", "memory"}:
         parser.error(f"--parts: give throughput, eval and/or memory, not {args.parts}")
 
@@ -206,24 +338,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         data, model, small = (os.path.join(root, name) for name in ("chat.jsonl", "model", "small"))
         write_demo_data(data)
-        build_model(data, model, size="demo")
-        build_model(data, small, size="small")
+        if "throughput" in parts and not args.model:
+            build_model(data, model, size="demo")
+        if parts & {"eval", "memory"}:
+            build_model(data, small, size="small")
         # with its dashboard (on localhost), as zeray starts it: Ray Train's placement-group cleaner asks its state API
         ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
-            if "throughput" in parts:
-                zeray = zeray_tokens_per_s(root, data, model, args.steps)
-                plain = plain_tokens_per_s(data, model, args.steps)
+            if "throughput" in parts and args.model:
+                real = model_throughput(root, data, args.model, steps)
+            elif "throughput" in parts:
+                zeray = zeray_tokens_per_s(root, data, model, steps)
+                plain = plain_tokens_per_s(training_rows(data, model), model, steps)
             if "eval" in parts:
                 evals = {workers: eval_seconds(root, data, small, workers) for workers in (1, 2)}
             if "memory" in parts:
                 measured = {dtype: zero_memory(small, dtype) for dtype in ("fp32", "bf16")}
         finally:
             ray.shutdown()
-        shape, small_shape = model_shape(model, False), model_shape(small, False)
+        shape = model_shape(model, False) if "throughput" in parts and not args.model else None
+        small_shape = model_shape(small, False) if parts & {"eval", "memory"} else None
 
-    if "throughput" in parts:
+    if "throughput" in parts and args.model:
+        (speed, phases), params = real, model_shape(args.model, False)["params"]
+        print(f"throughput (real tokens/s), {args.model} {params / 1e6:.1f}M, packed 512-token rows, fp32")
+        print(f"  {'':36} {'full':>7} {'LoRA':>7}")
+        for key, label in RUNS.items():
+            print(f"  {label:36} {speed[False][key]:7.0f} {speed[True][key]:7.0f}")
+        print("where a full fine-tune's step goes (seconds: forward + loss, backward, optimizer step)")
+        for kind, split in phases.items():
+            print(f"  {RUNS[kind]:36} " + "  ".join(f"{t:5.2f}" for t in split) + f"  = {sum(split):5.2f}")
+        for stage, goal in ((0, 0.95), (2, 0.9)):
+            ratios = "  ".join(f"{speed[lora][stage] / speed[lora]['ddp']:.2f}" for lora in (False, True))
+            alone = "  ".join(f"{speed[lora][stage] / speed[lora][f'ds{stage}']:.2f}" for lora in (False, True))
+            print(f"zeray ZeRO {stage} / DDP (full, LoRA) = {ratios}  (goal >= {goal}); / DeepSpeed alone = {alone}")
+        ratios = "  ".join(f"{speed[lora][2] / speed[lora]['plain']:.2f}" for lora in (False, True))
+        print(f"zeray ZeRO 2 / plain loop (full, LoRA) = {ratios}")
+    elif "throughput" in parts:
         print(f"throughput (real tokens/s), demo model {shape['params'] / 1e6:.1f}M, packed 512-token rows")
         print(f"  zeray train, 2 workers, ZeRO 2   {zeray:10.0f}")
         print(f"  plain PyTorch loop, 1 process    {plain:10.0f}")
