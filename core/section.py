@@ -45,7 +45,7 @@ def describe(exc: ValidationError, model: type[Section], path: str, overrides: l
     # the most specific first: a list of sources that fails inside one of them also fails as a plain string
     err = max(errors, key=lambda e: len(_field_loc(e["loc"])))
     loc = _field_loc(err["loc"])
-    key = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc).lstrip(".")
+    key = "".join(_key_part(p) for p in loc).lstrip(".")
     source = _source_of(key, path, overrides, model.hidden_keys)
     if err["type"] == "extra_forbidden":
         hint = _suggest(model, loc)
@@ -61,6 +61,14 @@ def describe(exc: ValidationError, model: type[Section], path: str, overrides: l
 
 
 _UNION_TAG = re.compile(r"^(constrained-)?(int|float|str|bool|none)$|^(literal|list|dict|tuple|function-\w+)\[")
+
+
+def _key_part(part: str) -> str:
+    """A key's part as it is spelled in a dotted path; a name no one could type (a newline, a space) quoted, so the
+    message stays one line."""
+    if part.isdigit():
+        return f"[{part}]"
+    return f".{part}" if part.isprintable() and not any(c.isspace() for c in part) else f"[{part!r}]"
 
 
 def _field_loc(loc: tuple) -> list[str]:

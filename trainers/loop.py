@@ -43,104 +43,29 @@ from trainers.loss import TokenLoss, exact_for
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
-
-    from trainers.deepspeed_config import deepspeed_config, precision
-    from trainers.deepspeed_fixes import share_fp32_master_partitions
-
-    # DeepSpeed still calls torch's deprecated all_gather_into_tensor path; the warning is not the user's.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    # zeray prints its own progress; Ray Train's INFO line per report and Ray Data's per evaluation pass would bury
-    # it (the run's LoggingConfig reaches workers only with Ray's structured worker logging on)
-    for name in ("ray.train", "ray.data"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    """Setup, restore, the epochs of steps (read top to bottom below), and the final evaluation and export."""
+    quiet_libraries()
     cfg, plan = config["run"], config["plan"]  # the validated RunConfig, and the driver's WorkerPlan
-    train, model_cfg = cfg.train, cfg.model
+    train = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    if not on_gpu:
+    if device.type != "cuda":
         torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     seed_everything(train.seed)  # weights zeray creates (LoRA adapters, new heads): the same on every rank
 
-    dtype = precision(model_cfg, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
-    # fp32 master weights; DeepSpeed casts for bf16/fp16 itself
-    model = AutoModelForCausalLM.from_pretrained(
-        model_cfg.name_or_path,
-        dtype=torch.float32,
-        trust_remote_code=model_cfg.trust_remote_code,
-        use_safetensors=True,
-        attn_implementation=None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation,
-    )
-    if train.gradient_checkpointing:  # each layer's activations recomputed in the backward, only its input kept
-        # (non-reentrant: gradients reach LoRA adapters behind frozen inputs, and it nests with ZeRO-3's hooks)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-    packed = plan.packing
-    if packed:
-        check_packing_isolation(model, model_cfg.name_or_path)
-    if model_cfg.lora:
-        model = with_adapters(model, model_cfg.lora, model_cfg.name_or_path)
-    chunked = train.chunked_loss and exact_for(model)
-    if train.chunked_loss and not chunked and rank == 0:
-        say("loss: this model's logits are not its LM head applied to its last hidden states; plain loss used")
-    loss_of = TokenLoss(model, chunked)
-    total_steps = plan.total_steps
-    warmup = int(train.warmup_ratio * total_steps)
-    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
-
-    own = ray.train.get_checkpoint()  # this run's latest: a restart after a failure, or a re-run command
-    # else, under PBT, the better trial's checkpoint this run continues from
-    checkpoint = own or (ray.train.Checkpoint(plan.init_checkpoint) if plan.init_checkpoint else None)
-    if own is not None:  # one cut short on disk: the newest intact one before it, with a warning
-        path, problem = intact_checkpoint(own.path, own.filesystem)
-        if problem and rank == 0:
-            say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
-        checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
-    # (read where it is: a checkpoint in an object store is downloaded once, below)
-    state = LoopState.read(checkpoint.path, checkpoint.filesystem) if checkpoint else None
-    saved_world = (state.world or world) if state else None
+    model, tokenizer, loss_of = load_model(cfg.model, train, plan.packing, rank)
+    checkpoint, own, state = find_checkpoint(plan.init_checkpoint, rank)
     # ZeRO-1/2/3 shard the optimizer by rank: states written by another number of workers (an elastic run that
     # grew or shrank) are converted to DeepSpeed's universal checkpoint and loaded as such
-    universal = state is not None and saved_world != world and train.zero_stage > 0
-    per_rank = -(-train.grad_accum * train.max_workers // world)  # micro-batches per rank per step (see deal())
-    share_fp32_master_partitions()
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(
-            train,
-            world,
-            dtype,
-            model.config.get_text_config().hidden_size,
-            plan.deepspeed,
-            grad_accum=per_rank,
-            load_universal=universal,
-        ),
-        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
-    )
-
-    # from_pretrained returns the model in eval mode: dropout and gradient checkpointing act only in training mode
-    engine.train()
+    universal = state is not None and (state.world or world) != world and train.zero_stage > 0
+    engine, scheduler, dtype = setup_engine(model, cfg, plan, world, device, universal)
     # what the summary reports: checkpointing on in transformers' own view, and acting (training mode)
     checkpointing = engine.module.is_activation_checkpointing and engine.module.training
     seed_everything(rng_seed(train.seed, rank, 0))  # dropout: each rank its own stream
     step, epoch, skip_batches = 0, 0, 0
     if checkpoint:
-        with checkpoint.as_directory() as path:  # (a local copy of one in an object store)
-            verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
-            if universal:
-                if rank == 0:
-                    say(
-                        f"the checkpoint was written by {saved_world} workers, this run has {world}: converting it "
-                        "to a universal checkpoint"
-                    )
-                with universal_checkpoint(path, rank, world) as converted:
-                    engine.load_checkpoint(converted, tag=CKPT_TAG)
-            else:
-                engine.load_checkpoint(path, tag=CKPT_TAG)
+        restore(engine, checkpoint, state, universal, rank, world)
         step, epoch, skip_batches = state.step, state.epoch, state.batches_in_epoch
         seed_everything(rng_seed(train.seed, rank, step))  # the streams the run drew from after that checkpoint
         if own is None:  # another run's state: this run's own optimizer settings apply from here on
@@ -161,26 +86,11 @@ def train_loop_per_worker(config: dict) -> None:
         batch_size=train.micro_batch_size,
         pad_id=pad_id,
         device=device,
-        packed=packed,
+        packed=plan.packing,
         rank=rank,
         world=world,
     )
-
-    def save(metrics: dict, batches_in_epoch: int, export: bool = False) -> None:
-        """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint in storage."""
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag=CKPT_TAG)
-            if rank == 0:
-                LoopState(step, epoch, batches_in_epoch, world).write(tmp)
-                # config + tokenizer make every checkpoint exportable on its own (`zeray export`)
-                model.config.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
-                tokenizer.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
-                if model_cfg.lora:
-                    model.peft_config["default"].save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
-            if export:
-                export_hf_model(model, tokenizer, tmp, rank, train.zero_stage, model_cfg.lora)
-            write_manifest(tmp, rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    save = functools.partial(save_checkpoint, engine, model, tokenizer, cfg.model.lora, train.zero_stage, rank)
 
     if checkpoint is None and plan.eval_base:  # the model as loaded: what the fine-tune is measured against
         base = score("val")
@@ -202,8 +112,8 @@ def train_loop_per_worker(config: dict) -> None:
     )
     started = time.perf_counter()
     reset_peak_memory()
-    mb = train.micro_batch_size
-    collate = Collate(pad_id, device, packed)
+    mb, total_steps = train.micro_batch_size, plan.total_steps
+    collate = Collate(pad_id, device, plan.packing)
     full = train.max_workers  # the global batch is defined by this many workers' micro-batches
     while step < total_steps and epoch < train.epochs:
         # Every rank reads the whole (seeded, ordered) training stream in global micro-batches of mb x max_workers
@@ -252,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
                         f"perplexity {last_eval['eval_perplexity']:.2f} ({last_eval['eval_s']:.1f} s)"
                     )
             if checkpoint_now:
-                save(metrics, used)
+                save(metrics, LoopState(step, epoch, used, world))
                 seed_everything(rng_seed(train.seed, rank, step))  # as a run resumed from here does
             elif metrics is not None:
                 ray.train.report(metrics)
@@ -264,28 +174,154 @@ def train_loop_per_worker(config: dict) -> None:
         epoch += 1
 
     # The end: validation (if the last step did not just do it), the held-out test split, and the HF model.
-    if last_eval is None or last_eval["step"] != step:
-        last_eval = score("val")
-    final = dict(last_eval)
-    test = score("test")
-    nodes = [None] * world  # how many machines the workers ran on, the last time they started
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    final = last_eval if last_eval is not None and last_eval["step"] == step else score("val")
+    final = finish(final, score("test"), world)
     final.update(
         {
-            "nodes": len(set(nodes)),
-            "world_size": world,
-            "test_loss": test["eval_loss"],
-            "test_perplexity": test["eval_perplexity"],
-            "test_token_accuracy": test["eval_token_accuracy"],
             "step": step,
             "epoch": epoch,
-            "final": True,
             "train_wall_s": time.perf_counter() - started,
             "gradient_checkpointing": checkpointing,
-            "chunked_loss": chunked,
+            "chunked_loss": loss_of.head is not None,
         }
     )
-    save(final, batches_in_epoch=0, export=True)
+    save(final, LoopState(step, epoch, 0, world), export=True)
+
+
+def quiet_libraries() -> None:
+    # DeepSpeed still calls torch's deprecated all_gather_into_tensor path; the warning is not the user's.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    # zeray prints its own progress; Ray Train's INFO line per report and Ray Data's per evaluation pass would bury
+    # it (the run's LoggingConfig reaches workers only with Ray's structured worker logging on)
+    for name in ("ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def load_model(model_cfg, train, packed: bool, rank: int) -> tuple:
+    """(model, tokenizer, loss): the model in fp32 master weights (DeepSpeed casts for bf16/fp16 itself), with
+    gradient checkpointing and LoRA adapters as configured, its packing isolation checked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_cfg.name_or_path,
+        dtype=torch.float32,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        attn_implementation=None if model_cfg.attn_implementation == "auto" else model_cfg.attn_implementation,
+    )
+    if train.gradient_checkpointing:  # each layer's activations recomputed in the backward, only its input kept
+        # (non-reentrant: gradients reach LoRA adapters behind frozen inputs, and it nests with ZeRO-3's hooks)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+    if packed:
+        check_packing_isolation(model, model_cfg.name_or_path)
+    if model_cfg.lora:
+        model = with_adapters(model, model_cfg.lora, model_cfg.name_or_path)
+    chunked = train.chunked_loss and exact_for(model)
+    if train.chunked_loss and not chunked and rank == 0:
+        say("loss: this model's logits are not its LM head applied to its last hidden states; plain loss used")
+    return model, tokenizer, TokenLoss(model, chunked)
+
+
+def find_checkpoint(init_checkpoint: str | None, rank: int):
+    """(checkpoint to start from or None, this run's own latest or None, its LoopState or None): this run's latest
+    (a restart after a failure, or a re-run command), else, under PBT, the better trial's checkpoint this run
+    continues from."""
+    own = ray.train.get_checkpoint()
+    checkpoint = own or (ray.train.Checkpoint(init_checkpoint) if init_checkpoint else None)
+    if own is not None:  # one cut short on disk: the newest intact one before it, with a warning
+        path, problem = intact_checkpoint(own.path, own.filesystem)
+        if problem and rank == 0:
+            say(f"warning: checkpoint {own.path} is damaged ({problem}); resuming from {path} instead")
+        checkpoint = ray.train.Checkpoint(path, filesystem=own.filesystem)
+    # (read where it is: a checkpoint in an object store is downloaded once, by restore())
+    state = LoopState.read(checkpoint.path, checkpoint.filesystem) if checkpoint else None
+    return checkpoint, own, state
+
+
+def setup_engine(model, cfg, plan, world: int, device, universal: bool) -> tuple:
+    """(DeepSpeed engine in training mode, its LR scheduler, the precision it trains in)."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    from trainers.deepspeed_config import deepspeed_config, precision
+    from trainers.deepspeed_fixes import share_fp32_master_partitions
+
+    train, on_gpu = cfg.train, device.type == "cuda"
+    dtype = precision(cfg.model, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
+    total_steps = plan.total_steps
+    warmup = int(train.warmup_ratio * total_steps)
+    schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
+    per_rank = -(-train.grad_accum * train.max_workers // world)  # micro-batches per rank per step (see deal())
+    share_fp32_master_partitions()
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(
+            train,
+            world,
+            dtype,
+            model.config.get_text_config().hidden_size,
+            plan.deepspeed,
+            grad_accum=per_rank,
+            load_universal=universal,
+        ),
+        lr_scheduler=lambda opt: get_scheduler(schedule, opt, num_warmup_steps=warmup, num_training_steps=total_steps),
+    )
+    # from_pretrained returns the model in eval mode: dropout and gradient checkpointing act only in training mode
+    engine.train()
+    return engine, scheduler, dtype
+
+
+def restore(engine, checkpoint, state: LoopState, universal: bool, rank: int, world: int) -> None:
+    """The engine's weights, optimizer and scheduler from `checkpoint` (a local copy of one in an object store),
+    checked to hold no pickled code first."""
+    with checkpoint.as_directory() as path:
+        verify_weights_only(os.path.join(path, CKPT_TAG))  # before DeepSpeed unpickles anything
+        if universal:
+            if rank == 0:
+                say(
+                    f"the checkpoint was written by {state.world} workers, this run has {world}: converting it "
+                    "to a universal checkpoint"
+                )
+            with universal_checkpoint(path, rank, world) as converted:
+                engine.load_checkpoint(converted, tag=CKPT_TAG)
+        else:
+            engine.load_checkpoint(path, tag=CKPT_TAG)
+
+
+def save_checkpoint(
+    engine, model, tokenizer, lora, zero_stage: int, rank: int, metrics: dict, state: LoopState, export: bool = False
+) -> None:
+    """Every rank writes its DeepSpeed shard; Ray Train merges them into one checkpoint in storage."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        if rank == 0:
+            state.write(tmp)
+            # config + tokenizer make every checkpoint exportable on its own (`zeray export`)
+            model.config.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
+            tokenizer.save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
+            if lora:
+                model.peft_config["default"].save_pretrained(os.path.join(tmp, HF_CONFIG_DIR))
+        if export:
+            export_hf_model(model, tokenizer, tmp, rank, zero_stage, lora)
+        write_manifest(tmp, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def finish(last_eval: dict, test: dict, world: int) -> dict:
+    """The final metrics: the last validation, the test split's, and how many machines the workers ran on."""
+    nodes = [None] * world  # (the last time they started)
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return {
+        **last_eval,
+        "nodes": len(set(nodes)),
+        "world_size": world,
+        "test_loss": test["eval_loss"],
+        "test_perplexity": test["eval_perplexity"],
+        "test_token_accuracy": test["eval_token_accuracy"],
+        "final": True,
+    }
 
 
 def apply_optimizer_settings(scheduler, lr: float, weight_decay: float) -> None:
