@@ -60,6 +60,13 @@ def test_unknown_key_in_file(tmp_path, artifacts):
         load_config(path)
 
 
+def test_a_key_no_one_could_type_is_quoted_in_a_one_line_error(tmp_path, artifacts):
+    path = write_config(tmp_path / "odd.yaml", data={"train": artifacts["data"], "max length\n": 10})
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value).startswith("unknown key data['max length\\n'] in ") and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     "override, needle",
     [
