@@ -6,8 +6,9 @@
 1. tokens/s (real tokens) of `zeray train` (2 workers, ZeRO 2, the demo model and data, packed) against a plain
    single-process PyTorch loop using both cores on the same rows, the same global batch and AdamW. With --model,
    on that model instead, full fine-tune and LoRA (r 16, all linear layers): the plain loop, torch DDP with 2
-   processes on gloo (one thread each, like zeray's workers: what the machine's communication costs), and `zeray
-   train` at ZeRO 0 and ZeRO 2 (what DeepSpeed and zeray add to it).
+   processes on gloo (one thread each, like zeray's workers: what the machine's communication costs), DeepSpeed's
+   engine alone in 2 such processes at ZeRO 0 and 2 (what DeepSpeed adds), and `zeray train` at ZeRO 0 and 2 (what
+   zeray and Ray add), with where a full fine-tune's step goes.
 2. model-state memory per worker for ZeRO 0, 1, 2 and 3 on 2 workers, on the ~27M-parameter "small" model (on the
    4M demo model ZeRO's fixed buffers would be a third of it), in fp32 and in bf16 (what GPUs train in), against
    the estimate `zeray plan` uses: the bytes held by tensors when every model state exists at once — after the
@@ -323,7 +324,7 @@ def main() -> None:
     parser.add_argument(
         "--model",
         help="measure throughput on this Hugging Face model folder (artifacts/smollm2 after ./run.sh demo): zeray "
-        "full and LoRA at ZeRO 0 and 2 against the plain loop and torch DDP",
+        "full and LoRA at ZeRO 0 and 2 against the plain loop, torch DDP and DeepSpeed alone",
     )
     args = parser.parse_args()
     steps = args.steps or (15 if args.model else 40)

@@ -93,25 +93,19 @@ def deepspeed_config(
     if user and grad_accum != train.grad_accum:  # checked against the full-size run on the driver already
         user = {k: v for k, v in user.items() if k not in ("gradient_accumulation_steps", "train_batch_size")}
     zero: dict = {"stage": train.zero_stage}
-    if train.zero_stage == 3:
-        # ZeRO-3 allocates its communication buckets whole, and DeepSpeed's default (5e8 elements) is sized for
-        # billion-parameter models: 2 GB per worker in fp32 even for a 4M model. Size them to the model like
-        # Hugging Face's "auto" values (hidden^2), with a floor so small models do not pay for many tiny
-        # collectives.
-        bucket = max(hidden_size * hidden_size, 1 << 20)
-        zero.update(
-            {
-                "reduce_bucket_size": bucket,
-                "stage3_prefetch_bucket_size": int(0.9 * bucket),
-                "stage3_param_persistence_threshold": 10 * hidden_size,
-            }
-        )
-    elif train.zero_stage in (1, 2):
-        # With the 5e8 defaults a 135M model's gradients go out in one reduce-scatter after the whole backward;
-        # buckets of hidden^2 (floor 16M elements) reduce them as they fill: 129 -> 147 tokens/s on SmolLM2
-        # (2 CPU workers, docs/benchmarks.md).
-        bucket = max(hidden_size * hidden_size, 1 << 24)
-        zero.update({"reduce_bucket_size": bucket, "allgather_bucket_size": bucket})
+    if train.zero_stage > 0:
+        # DeepSpeed's bucket defaults (5e8 elements) are sized for billion-parameter models: ZeRO-3 allocates them
+        # whole (2 GB per worker in fp32 even for a 4M model), and ZeRO-1/2 hold a 135M model's gradients until the
+        # whole backward is done (SmolLM2 on 2 CPU workers: 129 -> 147 tokens/s with hidden^2, docs/benchmarks.md).
+        # Size them to the model like Hugging Face's "auto" values (hidden^2), with a floor so small models do not
+        # pay for many tiny collectives.
+        bucket = max(hidden_size * hidden_size, 1 << 20 if train.zero_stage == 3 else 1 << 24)
+        zero["reduce_bucket_size"] = bucket
+        if train.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * bucket)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+        else:
+            zero["allgather_bucket_size"] = bucket
     if train.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         if train.zero_stage == 3:

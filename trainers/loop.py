@@ -311,11 +311,9 @@ def save_checkpoint(
 
 def finish(last_eval: dict, test: dict, world: int) -> dict:
     """The final metrics: the last validation, the test split's, and how many machines the workers ran on."""
-    nodes = [None] * world  # (the last time they started)
-    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     return {
         **last_eval,
-        "nodes": len(set(nodes)),
+        "nodes": len(set(node_ids(world))),  # (the last time they started)
         "world_size": world,
         "test_loss": test["eval_loss"],
         "test_perplexity": test["eval_perplexity"],
@@ -357,12 +355,18 @@ def padding(rows: dict) -> dict:
     return {**rows, "labels": labels, "num_tokens": np.zeros_like(rows["num_tokens"])}
 
 
+def node_ids(world: int) -> list[str]:
+    """The Ray node each rank runs on, by rank."""
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return nodes
+
+
 @contextmanager
 def universal_checkpoint(path: str, rank: int, world: int):
     """`path`'s DeepSpeed checkpoint converted by DeepSpeed's ds_to_universal into a folder on this node (by the
     lowest rank on it; the others wait): a checkpoint of another world size for ZeRO-1/2/3 to load."""
-    nodes = [None] * world
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    nodes = node_ids(world)
     leader = nodes.index(nodes[rank])
     folder = None
     if rank == leader:
