@@ -51,6 +51,7 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
     else:
         num_cpus = embedded_cpus(cluster, train_cpus)
         ray.init(
+            address="local",  # a Ray of its own even beside a `ray start` on this machine (Ray would join that)
             num_cpus=num_cpus,
             dashboard_host=cluster.dashboard_host,
             log_to_driver=True,

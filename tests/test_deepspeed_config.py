@@ -1,6 +1,7 @@
 """A user's DeepSpeed JSON merges under zeray's settings: extras stay, contradictions are one-line errors."""
 
 import json
+import os
 
 import pytest
 
@@ -81,3 +82,18 @@ def test_file_problems_are_user_errors(tmp_path):
     bad.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
     with pytest.raises(UserError, match="zeray builds the schedule from train.lr_schedule"):
         load_user_deepspeed(str(bad))
+
+
+def test_deepspeed_ops_are_built_by_the_ninja_installed_with_deepspeed(monkeypatch):
+    """Whatever ninja PATH finds first (the system's 1.11 here) would rebuild the ops the other built."""
+    import shutil
+
+    import ninja
+
+    from trainers.deepspeed_ops import use_installed_ninja
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_installed_ninja()
+    use_installed_ninja()  # once is enough
+    assert os.environ["PATH"] == os.pathsep.join([ninja.BIN_DIR, "/usr/bin", "/bin"])
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")

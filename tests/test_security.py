@@ -72,8 +72,8 @@ def test_embedded_ray_binds_the_dashboard_to_loopback_and_keeps_auth(monkeypatch
     (kwargs,) = calls
     if address:
         assert kwargs["address"] == address and "dashboard_host" not in kwargs
-    else:
-        assert kwargs["dashboard_host"] == "127.0.0.1"
+    else:  # a Ray of its own, even where a `ray start` cluster runs on this machine (Ray would join that one)
+        assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["address"] == "local"
     # nothing zeray passes or sets turns Ray's token authentication off
     assert not any("auth" in key.lower() for key in kwargs)
     assert "RAY_AUTH_MODE" not in os.environ

@@ -5,15 +5,28 @@ DeepSpeed compiles them on first use and caches them under ~/.cache/torch_extens
 the test that happens to come first.
 """
 
+import os
 import time
 
 # what a run loads: the shared-memory collectives on CPU (every run), CPU Adam (train.offload: cpu)
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
 
 
+def use_installed_ninja() -> None:
+    """Put the ninja that DeepSpeed installed (the `ninja` package of this Python) first on PATH. torch builds and
+    re-checks the ops with whichever ninja PATH finds, and ninja versions hash their build logs differently (1.11
+    on the system, 1.13 from pip): each rebuilds what the other built, a minute on 2 cores inside a run."""
+    import ninja
+
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != ninja.BIN_DIR:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+
+
 def build_ops() -> list[str]:
     from deepspeed.accelerator import get_accelerator
 
+    use_installed_ninja()
     built = []
     for name in OPS:
         builder = get_accelerator().create_op_builder(name)
