@@ -102,6 +102,25 @@ SECRETS = {  # credentials users keep in their environment, with distinctive val
 }
 
 
+def secrets_in(root: str, fs=None) -> list[str]:
+    """Files under `root` (any kind: logs, JSON, Parquet, weights, checkpoints), on this disk or in `fs` (a pyarrow
+    filesystem: an object store), holding the value of one of SECRETS."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                content = f.read()
+        except OSError:  # files gone while walking
+            continue
+        found += [f"{info.path}: {key}" for key, value in SECRETS.items() if value.encode() in content]
+    return found
+
+
 def free_port() -> int:
     """A TCP port free on loopback right now, for the extra Ray heads some tests start."""
     import socket

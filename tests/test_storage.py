@@ -6,13 +6,14 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 
 import pytest
-from conftest import free_port, write_config
+from conftest import SECRETS, free_port, secrets_in, write_config
 
 BUCKET = "zeray-test"
 
@@ -70,7 +71,16 @@ def read_json_lines(fs, path) -> list[dict]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.reliability(
+    "bad input",
+    "secrets (HF_TOKEN, WANDB_API_KEY, AWS_*, RAY_AUTH_TOKEN) in the environment "
+    "of `zeray prep`, `train`, `eval` and `export`",
+)
 def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3, artifacts, tmp_path):
+    """The whole run in the bucket: prep, train with checkpoints and export, the same command resumed, `zeray
+    export` and `eval` of the exported model. With secrets in the environment (the object store's credentials among
+    them), on embedded Rays whose session logs are kept: no secret's value in the console, the run in the bucket
+    (config and summary dumps, metrics, prepared data, checkpoints, model), the local files or any Ray log."""
     import pyarrow.fs as pafs
     from safetensors.torch import load_file
 
@@ -80,7 +90,7 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
     staging = tmp_path / "tmp"  # the processes' temp dir: what they stage there must be gone when they end
     staging.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
+    env.update(s3, **SECRETS, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))  # (any credentials do for moto)
     run_uri = f"s3://{BUCKET}/runs/remote"
     config = write_config(
         tmp_path / "remote.yaml",
@@ -100,6 +110,8 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         },
     )
 
+    console = []
+
     def zeray(*command):
         done = subprocess.run(
             [sys.executable, "-m", "zeray", *command],
@@ -110,6 +122,7 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
             timeout=900,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        console.append(done.stdout + done.stderr)
         return done.stdout
 
     fs, run = bucket_fs(s3), f"{BUCKET}/runs/remote"
@@ -156,6 +169,10 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         assert f"exported {run_uri}/checkpoint_" in out
         ours, theirs = load_file(tmp_path / "exported" / "model.safetensors"), load_file(local)
         assert ours.keys() == theirs.keys() and all((ours[k] == theirs[k]).all() for k in ours)
+        # that model scores on the test split in the bucket what the run measured
+        out = zeray("eval", config, prepared, "--model", str(tmp_path / "exported"))
+        tested = json.loads(out[out.index("{") :])
+        assert tested["test_loss"] == pytest.approx(json.loads(read_bytes(fs, f"{run}/summary.json"))["test_loss"])
 
         # a checkpoint cut short in the bucket (a shard lost) is passed over for the newest intact one
         checkpoints = sorted(
@@ -170,6 +187,19 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         assert f"exported s3://{checkpoints[-2]}" in out
         assert "model.safetensors" in listing(fs, f"{run}/exported-earlier")
         assert [p.name for p in staging.iterdir() if p.name.startswith("zeray-")] == []  # staging folders removed
+
+        assert [key for key, value in SECRETS.items() if any(value in text for text in console)] == []
+        assert secrets_in(run, fs) == [] and secrets_in(str(tmp_path)) == []
+        logs = [os.path.join(d, f) for d, _, files in os.walk(ray_tmp) for f in files if d.endswith("logs")]
+        assert len(logs) > 10, "Ray's session logs were not where RAY_TMPDIR puts them"
+        assert secrets_in(ray_tmp) == []
+        # each command's embedded Ray served its dashboard on loopback only (Ray's own account of where it bound)
+        binds = [
+            re.search(r"Dashboard head http address: (\S+)", open(path, errors="replace").read())
+            for path in logs
+            if os.path.basename(path) == "dashboard.log"
+        ]
+        assert len(binds) >= 4 and all(b and b.group(1).startswith("127.0.0.1:") for b in binds), binds
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -223,7 +253,7 @@ def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts,
     staging = tmp_path / "tmp"
     staging.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
+    env.update(s3, **SECRETS, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))  # (any credentials do for moto)
     out_uri, out = f"s3://{BUCKET}/runs/grid/tune", f"{BUCKET}/runs/grid/tune"
     config = write_config(
         tmp_path / "grid.yaml",
