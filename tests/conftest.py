@@ -56,7 +56,7 @@ def ray_cluster():
     # with its dashboard (on localhost) and settings, as `zeray` starts it: Ray Train's placement-group cleaner watches
     # controllers through the state API it serves, and a Tune trial stopped early leaves its workers' group to it
     ray.init(
-        address="local",  # its own, beside the Rays of other test processes (pytest-xdist) and tests' heads
+        address="local",  # its own, as `zeray` starts it: never a `ray start` head a test left on the machine
         num_cpus=4,
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -253,7 +253,7 @@ def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts,
     staging = tmp_path / "tmp"
     staging.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(s3, **SECRETS, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))  # (any credentials do for moto)
+    env.update(s3, RAY_TMPDIR=ray_tmp, TMPDIR=str(staging))
     out_uri, out = f"s3://{BUCKET}/runs/grid/tune", f"{BUCKET}/runs/grid/tune"
     config = write_config(
         tmp_path / "grid.yaml",
