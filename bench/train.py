@@ -195,9 +195,9 @@ def data_parallel_worker(
 
         from trainers.config import TrainConfig
         from trainers.deepspeed_config import deepspeed_config
-        from trainers.deepspeed_ops import use_installed_ninja
+        from trainers.deepspeed_ops import use_own_op_builds
 
-        use_installed_ninja()  # as zeray's training loop does
+        use_own_op_builds()  # as zeray's training loop does
         train = TrainConfig(zero_stage=int(kind[-1]), micro_batch_size=1, grad_clip=1.0, lr=lr)
         config = deepspeed_config(train, 2, "fp32", model.config.hidden_size)
         ds, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
@@ -281,10 +281,10 @@ def memory_worker(config: dict) -> dict:
     from trainers.config import TrainConfig
     from trainers.deepspeed_config import deepspeed_config
     from trainers.deepspeed_fixes import share_fp32_master_partitions
-    from trainers.deepspeed_ops import use_installed_ninja
+    from trainers.deepspeed_ops import use_own_op_builds
 
     share_fp32_master_partitions()  # as zeray's training loop does
-    use_installed_ninja()
+    use_own_op_builds()
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=torch.float32)
     train = TrainConfig(zero_stage=config["stage"], micro_batch_size=1, grad_clip=0.0)

@@ -84,16 +84,23 @@ def test_file_problems_are_user_errors(tmp_path):
         load_user_deepspeed(str(bad))
 
 
-def test_deepspeed_ops_are_built_by_the_ninja_installed_with_deepspeed(monkeypatch):
-    """Whatever ninja PATH finds first (the system's 1.11 here) would rebuild the ops the other built."""
+def test_deepspeed_ops_are_built_by_this_pythons_ninja_into_its_own_cache(monkeypatch):
+    """Whatever ninja PATH finds first (the system's 1.11 here) would rebuild the ops the other built, and so would
+    another environment sharing ~/.cache/torch_extensions; a cache the user chose stays theirs."""
     import shutil
+    import sys
 
     import ninja
 
-    from trainers.deepspeed_ops import use_installed_ninja
+    from trainers.deepspeed_ops import use_own_op_builds
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    use_installed_ninja()
-    use_installed_ninja()  # once is enough
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    use_own_op_builds()
+    use_own_op_builds()  # once is enough
     assert os.environ["PATH"] == os.pathsep.join([ninja.BIN_DIR, "/usr/bin", "/bin"])
     assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == os.path.join(sys.prefix, "torch_extensions")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/srv/ops")
+    use_own_op_builds()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/srv/ops"

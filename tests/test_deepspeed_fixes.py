@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 from trainers.config import TrainConfig
 from trainers.deepspeed_config import deepspeed_config
 from trainers.deepspeed_fixes import share_fp32_master_partitions
-from trainers.deepspeed_ops import use_installed_ninja
+from trainers.deepspeed_ops import use_own_op_builds
 
-use_installed_ninja()  # as zeray's training loop does
+use_own_op_builds()  # as zeray's training loop does
 model_dir, fixed, out = sys.argv[1], sys.argv[2] == "fixed", sys.argv[3]
 if fixed:
     share_fp32_master_partitions()
