@@ -20,6 +20,8 @@ from cluster.config import ClusterConfig
 from cluster.console import relay_worker_output
 from core.errors import UserError
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 def embedded_cpus(cluster: ClusterConfig, train_cpus: float) -> int:
     """Logical CPUs for the embedded Ray: training workers + the data pipeline's share, at least the cores."""
@@ -50,6 +52,9 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
         where = f"Ray cluster at {address}"
     else:
         num_cpus = embedded_cpus(cluster, train_cpus)
+        # one machine, which no autoscaler drains: Ray Train's preemption watcher (an actor process per worker
+        # group, about a CPU-second to start) would watch for a node drain that cannot come
+        os.environ.setdefault(PREEMPTION_WATCHER, "0")
         ray.init(
             address="local",  # a Ray of its own even beside a `ray start` on this machine (Ray would join that)
             num_cpus=num_cpus,

@@ -51,8 +51,9 @@ def ray_cluster():
     """One embedded Ray per test session, sized like `zeray train` sizes its own (2 workers + 2 data CPUs)."""
     import ray
 
-    from cluster.local import embedded_system_config
+    from cluster.local import PREEMPTION_WATCHER, embedded_system_config
 
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")  # as zeray sets it for its embedded Ray
     # with its dashboard (on localhost) and settings, as `zeray` starts it: Ray Train's placement-group cleaner watches
     # controllers through the state API it serves, and a Tune trial stopped early leaves its workers' group to it
     ray.init(
@@ -68,26 +69,29 @@ def ray_cluster():
     ray.shutdown()
 
 
-# Ray Train's own report pace (its controller takes one report per 2 s) instead of zeray's 0.1 s, for a run that a
-# test strikes at a logged step, or trials that must overlap: at zeray's pace the tiny test model's whole run takes a
-# few seconds, so a fault aimed at step N would land past the end, and a PBT trial could finish before its rival has
-# started. Only the run that is struck needs it (its reference runs go at full speed): exactness after the fault
-# does not depend on the pace.
-PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
+# A slower report pace than zeray's 0.1 s (Ray Train's controller takes one report per health-check interval, and a
+# worker's next report waits for it), for a run that a test strikes at a logged step: at zeray's pace the tiny test
+# model's whole run takes a few seconds, so a fault aimed at step N could land past the end. 0.5 s leaves a killer
+# that polls every 0.05 s several reports to act in. Only the run that is struck needs it (its reference runs go at
+# full speed): exactness after the fault does not depend on the pace.
+PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Ray Train's own pace (2 s), for runs that must last: PBT trials that must overlap, an elastic run that must outlive
+# Ray Data's autoscaling coordinator's 20-s look at the cluster.
+SLOW = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
 
 
 @contextmanager
-def paced():
-    """The in-process runs inside the block report at Ray Train's own pace (see PACED)."""
+def paced(pace: dict = PACED):
+    """The in-process runs inside the block report at `pace` (see PACED)."""
     with pytest.MonkeyPatch.context() as env:
-        for key, value in PACED.items():
+        for key, value in pace.items():
             env.setenv(key, value)
         yield
 
 
 @pytest.fixture
 def paced_reports():
-    """The whole test's runs at Ray Train's own pace (see PACED)."""
+    """The whole test's runs at PACED's pace."""
     with paced():
         yield
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import PACED, free_port, kill_tree, stop_cluster, write_config
+from tests.conftest import PACED, SLOW, free_port, kill_tree, stop_cluster, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -121,7 +121,7 @@ def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_work
             [sys.executable, "-m", "zeray", "train", config],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, RAY_ADDRESS=cluster.address, PATH=BIN + os.pathsep + os.environ["PATH"], **PACED),
+            env=dict(os.environ, RAY_ADDRESS=cluster.address, PATH=BIN + os.pathsep + os.environ["PATH"], **SLOW),
         )
         # once it has logged step 5 (past its first checkpoint) on one worker: a 2-CPU node joins
         # (Cluster.add_node must run on the main thread)

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from cluster.config import ClusterConfig
-from cluster.local import ray_session
+from cluster.local import PREEMPTION_WATCHER, ray_session
 from zeray.config import load_config
 
 
@@ -66,13 +66,16 @@ def test_embedded_ray_binds_the_dashboard_to_loopback_and_keeps_auth(monkeypatch
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
     with ray_session(ClusterConfig(address=address), train_cpus=2):
         pass
     (kwargs,) = calls
     if address:
         assert kwargs["address"] == address and "dashboard_host" not in kwargs
+        assert PREEMPTION_WATCHER not in os.environ  # a cluster's nodes may be drained: Ray Train watches
     else:  # a Ray of its own, even where a `ray start` cluster runs on this machine (Ray would join that one)
         assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["address"] == "local"
+        assert os.environ[PREEMPTION_WATCHER] == "0"  # one machine: no drain to watch for
     # nothing zeray passes or sets turns Ray's token authentication off
     assert not any("auth" in key.lower() for key in kwargs)
     assert "RAY_AUTH_MODE" not in os.environ
