@@ -1,5 +1,6 @@
-"""Exact resume: a 2-worker ZeRO-3 run whose worker process is SIGKILLed mid-run is restarted by Ray Train,
-resumes from its last checkpoint, and ends with the same weights and the same losses as an uninterrupted run."""
+"""Exact resume: a 2-worker ZeRO-3 run with CPU offload (DeepSpeed's CPU Adam) whose worker process is SIGKILLed
+mid-run is restarted by Ray Train, resumes from its last checkpoint, and ends with the same weights and the same
+losses as an uninterrupted run."""
 
 import json
 import os
@@ -45,6 +46,7 @@ def run_config(root, name, artifacts, max_failures=2, **train):
             "micro_batch_size": 8,
             "lr": 3.0e-3,
             "zero_stage": 3,
+            "offload": "cpu",
             "eval_every": 1000,
             "checkpoint_every": 8,
             "log_every": 2,
@@ -214,10 +216,11 @@ def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straig
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming run driver from its checkpoints" in again.stdout
+    assert "resuming run driver from its checkpoints" in again.stdout and "ZeRO 3 + CPU offload" in again.stdout
     resumed = re.search(r"resumed from checkpoint at step (\d+)", again.stdout)
     assert resumed and int(resumed.group(1)) >= checkpointed, again.stdout[-3000:]
     assert_same_run(run, straight)
+    assert [r["step"] for r in metrics(str(run)) if "base_eval_loss" in r] == [0]  # not evaluated again on resuming
     # the console: zeray's lines only (each step's, the evaluations', the summary), none of Ray's or DeepSpeed's,
     # which went to the run's log file with the workers' own output
     assert again.stderr == "" and again.stdout.startswith(f"logs: {run / 'logs' / 'train.log'} ")
@@ -232,12 +235,15 @@ def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straig
     "fault", "the newest checkpoints truncated on disk (a rank's optimizer shard cut in half), then the run re-run"
 )
 def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluster, artifacts, tmp_path, capfd):
-    """A run re-run after its newest checkpoints were cut short on disk (a file truncated, as a dead node mid-copy
-    or a full disk leaves it) resumes from the intact one before them, says so, and ends with the same weights."""
+    """A ZeRO-1 run re-run after its newest checkpoints were cut short on disk (a file truncated, as a dead node
+    mid-copy or a full disk leaves it) resumes from the intact one before them, says so, and ends with the same
+    weights, which its export holds exactly as its checkpoint's shards consolidate."""
     import glob
     import shutil
 
     from safetensors.torch import load_file
+
+    from trainers.checkpoints import consolidate
 
     config = write_config(
         tmp_path / "cut.yaml",
@@ -250,7 +256,7 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluste
             "max_steps": 8,
             "micro_batch_size": 8,
             "lr": 3.0e-3,
-            "zero_stage": 2,
+            "zero_stage": 1,
             "eval_every": 4,
             "checkpoint_every": 4,
             "log_every": 2,
@@ -285,3 +291,12 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluste
     again = load_file(str(run / "model" / "model.safetensors"))
     for key in first:  # steps 5-8 trained again from step 4: the same weights
         assert (first[key] - again[key]).abs().max().item() <= 1e-6, key
+    rows = metrics(str(run))
+    assert [r["step"] for r in rows if "base_eval_loss" in r] == [0]  # the base evaluated once, not on resuming
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 6, 8]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["zero_stage"] == 1
+    model, _ = consolidate(summary["checkpoint"])
+    state = model.state_dict()
+    for name, tensor in again.items():
+        assert (tensor - state[name]).abs().max().item() == 0.0, name
