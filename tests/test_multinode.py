@@ -1,7 +1,8 @@
-"""Multi-node runs on one machine with real Ray processes: a 3-node `ray.cluster_utils.Cluster` (training workers
-spread over nodes, the storage check), a node removed mid-run (restart on what is left, resumed from the last
-checkpoint to the same weights as an uninterrupted run), and an autoscaling cluster on Ray's fake provider that
-starts with no worker nodes, grows for `zeray train` and shrinks back after it.
+"""Multi-node runs on one machine with real Ray processes: an autoscaling cluster on Ray's fake provider that starts
+with no worker nodes, grows for `zeray train` and shrinks back after it; a 3-node `ray.cluster_utils.Cluster`
+(training workers spread over nodes, the storage check), a node removed mid-run (restart on what is left, resumed
+from the last checkpoint to the same weights as the uninterrupted run); an elastic run that grows onto a node that
+joins (to the same weights again).
 
 Each cluster here runs beside the session's embedded Ray. Ray's internal actors that look up "their" cluster
 (Train's placement-group cleaner) would pick the wrong one, so each cluster's processes get RAY_ADDRESS pointing at
@@ -9,6 +10,7 @@ their own GCS, and `ray start` heads write their address file into their own --t
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,9 @@ from tests.conftest import PACED, SLOW, free_port, kill_tree, stop_cluster, writ
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = os.path.dirname(sys.executable)
-STEPS = 24
+# into the second epoch (27 steps each): the elastic run must outlive Ray Data's autoscaling coordinator's 20-s look
+# at the cluster, which the elastic policy goes by
+STEPS = 40
 # the autoscaling head is a `ray start` of its own: token auth on with a token of its own, passed to its clients
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "zeray-multinode-test-token-8c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"}
 
@@ -56,11 +60,12 @@ def _config(tmp_path, artifacts, name, cluster=None, **train) -> str:
         train={
             "num_workers": 2,
             "max_steps": STEPS,
+            "epochs": 2,
             "micro_batch_size": 8,
             "lr": 3.0e-3,
-            "zero_stage": 2,
+            "zero_stage": 3,
             "eval_every": 1000,
-            "checkpoint_every": 6,
+            "checkpoint_every": 4,
             "log_every": 2,
             "max_failures": 2,
             "placement_strategy": "SPREAD",
@@ -73,92 +78,6 @@ def _config(tmp_path, artifacts, name, cluster=None, **train) -> str:
 def _metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-@pytest.fixture
-def one_worker_node(monkeypatch):
-    """A head with room for one 2-CPU training worker beside Ray Data's CPU, and nothing else (yet)."""
-    from ray.cluster_utils import Cluster
-
-    port = free_port()
-    monkeypatch.setenv("RAY_ADDRESS", f"{_node_ip()}:{port}")
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 3, "gcs_server_port": port, "include_dashboard": False},
-    )
-    cluster.wait_for_nodes()
-    yield cluster
-    stop_cluster(cluster)
-
-
-@pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
-def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, tmp_path, artifacts):
-    """An elastic [1, 2] ZeRO-3 run starts with the one worker the cluster holds, grows to two when a node arrives
-    (restarting from its last checkpoint, written by one worker and converted to DeepSpeed's universal checkpoint),
-    and every loss it logged, and its final weights, are those of a fixed 2-worker run: the global batch is two
-    workers' micro-batches throughout."""
-    from safetensors.torch import load_file
-
-    cluster = one_worker_node
-    # (into the second epoch) long enough for Ray Data's autoscaling coordinator (the elastic policy's view of the
-    # cluster), which refreshes its node list every 20 s, to see the new node
-    steps = 40
-    settings = {
-        "max_steps": steps,
-        "epochs": 2,
-        "cpus_per_worker": 2,
-        "checkpoint_every": 4,
-        "zero_stage": 3,
-        "placement_strategy": "PACK",
-    }
-    run_dir = str(tmp_path / "runs" / "elastic")
-    config = _config(
-        tmp_path, artifacts, "elastic", cluster={"data_cpus": 1}, num_workers=[1, 2], elastic_resize_s=2, **settings
-    )
-    with open(tmp_path / "elastic.log", "w+") as out:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "zeray", "train", config],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, RAY_ADDRESS=cluster.address, PATH=BIN + os.pathsep + os.environ["PATH"], **SLOW),
-        )
-        # once it has logged step 5 (past its first checkpoint) on one worker: a 2-CPU node joins
-        # (Cluster.add_node must run on the main thread)
-        deadline, rows = time.monotonic() + 900, []
-        while run.poll() is None and time.monotonic() < deadline and not (rows and rows[-1]["step"] >= 5):
-            time.sleep(0.05)
-            try:
-                rows = [r for r in _metrics(run_dir) if "loss" in r]
-            except (FileNotFoundError, json.JSONDecodeError):
-                rows = []
-        assert rows and rows[-1]["world_size"] == 1, "the run did not start with the one worker the cluster held"
-        cluster.add_node(num_cpus=2)
-        code = run.wait(timeout=900)
-        out.seek(0)
-        log = out.read()
-    assert code == 0, log[-3000:]
-    assert "plan: 1-2 (elastic) workers" in log
-    assert "the checkpoint was written by 1 workers, this run has 2: converting it" in log
-
-    rows = [r for r in _metrics(run_dir) if "loss" in r]
-    assert {r["world_size"] for r in rows} == {1, 2} and rows[-1]["world_size"] == 2
-    summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    assert summary["steps"] == steps and summary["world_size"] == 2
-
-    fixed = _zeray(
-        ["train", _config(tmp_path, artifacts, "fixed", cluster={"data_cpus": 1}, **settings)], cluster.address
-    )
-    assert fixed.returncode == 0, fixed.stderr[-3000:]
-    reference = {r["step"]: r["loss"] for r in _metrics(tmp_path / "runs" / "fixed") if "loss" in r}
-    assert {r["step"] for r in rows} <= set(reference)
-    # one worker accumulating both micro-batches = two workers averaging theirs
-    for r in rows:
-        assert r["loss"] == pytest.approx(reference[r["step"]], abs=1e-6), (r["step"], r["world_size"])
-    a = load_file(str(tmp_path / "runs" / "fixed" / "model" / "model.safetensors"))
-    b = load_file(os.path.join(run_dir, "model", "model.safetensors"))
-    for key in a:
-        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
 
 
 @pytest.fixture
@@ -299,7 +218,7 @@ def test_autoscaling_cluster_grows_for_a_run_and_shrinks_after(autoscaling_head,
 @pytest.fixture(scope="module")
 def three_nodes():
     """A head and two worker nodes of 2 CPUs each, shared by the module's tests (the one that removes a node
-    comes last)."""
+    comes last of those that run on it)."""
     from ray.cluster_utils import Cluster
 
     port = free_port()
@@ -320,7 +239,8 @@ def three_nodes():
 
 @pytest.fixture(scope="module")
 def straight(three_nodes, tmp_path_factory, artifacts):
-    """An uninterrupted SPREAD run on the three nodes: the spread test's run and the node-removal test's reference."""
+    """An uninterrupted SPREAD run on the three nodes: the spread test's run, and the reference of the node-removal
+    and the elastic runs."""
     cluster, _ = three_nodes
     root = tmp_path_factory.mktemp("straight")
     config = _config(root, artifacts, "straight")
@@ -388,16 +308,100 @@ def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nod
     assert done.get("removed"), "no node was removed: the run finished before step 9 was logged"
     assert interrupted.returncode == 0, interrupted.stdout[-3000:] + interrupted.stderr[-3000:]
     assert done["step"] < STEPS
-    assert "resumed from checkpoint at step" in interrupted.stdout + interrupted.stderr
+    resumed = re.search(r"resumed from checkpoint at step (\d+)", interrupted.stdout + interrupted.stderr)
+    assert resumed, interrupted.stdout[-3000:]
+    at = int(resumed.group(1))
+    assert 0 < at < STEPS and at % 4 == 0  # a checkpoint of the first attempt
 
     rows = [r for r in _metrics(run_dir) if "loss" in r]
     steps = [r["step"] for r in rows]
-    assert len(steps) > len(set(steps)), "no step was repeated: the run did not restart from a checkpoint"
+    # the first attempt logged every other step up to its checkpoint or past it; the restart went on from there
+    after = list(range(at + 2, STEPS + 1, 2))
+    before = steps[: len(steps) - len(after)]
+    assert steps[len(before) :] == after and before == list(range(2, before[-1] + 1, 2)) and before[-1] >= at, steps
     reference = {r["step"]: r["loss"] for r in _metrics(straight["run_dir"]) if "loss" in r}
     for row in rows:
         assert row["loss"] == pytest.approx(reference[row["step"]], abs=1e-5), row["step"]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["steps"] == STEPS and summary["world_size"] == 2
+    a = load_file(str(straight["run_dir"] / "model" / "model.safetensors"))
+    b = load_file(os.path.join(run_dir, "model", "model.safetensors"))
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+
+
+@pytest.fixture
+def one_worker_node(monkeypatch):
+    """A head with room for one 2-CPU training worker beside Ray Data's CPU, and nothing else (yet)."""
+    from ray.cluster_utils import Cluster
+
+    port = free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"{_node_ip()}:{port}")
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 3, "gcs_server_port": port, "include_dashboard": False},
+    )
+    cluster.wait_for_nodes()
+    yield cluster
+    stop_cluster(cluster)
+
+
+@pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
+def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, straight, tmp_path, artifacts):
+    """An elastic [1, 2] ZeRO-3 run starts with the one worker the cluster holds, grows to two when a node arrives
+    (restarting from its last checkpoint, written by one worker and converted to DeepSpeed's universal checkpoint),
+    and every loss it logged, and its final weights, are those of the fixed 2-worker `straight` run (its 2-CPU
+    workers PACKed here, Ray Data on 1 CPU): the global batch is two workers' micro-batches throughout."""
+    from safetensors.torch import load_file
+
+    cluster = one_worker_node
+    run_dir = str(tmp_path / "runs" / "elastic")
+    config = _config(
+        tmp_path,
+        artifacts,
+        "elastic",
+        cluster={"data_cpus": 1},
+        num_workers=[1, 2],
+        elastic_resize_s=2,
+        cpus_per_worker=2,
+        placement_strategy="PACK",
+    )
+    with open(tmp_path / "elastic.log", "w+") as out:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "zeray", "train", config],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, RAY_ADDRESS=cluster.address, PATH=BIN + os.pathsep + os.environ["PATH"], **SLOW),
+        )
+        # once it has logged step 5 (past its first checkpoint) on one worker: a 2-CPU node joins
+        # (Cluster.add_node must run on the main thread)
+        deadline, rows = time.monotonic() + 900, []
+        while run.poll() is None and time.monotonic() < deadline and not (rows and rows[-1]["step"] >= 5):
+            time.sleep(0.05)
+            try:
+                rows = [r for r in _metrics(run_dir) if "loss" in r]
+            except (FileNotFoundError, json.JSONDecodeError):
+                rows = []
+        assert rows and rows[-1]["world_size"] == 1, "the run did not start with the one worker the cluster held"
+        cluster.add_node(num_cpus=2)
+        code = run.wait(timeout=900)
+        out.seek(0)
+        log = out.read()
+    assert code == 0, log[-3000:]
+    assert "plan: 1-2 (elastic) workers" in log
+    assert "the checkpoint was written by 1 workers, this run has 2: converting it" in log
+
+    rows = [r for r in _metrics(run_dir) if "loss" in r]
+    assert {r["world_size"] for r in rows} == {1, 2} and rows[-1]["world_size"] == 2
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    assert summary["steps"] == STEPS and summary["world_size"] == 2
+
+    reference = {r["step"]: r["loss"] for r in _metrics(straight["run_dir"]) if "loss" in r}
+    assert {r["step"] for r in rows} <= set(reference)
+    # one worker accumulating both micro-batches = two workers averaging theirs
+    for r in rows:
+        assert r["loss"] == pytest.approx(reference[r["step"]], abs=1e-6), (r["step"], r["world_size"])
     a = load_file(str(straight["run_dir"] / "model" / "model.safetensors"))
     b = load_file(os.path.join(run_dir, "model", "model.safetensors"))
     for key in a:
