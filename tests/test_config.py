@@ -163,3 +163,25 @@ def test_cli_exits_2_with_one_line_naming_the_key():
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: unknown key train.lrr in configs/demo.yaml")
     assert "did you mean train.lr?" in lines[0]
+
+
+def test_prepared_data_is_read_by_train_and_eval_but_prep_needs_data_train(artifacts, tmp_path, capsys):
+    """A config that trains on `zeray prep`'s output (data.prepared, no data.train) passes the checks of the
+    commands that read it, and `zeray prep` refuses it in one line (it prepares data.train)."""
+    from zeray.cli import main
+
+    (tmp_path / "data").mkdir()
+    path = write_config(
+        tmp_path / "prepared.yaml",
+        name="p",
+        storage=str(tmp_path / "runs"),
+        data={"prepared": str(tmp_path / "data")},
+        model={"name_or_path": artifacts["model"]},
+    )
+    for prep_only in (False, True):  # train; eval
+        assert load_config(path, [], prep_only=prep_only).data.prepared == str(tmp_path / "data")
+    capsys.readouterr()
+    assert main(["prep", path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: data.train is not set in {path}: `zeray prep` prepares")
+    assert not (tmp_path / "runs" / "p" / "data").exists()

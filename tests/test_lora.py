@@ -16,12 +16,12 @@ pytestmark = pytest.mark.integration
 TARGETS = ("q_proj", "v_proj")
 
 
-def lora_config(root, name, artifacts, **train):
+def lora_config(root, name, artifacts, prepared, **train):
     return write_config(
         root / f"{name}.yaml",
         name=name,
         storage=str(root / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared},
         model={
             "name_or_path": artifacts["model"],
             "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": list(TARGETS)},
@@ -48,10 +48,12 @@ def logits(model_dir: str) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluster, artifacts, tmp_path, stage):
+def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(artifacts, prepared_data, tmp_path, stage):
     from safetensors.torch import load_file
 
-    config = lora_config(tmp_path, f"lora{stage}", artifacts, zero_stage=stage, max_steps=6, checkpoint_every=3)
+    config = lora_config(
+        tmp_path, f"lora{stage}", artifacts, prepared_data, zero_stage=stage, max_steps=6, checkpoint_every=3
+    )
     assert main(["train", config]) == 0
     run = tmp_path / "runs" / f"lora{stage}"
     summary = json.loads((run / "summary.json").read_text())
@@ -101,7 +103,7 @@ def test_lora_trains_only_adapters_and_exports_merged_or_adapter_only(ray_cluste
     "fault",
     "a worker of a LoRA run (ZeRO-3, adapter dropout, gradient checkpointing) SIGKILLed at step 10 or later of 16",
 )
-def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluster, artifacts, tmp_path, capsys):
+def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(artifacts, prepared_data, tmp_path, capsys):
     """Adapter dropout draws random numbers every step: a run resumed from its checkpoint must draw the same ones
     as the run that wrote it (each rank reseeds at every checkpoint), or the weights would differ. The killed run
     recomputes its activations (gradient checkpointing, behind frozen inputs) where the straight one keeps them."""
@@ -109,14 +111,14 @@ def test_lora_under_zero3_killed_mid_run_resumes_to_identical_weights(ray_cluste
     from test_resume import assert_same_run, kill_workers_at, logged_steps
 
     train = dict(zero_stage=3, max_steps=16, checkpoint_every=4, max_failures=2)
-    assert main(["train", lora_config(tmp_path, "straight", artifacts, **train)]) == 0
+    assert main(["train", lora_config(tmp_path, "straight", artifacts, prepared_data, **train)]) == 0
     done: list = []
     killer = threading.Thread(
         target=kill_workers_at, daemon=True, args=(str(tmp_path / "runs" / "killed"), [10], done, random.Random(0))
     )
     killer.start()
     with paced():
-        config = lora_config(tmp_path, "killed", artifacts, gradient_checkpointing=True, **train)
+        config = lora_config(tmp_path, "killed", artifacts, prepared_data, gradient_checkpointing=True, **train)
         assert main(["train", config]) == 0
     killer.join(timeout=5)
     assert len(done) == 1 and done[0][0] < 16, done

@@ -21,6 +21,7 @@ from cluster.resources import worker_resources
 from core.errors import UserError
 from core.fs import resolve
 from pipelines.dataset import build_splits, load_tokenizer
+from pipelines.prep import load_prepared
 from trainers.lora import holds_adapters
 
 
@@ -75,9 +76,14 @@ def evaluate_model(cfg, model_dir: str) -> dict:
     t = cfg.train
     storage_fs, storage_path = resolve(cfg.storage, "storage")
     gpu, per_worker = worker_resources(cfg)
-    splits = build_splits(
-        cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",), wait_s=placement_timeout(cfg.cluster)
-    )
+    if cfg.data.prepared:  # the test split `zeray prep` wrote, as `zeray train` reads it
+        datasets, report = load_prepared(cfg.data.prepared, splits=("test",))
+        test, packing = datasets["test"], report["packing"]
+    else:
+        test = build_splits(
+            cfg.data, model_dir, cfg.model.trust_remote_code, splits=("test",), wait_s=placement_timeout(cfg.cluster)
+        ).test
+        packing = cfg.data.packing
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={
@@ -88,10 +94,10 @@ def evaluate_model(cfg, model_dir: str) -> dict:
             "batch_size": t.micro_batch_size,
             "cpus_per_worker": t.cpus_per_worker,
             "pad_token_id": load_tokenizer(model_dir, cfg.model.trust_remote_code).pad_token_id,
-            "packing": cfg.data.packing,
+            "packing": packing,
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
-        datasets={"test": splits.test},
+        datasets={"test": test},
         # every worker reads the whole split in the same order and scores its share (see trainers.loop.evaluate)
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=storage_path, storage_filesystem=storage_fs),

@@ -167,6 +167,8 @@ def cmd_prep(args) -> int:
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides, prep_only=True)
+    if not cfg.data.train:
+        raise UserError(f"data.train is not set in {args.config}: `zeray prep` prepares it (into data.prepared's form)")
     out_dir = f"{cfg.run_dir}/data"
     with ray_session(cfg.cluster, train_cpus=0) as where:
         say(f"zeray prep {cfg.name}: {where}, writing {out_dir}")

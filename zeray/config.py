@@ -84,7 +84,7 @@ def load_config(path: str, overrides: list[str] = (), check_paths: bool = True, 
 
 def check_local_paths(cfg: RunConfig, source: str, prep_only: bool = False) -> None:
     """A missing data file or model directory is a user error, found before any Ray work starts."""
-    if cfg.data.prepared and not prep_only:
+    if cfg.data.prepared and not (prep_only and cfg.data.train):  # train and eval read it, prep reads data.train
         if not is_uri(cfg.data.prepared) and not os.path.isdir(cfg.data.prepared):
             raise UserError(f"data.prepared: {cfg.data.prepared} does not exist (write it with `zeray prep`)")
     elif not cfg.data.train:
