@@ -329,9 +329,10 @@ def test_export_refuses_a_checkpoint_that_fails_the_weights_only_check(trained, 
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_eval_scores_the_exported_model_on_the_test_split(trained, capsys):
+def test_eval_scores_the_exported_model_on_the_test_split(trained, prepared_data, capsys):
     """`zeray eval` on 1 and 3 workers, each scoring its share of the split: the same numbers as each other and as
-    the 2-worker run's own (sharded) test evaluation."""
+    the 2-worker run's own (sharded) test evaluation; the 3 workers read the split `zeray prep` wrote of the same
+    data, which holds the rows the run's streamed pipeline made."""
     with open(os.path.join(trained["run_dir"], "summary.json")) as f:
         summary = json.load(f)
     results = {}
@@ -340,6 +341,8 @@ def test_eval_scores_the_exported_model_on_the_test_split(trained, capsys):
         model = os.path.join(trained["run_dir"], "model")
         # (half a CPU each: 3 workers and Ray Data's 2 CPUs in the session's 4)
         overrides = [f"train.num_workers={workers}", "train.cpus_per_worker=0.5"]
+        if workers == 3:
+            overrides += [f"data.prepared={prepared_data}", "data.train=null"]
         assert main(["eval", trained["config"], *overrides, "--model", model]) == 0
         out = capsys.readouterr().out
         results[workers] = json.loads(out[out.index("{") :])
@@ -351,7 +354,7 @@ def test_eval_scores_the_exported_model_on_the_test_split(trained, capsys):
 
 
 @pytest.mark.slow
-def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(ray_cluster, artifacts, tmp_path, capsys):
+def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(artifacts, prepared_data, tmp_path, capsys):
     """A learning rate that blows the model up after a few steps: the exported model is the early checkpoint
     that validated best, tested on its own, and only the best `keep_checkpoints` plus the latest remain."""
     from safetensors.torch import load_file
@@ -362,7 +365,7 @@ def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(ray_cluster, ar
         tmp_path / "blowup.yaml",
         name="blowup",
         storage=str(tmp_path / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared_data},
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 2,
@@ -406,7 +409,7 @@ def test_best_checkpoint_is_the_model_and_only_the_best_are_kept(ray_cluster, ar
 
 
 @pytest.mark.slow
-def test_zero0_trains_resumes_and_exports(ray_cluster, artifacts, tmp_path):
+def test_zero0_trains_resumes_and_exports(artifacts, prepared_data, tmp_path):
     """6 steps at ZeRO-0, then the same run extended to 9 resumes from its step-6 checkpoint; the exported model
     holds exactly the weights consolidated from the DeepSpeed files, and loads. (The other stages: ZeRO-1, the
     truncated-checkpoint run; ZeRO-2, the `trained` run and test_storage's; ZeRO-3 with CPU offload,
@@ -420,7 +423,7 @@ def test_zero0_trains_resumes_and_exports(ray_cluster, artifacts, tmp_path):
         tmp_path / "stage0.yaml",
         name="stage0",
         storage=str(tmp_path / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared_data},
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 2,
@@ -451,14 +454,16 @@ def test_zero0_trains_resumes_and_exports(ray_cluster, artifacts, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_and_two_workers_give_the_same_loss_curve(trained, tmp_path):
+def test_one_and_two_workers_give_the_same_loss_curve(trained, prepared_data, tmp_path):
     """The same data and global batch (1 x 16 rows, or the `trained` run's 2 workers x 8) give the same loss at
     every logged step; the one worker with the plain loss and without checkpointing, the two with the chunked loss
-    and gradient checkpointing (at ZeRO-2)."""
+    and gradient checkpointing (at ZeRO-2). The one worker reads the same data as `zeray prep` wrote it."""
     # the same run on one worker, with the plain loss, no checkpointing and no trackers
     one = [
         "name=w1",
         f"storage={tmp_path / 'runs'}",
+        f"data.prepared={prepared_data}",
+        "data.train=null",
         "train.num_workers=1",
         "train.micro_batch_size=16",
         "train.chunked_loss=false",
