@@ -1,8 +1,7 @@
 """Build DeepSpeed's C++ ops that zeray's runs load, ahead of time (`./run.sh` setup calls this).
 
-DeepSpeed compiles them on first use and caches them (see use_own_op_builds): on
-2 cores about a minute each, paid inside the first run (its workers wait on one another's build lock), or inside
-the test that happens to come first.
+DeepSpeed compiles them on first use and caches them (see use_own_op_builds): on 2 cores about a minute each, paid
+inside the first run (its workers wait on one another's build lock), or inside the test that happens to come first.
 """
 
 import os
