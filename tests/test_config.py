@@ -184,4 +184,4 @@ def test_prepared_data_is_read_by_train_and_eval_but_prep_needs_data_train(artif
     assert main(["prep", path]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: data.train is not set in {path}: `zeray prep` prepares")
-    assert not (tmp_path / "runs" / "p" / "data").exists()
+    assert not (tmp_path / "runs" / "p").exists()  # nor its log folder
