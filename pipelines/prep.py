@@ -218,12 +218,15 @@ def source_lines(counts: dict) -> list[str]:
 
 def _read_split(fs, root: str, split: str, columns: list[str]):
     folder = f"{root}/{split}"
-    if not any(name.endswith(".parquet") for name in files(fs, folder)):
+    parquet = sum(name.endswith(".parquet") for name in files(fs, folder))
+    if not parquet:
         return None
     # Ray Data's first Parquet reader: its second lists files through footer-reading actors, a new process per
     # read (2-6 s for a split of a few hundred rows on 2 cores, against 0.3-1 s; a run reads three splits)
     with overriding(ray.data.DataContext.get_current(), use_datasource_v2=False):
-        return ray.data.read_parquet(folder, filesystem=fs).select_columns(columns)
+        # a block per file, as prep wrote them (one per block of the pipeline): Ray's default cuts files into as
+        # many blocks as the cluster has CPUs, and the training order's shuffle buffer depends on the blocks
+        return ray.data.read_parquet(folder, filesystem=fs, override_num_blocks=parquet).select_columns(columns)
 
 
 def _count_lines(fs, path: str) -> int:

@@ -50,12 +50,12 @@ def _zeray(args: list[str], address: str, auth: dict | None = None, paced: bool 
     return subprocess.run([sys.executable, "-m", "zeray", *args], env=env, capture_output=True, text=True, timeout=1200)
 
 
-def _config(tmp_path, artifacts, name, cluster=None, **train) -> str:
+def _config(tmp_path, artifacts, prepared, name, cluster=None, **train) -> str:
     return write_config(
         tmp_path / f"{name}.yaml",
         name=name,
         storage=str(tmp_path / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared},  # the session's (the pipeline has tests of its own)
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 2,
@@ -189,7 +189,7 @@ def _alive_nodes(gcs: str, auth: dict) -> int:
     return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip().isdigit() else 0
 
 
-def test_autoscaling_cluster_grows_for_a_run_and_shrinks_after(autoscaling_head, tmp_path, artifacts):
+def test_autoscaling_cluster_grows_for_a_run_and_shrinks_after(autoscaling_head, tmp_path, artifacts, prepared_data):
     assert _alive_nodes(autoscaling_head, AUTH) == 1  # the head only, and it has no CPU for workers or data
     seen = {"max": 1}
     stop = threading.Event()
@@ -200,7 +200,9 @@ def test_autoscaling_cluster_grows_for_a_run_and_shrinks_after(autoscaling_head,
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    config = _config(tmp_path, artifacts, "grown", max_steps=4, checkpoint_every=4, placement_strategy="PACK")
+    config = _config(
+        tmp_path, artifacts, prepared_data, "grown", max_steps=4, checkpoint_every=4, placement_strategy="PACK"
+    )
     done = _zeray(["train", config, "cluster.placement_timeout_s=300"], autoscaling_head, AUTH)
     stop.set()
     watcher.join(timeout=30)
@@ -238,12 +240,12 @@ def three_nodes():
 
 
 @pytest.fixture(scope="module")
-def straight(three_nodes, tmp_path_factory, artifacts):
+def straight(three_nodes, tmp_path_factory, artifacts, prepared_data):
     """An uninterrupted SPREAD run on the three nodes: the spread test's run, and the reference of the node-removal
     and the elastic runs."""
     cluster, _ = three_nodes
     root = tmp_path_factory.mktemp("straight")
-    config = _config(root, artifacts, "straight")
+    config = _config(root, artifacts, prepared_data, "straight")
     done = _zeray(["train", config], cluster.address)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"root": root, "config": config, "done": done, "run_dir": root / "runs" / "straight"}
@@ -292,7 +294,9 @@ def _remove_a_training_node_when(cluster, nodes, run_dir, min_step, done: dict):
 
 
 @pytest.mark.reliability("fault", "a worker node removed from a 3-node cluster mid-run")
-def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nodes, straight, tmp_path, artifacts):
+def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(
+    three_nodes, straight, tmp_path, artifacts, prepared_data
+):
     from safetensors.torch import load_file
 
     cluster, workers = three_nodes
@@ -303,7 +307,9 @@ def test_node_removed_mid_run_restarts_on_the_rest_and_resumes_exactly(three_nod
         target=_remove_a_training_node_when, args=(cluster, workers, run_dir, 9, done), daemon=True
     )
     remover.start()
-    interrupted = _zeray(["train", _config(tmp_path, artifacts, "lost-node")], cluster.address, paced=True)
+    interrupted = _zeray(
+        ["train", _config(tmp_path, artifacts, prepared_data, "lost-node")], cluster.address, paced=True
+    )
     remover.join(timeout=30)
     assert done.get("removed"), "no node was removed: the run finished before step 9 was logged"
     assert interrupted.returncode == 0, interrupted.stdout[-3000:] + interrupted.stderr[-3000:]
@@ -348,7 +354,9 @@ def one_worker_node(monkeypatch):
 
 
 @pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
-def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_worker_node, straight, tmp_path, artifacts):
+def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(
+    one_worker_node, straight, tmp_path, artifacts, prepared_data
+):
     """An elastic [1, 2] ZeRO-3 run starts with the one worker the cluster holds, grows to two when a node arrives
     (restarting from its last checkpoint, written by one worker and converted to DeepSpeed's universal checkpoint),
     and every loss it logged, and its final weights, are those of the fixed 2-worker `straight` run (its 2-CPU
@@ -360,6 +368,7 @@ def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(one_work
     config = _config(
         tmp_path,
         artifacts,
+        prepared_data,
         "elastic",
         cluster={"data_cpus": 1},
         num_workers=[1, 2],

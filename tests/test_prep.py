@@ -232,3 +232,23 @@ def test_prep_killed_while_writing_then_run_again_writes_it_once(ray_cluster, ar
         assert len(table) == report["rows"][split] > 0
         assert len({json.dumps(r["input_ids"]) for r in table}) == len(table), f"a {split} row written twice"
     # (a prep over a complete one gives the very same output: test_prep_accounts_for_every_record_and_train_reuses_it)
+
+
+def test_prepared_splits_are_read_as_the_blocks_prep_wrote(ray_cluster, prepared_data):
+    """The training order's local shuffle depends on where blocks begin and end: a prepared split comes back one
+    block per Parquet file, in file order, as the pipeline produced it, not cut up by the cluster's CPUs (a run's
+    order would then depend on the cluster it runs on)."""
+    import ray
+
+    from pipelines.prep import load_prepared
+
+    datasets, report = load_prepared(prepared_data)
+    for split, ds in datasets.items():
+        files = sorted(name for name in os.listdir(os.path.join(prepared_data, split)) if name.endswith(".parquet"))
+        written = [pq.read_table(os.path.join(prepared_data, split, name)) for name in files]
+        blocks = ray.get(ds.get_internal_block_refs())
+        assert [b.num_rows for b in blocks] == [t.num_rows for t in written], split
+        assert sum(b.num_rows for b in blocks) == report["rows"][split]
+        assert [b.column("input_ids").to_pylist() for b in blocks] == [
+            t.column("input_ids").to_pylist() for t in written
+        ]
