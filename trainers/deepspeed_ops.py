@@ -30,6 +30,23 @@ def use_own_op_builds() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
+def import_deepspeed():
+    """`import deepspeed`, without the MLflow import it makes on the way: its autotuner (which zeray does not run)
+    imports MLflow when it is installed, as zeray's tracking extra installs it. That is 0.8 s of CPU in every
+    worker of every run (each a fresh process), for a module the workers never use; the driver imports MLflow
+    itself when train.mlflow_uri asks for it."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError: the autotuner takes MLflow as absent
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]  # a later `import mlflow` in this process imports it as usual
+    return deepspeed
+
+
 def build_ops() -> list[str]:
     from deepspeed.accelerator import get_accelerator
 

@@ -38,7 +38,7 @@ from trainers.checkpoints import (
     verify_weights_only,
     write_manifest,
 )
-from trainers.deepspeed_ops import use_own_op_builds
+from trainers.deepspeed_ops import import_deepspeed, use_own_op_builds
 from trainers.lora import save_lora_model, with_adapters
 from trainers.loss import TokenLoss, exact_for
 
@@ -47,6 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Setup, restore, the epochs of steps (read top to bottom below), and the final evaluation and export."""
     quiet_libraries()
     use_own_op_builds()  # before DeepSpeed loads its ops
+    import_deepspeed()  # first, before any of its modules is imported here
     cfg, plan = config["run"], config["plan"]  # the validated RunConfig, and the driver's WorkerPlan
     train = cfg.train
     ctx = ray.train.get_context()

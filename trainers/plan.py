@@ -16,6 +16,7 @@ import ray
 
 from core.errors import UserError, first_line
 from trainers.deepspeed_config import precision
+from trainers.deepspeed_ops import import_deepspeed
 from trainers.loss import chunk_tokens
 
 GB = 1024**3
@@ -67,6 +68,7 @@ def model_states_bytes(
     params: int, largest_layer: int, stage: int, offload: str, world: int, mixed: bool
 ) -> tuple[int, int]:
     """(device bytes, CPU bytes per node) for parameters, gradients and AdamW states on each worker."""
+    import_deepspeed()
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
