@@ -235,7 +235,8 @@ class PlacementWatchdog:
     pending past the timeout, interrupt the command and explain what was asked for and what the cluster has.
 
     The interrupt is SIGINT to the main thread, repeated every `resend_s` until the command leaves the watched
-    block: Ray Train's handler acts on the first and exits at the third.
+    block: Ray Train's handler asks its controller to abort at the first and exits at the third. A controller
+    waiting for its group takes the abort only when that wait ends (60 s), so the third comes soon.
 
     An elastic run (`elastic_min`: its min workers and each one's resources) asks for no group until min workers
     fit: there, no group of this job at all for the timeout is what a hang looks like. `from_job`: the job's
@@ -245,7 +246,7 @@ class PlacementWatchdog:
         self,
         timeout_s: float,
         poll_s: float = 1.0,
-        resend_s: float = 10.0,
+        resend_s: float = 3.0,
         elastic_min: tuple[int, dict] | None = None,
         from_job: bool = False,
     ):
@@ -313,23 +314,27 @@ class PlacementWatchdog:
             if self._stop.wait(self.resend_s):
                 return
 
-    def _explain_elastic(self) -> str:
+    def _explain_elastic(self, asked: str = "") -> str:
+        """No group for the timeout, or (`asked`) one that stayed pending: Ray Train's elastic policy sizes its
+        group by what the nodes hold, not by what is free, so a minimum that cannot fit may still be asked for."""
         workers, per_worker = self.elastic_min
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         return (
             f"the elastic run could not start its workers within cluster.placement_timeout_s={self.timeout_s:g}s: "
-            f"it needs at least train.num_workers[0]={workers} x {_fmt(per_worker)}, the cluster has "
+            f"it needs at least train.num_workers[0]={workers} x {_fmt(per_worker)}{asked}, the cluster has "
             f"{_fmt(have)} in total and {_fmt(free)} free"
         )
 
     def _explain(self, bundles: dict) -> str:
+        asked = f"asked for {_fmt(_sum_bundles(bundles))} in {len(bundles)} bundles"
+        if self.elastic_min:
+            return self._explain_elastic(f" ({asked})")
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
         free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         return (
             f"the training workers could not be placed within cluster.placement_timeout_s={self.timeout_s:g}s: "
-            f"asked for {_fmt(_sum_bundles(bundles))} in {len(bundles)} bundles, the cluster has {_fmt(have)} "
-            f"in total and {_fmt(free)} free"
+            f"{asked}, the cluster has {_fmt(have)} in total and {_fmt(free)} free"
         )
 
 
