@@ -1,17 +1,17 @@
 """Peak memory per worker with gradient checkpointing and the chunked loss, against `zeray plan`, in one run.
 
-    .venv/bin/python bench/memory.py [--seq 2048] [--model artifacts/smollm2]
+    .venv/bin/python bench/memory.py [--seq 2048] [--vocab 32000 | --model artifacts/smollm2]
 
-A Llama-architecture model of 134M parameters built from a config (hidden 768, 12 layers, vocabulary 32,000; no
-download; the demo tokenizer uses the first ids), or with --model a real model folder and its tokenizer, the demo
-conversations packed into 2048-token rows, `zeray train` with 2 workers, ZeRO-3, fp32, on CPU, one optimizer step of
-one row per worker, for (a) plain, (b) gradient checkpointing, (c) the chunked loss, (d) both. Measured: each run's
-`peak_memory_gb`, the fullest worker's resident high-water mark from its first step on (not the model's loading),
-with glibc returning every freed buffer of 64 KiB or more to the system (MALLOC_MMAP_THRESHOLD_), so resident memory
-follows live tensors rather than what the allocator keeps; and its activations: that peak minus the peak of the same
-run on 64-token rows (the model states, the optimizer's and the runtime's memory, which do not grow with the
-sequence). Printed against `zeray plan`'s activation estimate and its total (whose model states leave out the
-runtime: the 64-token run's peak is shown beside it).
+A Llama-architecture model of 134M parameters built from a config (hidden 768, 12 layers, vocabulary 32,000, or
+--vocab's, as Llama 3's 128,256; no download; the demo tokenizer uses the first ids), or with --model a real model
+folder and its tokenizer, the demo conversations packed into 2048-token rows, `zeray train` with 2 workers, ZeRO-3,
+fp32, on CPU, one optimizer step of one row per worker, for (a) plain, (b) gradient checkpointing, (c) the chunked loss,
+(d) both. Measured: each run's `peak_memory_gb`, the fullest worker's resident high-water mark from its first step on
+(not the model's loading), with glibc returning every freed buffer of 64 KiB or more to the system
+(MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather than what the allocator keeps; and its
+activations: that peak minus the peak of the same run on 64-token rows (the model states, the optimizer's and the
+runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s activation estimate and its total
+(whose model states leave out the runtime: the 64-token run's peak is shown beside it).
 """
 
 import argparse
@@ -34,8 +34,8 @@ SETTINGS = {  # name: (gradient_checkpointing, chunked_loss)
 GB = 1024**3
 
 
-def build(data: str, out: str) -> int:
-    """The 134M-parameter model: the demo tokenizer (its ids are the first of the 32,000), random weights."""
+def build(data: str, out: str, vocab: int) -> int:
+    """The 134M-parameter model (at 32,000 ids): the demo tokenizer (its ids are the first), random weights."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -43,7 +43,7 @@ def build(data: str, out: str) -> int:
 
     tokenizer = train_tokenizer(texts_from_jsonl(data), 4096)
     config = LlamaConfig(
-        vocab_size=32_000,
+        vocab_size=vocab,
         hidden_size=768,
         intermediate_size=2048,
         num_hidden_layers=12,
@@ -103,6 +103,7 @@ def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, default=32_000, help="the built model's vocabulary")
     parser.add_argument(
         "--model",
         help="a Hugging Face model folder to measure instead of the 134M Llama built from a config "
@@ -125,8 +126,8 @@ def main() -> None:
                 f"{args.model} ({params / 1e6:.0f}M, vocabulary {AutoConfig.from_pretrained(model).vocab_size:,})"
             )
         else:
-            params = build(data, model)
-            described = f"{params / 1e6:.0f}M-parameter Llama, vocabulary 32,000"
+            params = build(data, model, args.vocab)
+            described = f"{params / 1e6:.0f}M-parameter Llama, vocabulary {args.vocab:,}"
         ray.init(
             num_cpus=4,
             include_dashboard=True,
@@ -161,6 +162,7 @@ def main() -> None:
     print(f"activations, both / plain = {got['both']['act'] / plain['act']:.2f}")
     print(f"peak, chunked loss / plain = {got['chunked loss']['peak'] / plain['peak']:.2f}  (target <= 0.70)")
     print(f"activations, chunked loss / plain = {got['chunked loss']['act'] / plain['act']:.2f}")
+    print(f"peak, both / checkpointing = {got['both']['peak'] / got['checkpointing']['peak']:.2f}")
 
 
 if __name__ == "__main__":

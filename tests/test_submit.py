@@ -93,12 +93,14 @@ def head(tmp_path_factory):
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _tiny_config(tmp_path, artifacts, name) -> str:
+def _tiny_config(tmp_path, artifacts, name, prepared: str | None = None) -> str:
     return write_config(
         tmp_path / f"{name}.yaml",
         name=name,
         storage=str(tmp_path / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 128},
+        data={"prepared": prepared}
+        if prepared
+        else {"train": artifacts["data"], "format": "messages", "max_length": 128},
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 2,
@@ -119,8 +121,8 @@ def _zeray(*args, env=None, cwd=REPO):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_zeray_submit_trains_on_the_head_and_returns_the_jobs_status(head, tmp_path, artifacts):
-    config = _tiny_config(tmp_path, artifacts, "submitted")
+def test_zeray_submit_trains_on_the_head_and_returns_the_jobs_status(head, tmp_path, artifacts, prepared_data):
+    config = _tiny_config(tmp_path, artifacts, "submitted", prepared_data)
     done = _zeray("submit", config, "--address", head.jobs, "--follow", "--", "zeray", "train", config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "submitted job raysubmit_" in done.stdout and "succeeded" in done.stdout
@@ -183,9 +185,9 @@ def test_plain_ray_job_submit_runs_zeray_from_the_project(head, tmp_path, artifa
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, artifacts):
+def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, artifacts, prepared_data):
     """RAY_ADDRESS=ray://<head>:10001 zeray train ...: the driver runs here, Ray Data and Ray Train on the cluster."""
-    config = _tiny_config(tmp_path, artifacts, "client")
+    config = _tiny_config(tmp_path, artifacts, "client", prepared_data)
     done = _zeray("train", config, env=dict(_env(), RAY_AUTH_MODE="token", RAY_ADDRESS=head.client))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + head.client_server_errors()
     assert f"zeray train: driving the cluster at {head.client}; the command runs there" in done.stdout

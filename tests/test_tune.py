@@ -22,7 +22,7 @@ from zeray.cli import main
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def campaign(root, name, artifacts, tune, data=None, **train):
+def campaign(root, name, artifacts, tune, data=None, prepared=None, **train):
     settings = {
         "num_workers": 1,
         "max_steps": 8,
@@ -39,7 +39,9 @@ def campaign(root, name, artifacts, tune, data=None, **train):
         root / f"{name}.yaml",
         name=name,
         storage=str(root / "runs"),
-        data={"train": data or artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared}
+        if prepared
+        else {"train": data or artifacts["data"], "format": "messages", "max_length": 96},
         model={"name_or_path": artifacts["model"]},
         train=settings,
         tune=tune,
@@ -61,11 +63,12 @@ def trial_dir(tune_dir, trial_id) -> str:
     return found
 
 
-def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artifacts, tmp_path):
+def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artifacts, prepared_data, tmp_path):
     config = campaign(
         tmp_path,
         "optuna",
         artifacts,
+        prepared=prepared_data,
         max_steps=4,
         tune={
             "search": "optuna",
@@ -146,13 +149,14 @@ def test_trials_keep_the_checkpoint_best_by_the_campaigns_own_metric_and_a_faili
     assert [s["weight"] for s in summary["records"]["sources"]] == [1, 3] == [s["weight"] for s in prepared["sources"]]
 
 
-def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, tmp_path):
+def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artifacts, prepared_data, tmp_path):
     from conftest import SLOW, paced
 
     config = campaign(
         tmp_path,
         "pbt",
         artifacts,
+        prepared=prepared_data,
         max_steps=12,
         eval_every=4,
         tune={"search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}},
@@ -189,11 +193,12 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
 
 
 @pytest.mark.reliability("fault", "a Tune campaign SIGKILLed (driver, Ray, trials), then `--resume`")
-def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, tmp_path):
+def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, prepared_data, tmp_path):
     config = campaign(
         tmp_path,
         "asha",
         artifacts,
+        prepared=prepared_data,
         tune={
             "search": "grid",
             "scheduler": "asha",
