@@ -249,7 +249,9 @@ def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straig
 @pytest.mark.reliability(
     "fault", "the newest checkpoints truncated on disk (a rank's optimizer shard cut in half), then the run re-run"
 )
-def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluster, artifacts, tmp_path, capfd):
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(
+    ray_cluster, artifacts, prepared_data, tmp_path, capfd
+):
     """A ZeRO-1 run re-run after its newest checkpoints were cut short on disk (a file truncated, as a dead node
     mid-copy or a full disk leaves it) resumes from the intact one before them, says so, and ends with the same
     weights, which its export holds exactly as its checkpoint's shards consolidate."""
@@ -264,7 +266,7 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(ray_cluste
         tmp_path / "cut.yaml",
         name="cut",
         storage=str(tmp_path / "runs"),
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared_data},
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 2,

@@ -242,7 +242,7 @@ def test_credentials_in_a_storage_uri_are_refused_without_echoing_them(artifacts
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts, tmp_path):
+def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts, prepared_data, tmp_path):
     """`zeray tune` with storage in the bucket: Tune's state, the trials' runs, the results and the best model all
     there; pruned at the end to one checkpoint per trial; nothing left in the temp dir."""
     import re
@@ -259,7 +259,7 @@ def test_a_campaign_lives_in_the_object_store_and_is_pruned_there(s3, artifacts,
         tmp_path / "grid.yaml",
         name="grid",
         storage=f"s3://{BUCKET}/runs",
-        data={"train": artifacts["data"], "format": "messages", "max_length": 96},
+        data={"prepared": prepared_data},  # (the session's: prep into the bucket is the test above's)
         model={"name_or_path": artifacts["model"]},
         train={
             "num_workers": 1,
