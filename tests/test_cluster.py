@@ -202,6 +202,8 @@ def own_output(err: str) -> str:
     return "\n".join(line for line in err.splitlines() if not re.search(r"^\S*\(TrainController pid=\d+\)", line))
 
 
+# first of the pending runs: a stopped in-process run's controller lingers (see remove_pending_groups), and this
+# run's message counts on finding only the CPUs the test holds taken
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.reliability("fault", "preprocessing starved of CPUs by another job")
