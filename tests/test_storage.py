@@ -63,6 +63,21 @@ def listing(fs, path) -> dict[str, int]:
     return files(fs, path)
 
 
+def schedule(lr: float, steps: int) -> list[float]:
+    """The rate of each step under the default cosine schedule and warmup (train.warmup_ratio 0.03)."""
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.03 * steps), num_training_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def read_json_lines(fs, path) -> list[dict]:
     from core.fs import read_bytes
 
@@ -149,6 +164,7 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         assert summary["checkpoint"].startswith(f"{run_uri}/checkpoint_")
         first = read_json_lines(fs, f"{run}/metrics.jsonl")
         assert [r["step"] for r in first if "loss" in r] == [1, 2, 3, 4, 5, 6]
+        assert [r["lr"] for r in first if "loss" in r] == pytest.approx(schedule(3.0e-3, 6))
         stored = listing(fs, run)
         assert {"config.json", "report.png", "model/model.safetensors", "model/tokenizer.json"} <= set(stored)
         assert json.loads(read_bytes(fs, f"{run}/config.json"))["storage"] == f"s3://{BUCKET}/runs"
@@ -161,6 +177,8 @@ def test_a_run_lives_in_the_object_store_prepped_trained_resumed_and_exported(s3
         assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
         assert [r for r in rows if r.get("step", 0) <= 6 and "loss" in r] == [r for r in first if "loss" in r]
         assert json.loads(read_bytes(fs, f"{run}/summary.json"))["steps"] == 12
+        # from step 7 on at the rate of the 12-step schedule, not the 6-step one the checkpoint's scheduler ran
+        assert [r["lr"] for r in rows if r["step"] > 6 and "loss" in r] == pytest.approx(schedule(3.0e-3, 12)[6:])
 
         # `zeray export` of the run in the bucket: the same weights as the model the run wrote there
         local = tmp_path / "model.safetensors"

@@ -71,8 +71,9 @@ def train_loop_per_worker(config: dict) -> None:
         restore(engine, checkpoint, state, universal, rank, world)
         step, epoch, skip_batches = state.step, state.epoch, state.batches_in_epoch
         seed_everything(rng_seed(train.seed, rank, step))  # the streams the run drew from after that checkpoint
-        if own is None:  # another run's state: this run's own optimizer settings apply from here on
-            apply_optimizer_settings(scheduler, train.lr, train.weight_decay)
+        # this run's settings and schedule from here on: another run's state carries its own, and a run extended
+        # past its last checkpoint (a larger max_steps) would take its next step at the shorter schedule's rate
+        apply_optimizer_settings(scheduler, train.lr, train.weight_decay)
         if rank == 0:
             say(
                 f"resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip_batches})"
@@ -327,7 +328,8 @@ def finish(last_eval: dict, test: dict, world: int) -> dict:
 
 def apply_optimizer_settings(scheduler, lr: float, weight_decay: float) -> None:
     """Set the peak learning rate and weight decay of a scheduler and optimizer restored from a checkpoint
-    (which carries the values of the run that wrote it), keeping the schedule's position."""
+    (which carries the values of the run that wrote it), and the rate of this run's schedule at the position
+    restored. For the run's own checkpoint, with its settings unchanged, these are the values restored."""
     scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
     for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"] = lr
