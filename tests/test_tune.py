@@ -193,7 +193,7 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
 
 
 @pytest.mark.reliability("fault", "a Tune campaign SIGKILLed (driver, Ray, trials), then `--resume`")
-def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, prepared_data, tmp_path):
+def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, prepared_data, tmp_path, capsys):
     config = campaign(
         tmp_path,
         "asha",
@@ -209,6 +209,8 @@ def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, p
         },
     )
     out = str(tmp_path / "runs" / "asha" / "tune")
+    assert main(["tune", config, "--resume"]) == 2  # nothing to resume yet
+    assert "--resume: " + out + " holds no campaign to resume" in capsys.readouterr().err
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "zeray", "tune", config]
     log = open(tmp_path / "first.log", "w")
@@ -251,6 +253,7 @@ def test_asha_campaign_killed_then_resumed_reruns_no_finished_trial(artifacts, p
     base = AutoModelForCausalLM.from_pretrained(artifacts["model"], use_safetensors=True)
     assert model.num_parameters() == base.num_parameters()  # the whole model, trained: not the base's weights
     assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
-    # a second `zeray tune` without --resume refuses to overwrite the campaign
+    # a second `zeray tune` without --resume refuses to overwrite the campaign, before it starts a Ray
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "already holds campaign asha; add --resume" in refused.stderr
+    assert "zeray tune asha: " not in refused.stdout, refused.stdout  # (printed once its Ray is up)

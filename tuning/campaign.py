@@ -35,16 +35,23 @@ def tune_dir(cfg) -> str:
     return join(cfg.run_dir, TUNE_DIR)
 
 
-def run_campaign(cfg, resume: bool = False) -> dict:
-    """Run (or, with `resume`, continue) the campaign `cfg.tune` describes; returns what best.json holds."""
-    out = tune_dir(cfg)  # a local path or a URI: Tune keeps its state there, and the trials their runs
+def check_campaign(cfg, resume: bool) -> None:
+    """Refuse to start over a campaign the storage holds, or to resume one it does not hold."""
+    out = tune_dir(cfg)
     fs, out_path = resolve(out, "storage")
-    tune_fs = None if is_local(fs) else fs  # Tune's own handling of local paths, as without a filesystem
-    restorable = tune.Tuner.can_restore(out_path, storage_filesystem=tune_fs)
+    restorable = tune.Tuner.can_restore(out_path, storage_filesystem=None if is_local(fs) else fs)
     if resume and not restorable:
         raise UserError(f"--resume: {out} holds no campaign to resume; run without --resume to start it")
     if restorable and not resume:
         raise UserError(f"{out} already holds campaign {cfg.name}; add --resume to continue it, or change `name`")
+
+
+def run_campaign(cfg, resume: bool = False) -> dict:
+    """Run (or, with `resume`, continue) the campaign `cfg.tune` describes; returns what best.json holds."""
+    check_campaign(cfg, resume)
+    out = tune_dir(cfg)  # a local path or a URI: Tune keeps its state there, and the trials their runs
+    fs, out_path = resolve(out, "storage")
+    tune_fs = None if is_local(fs) else fs  # Tune's own handling of local paths, as without a filesystem
     campaign_file = join(out, CAMPAIGN_CONFIG)
     if resume:
         check_same_run(cfg, campaign_file, sections=("data", "model", "train", "tune"))

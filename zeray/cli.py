@@ -111,7 +111,7 @@ def cmd_train(args) -> int:
 def cmd_tune(args) -> int:
     from cluster.local import ray_session
     from cluster.storage import check_storage
-    from tuning.campaign import run_campaign
+    from tuning.campaign import check_campaign, run_campaign
     from zeray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -121,6 +121,8 @@ def cmd_tune(args) -> int:
             "train.num_workers: a campaign runs trials side by side at a fixed size; give a number of "
             "workers (an elastic [min, max] range is for zeray train)"
         )
+    if not is_uri(cfg.run_dir):  # at once, before Ray starts (storage in an object store is checked first, below)
+        check_campaign(cfg, args.resume)
     # embedded Ray: as many trial slots as the machine has cores (at least one trial), plus the data pipeline's
     trial_cpus = max(os.cpu_count() or 1, t.max_workers * t.cpus_per_worker)
     with ray_session(cfg.cluster, trial_cpus) as where:
