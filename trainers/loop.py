@@ -443,9 +443,10 @@ def evaluate(
     """Loss, perplexity and next-token accuracy over the whole split, the work shared by the ranks.
 
     Every rank reads the whole split (cheap: token ids) in global micro-batches of batch_size x world rows and
-    evaluates its own slice of each, so micro-batch k of the split goes to rank k mod world: the same micro-batches
-    (the same padding) as one worker evaluates, hence the same numbers for any number of workers, in about 1/world of
-    the compute. (The split is not sharded by Ray Data: `streaming_split(equal=True)` would drop up to world-1 rows
+    evaluates its own slice of each, so micro-batch k of the split goes to rank k mod world: the same rows as one
+    worker evaluates, hence the same numbers for any number of workers, in about 1/world of the compute. The last,
+    partial global micro-batch is shared evenly (its rows would otherwise fall to the first ranks, which the others
+    wait for). (The split is not sharded by Ray Data: `streaming_split(equal=True)` would drop up to world-1 rows
     and tie the numbers to the block layout.) A rank left without rows at the end runs a padding micro-batch, which
     keeps ZeRO-3's collective forwards in step; the sums are then all-reduced.
     """
@@ -456,7 +457,8 @@ def evaluate(
     for rows in ray.train.get_dataset_shard(split).iter_batches(
         batch_size=batch_size * world, batch_format="numpy", prefetch_batches=2
     ):
-        mine = {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in rows.items()}
+        n = len(rows["input_ids"])  # batch_size x world, but at the end of the split
+        mine = {k: v[rank * n // world : (rank + 1) * n // world] for k, v in rows.items()}
         batch = collate(mine if len(mine["input_ids"]) else padding({k: v[:1] for k, v in rows.items()}))
         sums[0] += loss_of(engine, batch).item()
         sums[1] += int((batch["labels"][:, 1:] != IGNORE).sum())
