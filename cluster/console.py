@@ -86,7 +86,8 @@ class Relay:
             done, total = int(step.group(1)), int(step.group(2))
             if self.bar is None or self.bar.total != total or done < self.bar.n:  # (a restarted run starts anew)
                 self.close()
-                self.bar = tqdm(total=total, initial=done, file=self.out, unit="step", dynamic_ncols=True)
+                # (position 0: the console's one bar, below the lines, whatever other bars this process made)
+                self.bar = tqdm(total=total, initial=done, file=self.out, unit="step", dynamic_ncols=True, position=0)
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix_str(step.group(3).split(" eta ")[0])  # (tqdm shows its own rate and ETA)
             if done == total:

@@ -1,9 +1,9 @@
 """The console is for people: zeray's own lines go there (`say`), everything the libraries print goes to a log file
 while `quiet_console` holds.
 
-`quiet_console(path)` points the process's stdout and stderr file descriptors at the log file: Python loggers, tqdm
-bars, C++ logs and anything else written to them land there. `say` and `warn` write to the real console, which the
-block keeps open on descriptors of its own.
+`quiet_console(path)` points the process's stdout and stderr (its file descriptors and Python's streams) at the log
+file: Python loggers, tqdm bars, C++ logs and anything else written to them land there. `say` and `warn` write to the
+real console, which the block keeps open on descriptors of its own.
 """
 
 import io
@@ -46,9 +46,12 @@ def quiet_console(log_path: str, verbose: bool = False):
     _console["out"], _console["err"] = (
         io.TextIOWrapper(os.fdopen(os.dup(fd), "wb", buffering=0), write_through=True) for fd in saved
     )
+    # Python's own writes too where sys.stdout is not descriptor 1 (pytest's capture, a notebook)
+    streams, sys.stdout, sys.stderr = (sys.stdout, sys.stderr), log, log
     try:
         yield log
     finally:
+        sys.stdout, sys.stderr = streams
         for stream in (sys.stdout, sys.stderr, *_console.values()):
             stream.flush()
         for stream in _console.values():

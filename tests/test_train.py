@@ -290,7 +290,7 @@ def test_exported_model_loads_and_generates(trained, artifacts, capsys):
     assert not torch.allclose(model.model.embed_tokens.weight, initial.model.embed_tokens.weight)
 
 
-def test_export_any_checkpoint_from_its_zero_shards(trained, tmp_path):
+def test_export_any_checkpoint_from_its_zero_shards(trained, tmp_path, capfd):
     """The mid-run checkpoint (ZeRO-2 shards only) becomes a loadable model; consolidating the final checkpoint's
     shards gives exactly the weights rank 0 exported from the engine."""
     import torch
@@ -303,7 +303,11 @@ def test_export_any_checkpoint_from_its_zero_shards(trained, tmp_path):
     checkpoints = [c.rstrip("/") for c in checkpoints]
     assert len(checkpoints) == 2 and not os.path.exists(os.path.join(checkpoints[0], HF_DIR))
     out = str(tmp_path / "step8")
+    capfd.readouterr()
     assert main(["export", trained["run_dir"], "--checkpoint", checkpoints[0], "--out", out]) == 0
+    log = os.path.join(trained["run_dir"], "logs", "export.log")
+    assert capfd.readouterr() == (f"exported {checkpoints[0]} to {out} (log: {log})\n", "")  # DeepSpeed's: below
+    assert "Processing zero checkpoint" in open(log).read()
     mid = AutoModelForCausalLM.from_pretrained(out)
     final = load_file(os.path.join(trained["run_dir"], "model", "model.safetensors"))
     assert not torch.allclose(mid.model.embed_tokens.weight, final["model.embed_tokens.weight"])

@@ -217,13 +217,20 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     import pyarrow.fs as pafs
 
+    from core.console import quiet_console
     from core.fs import kind, resolve
     from trainers.checkpoints import export
 
     if kind(*resolve(args.run_dir, "run directory")) != pafs.FileType.Directory:
         raise UserError(f"run directory {args.run_dir} does not exist")
-    chosen = export(args.run_dir, args.out, args.checkpoint, args.lora)
-    print(f"exported {chosen} to {args.out}")
+    # DeepSpeed's and transformers' lines (the shards it reads, progress bars) go to a log, as for `zeray train`
+    if is_uri(args.run_dir):
+        log = os.path.join(_cache_logs(), os.path.basename(args.run_dir.rstrip("/")), "export.log")
+    else:
+        log = os.path.join(args.run_dir, "logs", "export.log")
+    with quiet_console(log):
+        chosen = export(args.run_dir, args.out, args.checkpoint, args.lora)
+    print(f"exported {chosen} to {args.out} (log: {log})")
     return 0
 
 
