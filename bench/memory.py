@@ -10,8 +10,8 @@ fp32, on CPU, one optimizer step of one row per worker, for (a) plain, (b) gradi
 (not the model's loading), with glibc returning every freed buffer of 64 KiB or more to the system
 (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather than what the allocator keeps; and its
 activations: that peak minus the peak of the same run on 64-token rows (the model states, the optimizer's and the
-runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s activation estimate and its total
-(whose model states leave out the runtime: the 64-token run's peak is shown beside it).
+runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s activation estimate, and each
+peak against the plan's total (model states, activations and a CPU worker's runtime, trainers.plan.CPU_RUNTIME).
 """
 
 import argparse
@@ -97,6 +97,7 @@ def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bo
         "peak": summary["peak_memory_gb"] * GB,
         "plan_act": plan["activations_gb"] * GB,
         "plan_states": plan["model_states_gb"] * GB,
+        "plan_total": plan["total_gb"] * GB,
     }
 
 
@@ -147,16 +148,22 @@ def main() -> None:
 
     print(f"peak memory per worker: {described}, {args.seq}-token rows, 2 workers, ZeRO-3, fp32, CPU")
     print(
-        f"  64-token run (states + runtime): {base['peak'] / GB:.2f} GB; "
-        f"plan's model states {base['plan_states'] / GB:.2f} GB"
+        f"  64-token run (states + runtime): {base['peak'] / GB:.2f} GB; plan's total {base['plan_total'] / GB:.2f} "
+        f"GB (model states {base['plan_states'] / GB:.2f}), plan / peak {base['plan_total'] / base['peak']:.2f}"
     )
-    print(f"  {'':14} {'peak GB':>8} {'activ. GB':>10} {'plan activ.':>12} {'plan/meas.':>11}")
+    print(
+        f"  {'':14} {'peak GB':>8} {'activ. GB':>10} {'plan activ.':>12} {'plan/meas.':>11}"
+        f" {'plan total':>11} {'plan/peak':>10}"
+    )
     for name, r in got.items():
         act = r["peak"] - base["peak"]
         r["act"] = act
         print(
             f"  {name:14} {r['peak'] / GB:8.2f} {act / GB:10.2f} {r['plan_act'] / GB:12.2f} {r['plan_act'] / act:11.2f}"
+            f" {r['plan_total'] / GB:11.2f} {r['plan_total'] / r['peak']:10.2f}"
         )
+    worst = max(abs(r["plan_total"] / r["peak"] - 1) for r in [base, *got.values()])
+    print(f"plan's total against every measured peak: within {worst:.0%}  (target 25%)")
     plain = got["plain"]
     print(f"activations, checkpointing / plain = {got['checkpointing']['act'] / plain['act']:.2f}  (target <= 0.40)")
     print(f"activations, both / plain = {got['both']['act'] / plain['act']:.2f}")

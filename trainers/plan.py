@@ -6,7 +6,8 @@ bytes for the stages it has no estimator for (0 and 1) and for fp32 training. Ac
 micro-batch at `max_length` (Korthikanti et al. 2022): whole layers, or with gradient checkpointing one hidden state
 per layer plus the one layer being recomputed; plus the fp32 logits and their gradient, for the whole micro-batch or
 for one chunk of the chunked loss. The device is a GPU's
-memory, or on CPU the node's memory shared by the workers placed on it. With LoRA that accounting covers the
+memory, or on CPU the node's memory shared by the workers placed on it, where each worker process also holds its
+runtime (CPU_RUNTIME). With LoRA that accounting covers the
 adapters, and the frozen base adds only its working copy (sharded at stage 3).
 """
 
@@ -21,6 +22,10 @@ from trainers.loss import chunk_tokens
 
 GB = 1024**3
 ADDITIONAL_BUFFER = 1.5  # DeepSpeed's default factor for CPU-side buffers
+# What a CPU worker holds besides its model states and activations: Python, torch, transformers, DeepSpeed and Ray's
+# worker, ZeRO's working buffers and the optimizer step's temporaries. Calibrated by bench/memory.py
+# (docs/benchmarks.md). On a GPU the measure is torch's allocations, which leave these out.
+CPU_RUNTIME = 1 * GB
 CHOICES = [(0, "none"), (1, "none"), (2, "none"), (3, "none"), (2, "cpu"), (3, "cpu")]  # cheapest first
 
 
@@ -176,10 +181,11 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
             shape, t.micro_batch_size, d.max_length, 2 if mixed else 4, checkpointing, t.chunked_loss
         )
         rows = []
+        runtime = 0 if use_gpu else CPU_RUNTIME
         for stage, offload in CHOICES:
             states, cpu = shape_states_bytes(shape, stage, offload, t.min_workers, mixed)
             # on CPU the "device" is the node's memory, which also holds what is offloaded
-            need = states + act + (0 if use_gpu else cpu // t.min_workers)
+            need = states + act + runtime + (0 if use_gpu else cpu // t.min_workers)
             rows.append(
                 {
                     "zero_stage": stage,
@@ -187,6 +193,7 @@ def make_memory_plan(cfg, use_gpu: bool) -> dict:
                     "model_states_gb": states / GB,
                     "offloaded_cpu_gb": cpu / GB,
                     "activations_gb": act / GB,
+                    "runtime_gb": runtime / GB,
                     "total_gb": need / GB,
                     "fits": None if device_bytes is None else need <= device_bytes,
                 }
@@ -240,9 +247,10 @@ def explain(plan: dict) -> str:
         if fixes
         else "no ZeRO stage or offload fits; lower train.micro_batch_size or data.max_length, or add workers"
     )
+    runtime = f" + {c['runtime_gb']:.2f} runtime" if c["runtime_gb"] else ""
     return (
         f"train.zero_stage={c['zero_stage']} train.offload={c['offload']} needs {c['total_gb']:.2f} GB per "
-        f"worker ({c['model_states_gb']:.2f} model states + {c['activations_gb']:.2f} activations) but the "
+        f"worker ({c['model_states_gb']:.2f} model states + {c['activations_gb']:.2f} activations{runtime}) but the "
         f"device has {plan['device_gb']:.2f} GB ({plan['device']}); {fix}"
     )
 
@@ -274,5 +282,10 @@ def format_plan(plan: dict) -> str:
             else f"({other['activations_gb']:.3f} GB with train.gradient_checkpointing=true)"
         )
     )
+    if plan["chosen"]["runtime_gb"]:
+        lines.append(
+            f"total: also {plan['chosen']['runtime_gb']:.2f} GB per worker process for Python, torch, DeepSpeed and "
+            "Ray on CPU, and what is offloaded (CPU GB) shared by the node's workers"
+        )
     lines.append(f"tokens per optimizer step (slots): {plan['tokens_per_step']}")
     return "\n".join(lines)
