@@ -43,7 +43,7 @@ def run(argv: list[str]) -> int:
         if not _ray_running():
             # the whole config checked (its files too) before a log folder appears for it
             cfg = load_config(args.config, args.overrides, prep_only=args.command in ("prep", "eval"))
-            path = _log_path(cfg, args.command)
+            path = _log_path(cfg.run_dir, cfg.name, args.command)
             fresh = not os.path.exists(os.path.dirname(os.path.dirname(path)))
             if not args.verbose:
                 say(f"logs: {path} (Ray's, DeepSpeed's and transformers' output; --verbose shows it here)")
@@ -75,12 +75,12 @@ def _ray_running() -> bool:
     return ray.is_initialized()
 
 
-def _log_path(cfg, command: str) -> str:
+def _log_path(run_dir: str, name: str, command: str) -> str:
     """<run>/logs/<command>.log for a run on a local path; for a run in an object store (and for `plan`, which
     writes no run folder) a local file in the user's cache directory."""
-    if command != "plan" and not is_uri(cfg.run_dir):
-        return os.path.join(cfg.run_dir, "logs", f"{command}.log")
-    return os.path.join(_cache_logs(), cfg.name, f"{command}.log")
+    if command != "plan" and not is_uri(run_dir):
+        return os.path.join(run_dir, "logs", f"{command}.log")
+    return os.path.join(_cache_logs(), name, f"{command}.log")
 
 
 def _cache_logs() -> str:
@@ -224,10 +224,7 @@ def cmd_export(args) -> int:
     if kind(*resolve(args.run_dir, "run directory")) != pafs.FileType.Directory:
         raise UserError(f"run directory {args.run_dir} does not exist")
     # DeepSpeed's and transformers' lines (the shards it reads, progress bars) go to a log, as for `zeray train`
-    if is_uri(args.run_dir):
-        log = os.path.join(_cache_logs(), os.path.basename(args.run_dir.rstrip("/")), "export.log")
-    else:
-        log = os.path.join(args.run_dir, "logs", "export.log")
+    log = _log_path(args.run_dir, os.path.basename(args.run_dir.rstrip("/")), "export")
     with quiet_console(log):
         chosen = export(args.run_dir, args.out, args.checkpoint, args.lora)
     print(f"exported {chosen} to {args.out} (log: {log})")
