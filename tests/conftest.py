@@ -66,7 +66,7 @@ def tokenizer(artifacts):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
     """One embedded Ray per test session, sized like `zeray train` sizes its own (2 workers + 2 data CPUs)."""
     import ray
 
@@ -84,8 +84,28 @@ def ray_cluster():
         configure_logging=True,
         _system_config=embedded_system_config(4),
     )
+    _system_lines_to(tmp_path_factory.getbasetemp() / "ray-system.log")
     yield ray
     ray.shutdown()
+
+
+def _system_lines_to(path) -> None:
+    """The session Ray's own warnings (its raylet's, say "8 PYTHON worker processes have been started") to a file:
+    Ray's log thread prints them whenever they come, into whichever test's captured console is open then. Workers'
+    lines still print as Ray prints them (tests read the step lines)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    (ray_print,) = [handle for name, handle in dispatcher.handlers if name == "ray_print_logs"]
+    log = open(path, "a", buffering=1)
+
+    def handle(batch: dict) -> None:
+        if batch.get("pid") in ("raylet", "autoscaler"):
+            log.write("".join(f"({batch['pid']}) {line}\n" for line in batch.get("lines", [])))
+        else:
+            ray_print(batch)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)
 
 
 # A slower report pace than zeray's 0.1 s (Ray Train's controller takes one report per health-check interval, and a
