@@ -114,9 +114,9 @@ def _system_lines_to(path) -> None:
 # that polls every 0.05 s several reports to act in. Only the run that is struck needs it (its reference runs go at
 # full speed): exactness after the fault does not depend on the pace.
 PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# Ray Train's own pace (2 s), for runs that must last: PBT trials that must overlap, an elastic run that must outlive
-# Ray Data's autoscaling coordinator's 20-s look at the cluster.
-SLOW = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
+# A report a second (Ray Train's own pace is 2 s), for runs that must last: PBT trials that must overlap, an elastic
+# run (40 steps) that must outlive Ray Data's autoscaling coordinator's 20-s look at the cluster.
+SLOW = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
 
 
 @contextmanager
