@@ -5,9 +5,10 @@
 A Llama-architecture model of 134M parameters built from a config (hidden 768, 12 layers, vocabulary 32,000, or
 --vocab's, as Llama 3's 128,256; no download; the demo tokenizer uses the first ids), or with --model a real model
 folder and its tokenizer, the demo conversations packed into 2048-token rows, `zeray train` with 2 workers, ZeRO-3,
-fp32, on CPU, one optimizer step of one row per worker, for (a) plain, (b) gradient checkpointing, (c) the chunked loss,
-(d) both. Measured: each run's `peak_memory_gb`, the fullest worker's resident high-water mark from its first step on
-(not the model's loading), with glibc returning every freed buffer of 64 KiB or more to the system
+fp32, on CPU, two optimizer steps of one row per worker (the second step's forward and backward hold AdamW's states,
+which it allocates in its first step: a real run's steps all do), for (a) plain, (b) gradient checkpointing, (c) the
+chunked loss, (d) both. Measured: each run's `peak_memory_gb`, the fullest worker's resident high-water mark from
+its first step on (not the model's loading), with glibc returning every freed buffer of 64 KiB or more to the system
 (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather than what the allocator keeps; and its
 activations: that peak minus the peak of the same run on 64-token rows (the model states, the optimizer's and the
 runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s activation estimate, and each
@@ -63,7 +64,7 @@ def build(data: str, out: str, vocab: int) -> int:
 
 
 def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bool, chunked: bool) -> dict:
-    """One step of `zeray train`: the worker's peak memory, and the plan's estimate for the same config."""
+    """Two steps of `zeray train`: the worker's peak memory, and the plan's estimate for the same config."""
     from trainers.plan import make_memory_plan
     from zeray.cli import main
     from zeray.config import load_config
@@ -79,7 +80,7 @@ def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bo
                 "model": {"name_or_path": model, "dtype": "fp32"},
                 "train": {
                     "num_workers": 2,
-                    "max_steps": 1,
+                    "max_steps": 2,
                     "micro_batch_size": 1,
                     "zero_stage": 3,
                     "gradient_checkpointing": checkpointing,
