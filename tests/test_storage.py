@@ -64,12 +64,15 @@ def listing(fs, path) -> dict[str, int]:
 
 
 def schedule(lr: float, steps: int) -> list[float]:
-    """The rate of each step under the default cosine schedule and warmup (train.warmup_ratio 0.03)."""
+    """The rate of each step under the default cosine schedule and warmup (train.warmup_ratio's default)."""
     import torch
     from transformers import get_scheduler
 
+    from trainers.config import TrainConfig
+
+    warmup = int(TrainConfig().warmup_ratio * steps)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=int(0.03 * steps), num_training_steps=steps)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     rates = []
     for _ in range(steps):
         rates.append(scheduler.get_last_lr()[0])
