@@ -55,13 +55,26 @@ def test_an_mlflow_store_gone_at_the_end_leaves_the_runs_own_outcome(artifacts, 
 def test_a_rerun_continues_its_wandb_run_and_missing_credentials_stop_it_in_one_line(
     artifacts, tmp_path, capsys, monkeypatch
 ):
+    import time
+
     from test_train import wandb_records
 
     from core.errors import UserError
+    from trainers import tracking as module
 
     cfg = tracked(tmp_path, artifacts, wandb_project="zeray-tests", wandb_entity="team", wandb_run_name="first try")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
+    opened = module.wandb_run
+
+    def in_a_second_of_its_own(*args, **kwargs):
+        # W&B names an offline run's folder by the second it opened: two openings of one run in the same second
+        # can share a folder (wandb_init.set_sync_dir_suffix), the later file replacing the earlier. A run's own
+        # openings (start, metrics, end) are seconds apart; this test's four come within a second or two.
+        time.sleep(1 - time.time() % 1 + 0.01)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(module, "wandb_run", in_a_second_of_its_own)
     ids = []
     for attempt in (1, 2):  # the same command twice: the second continues the first's run
         with run_store(cfg.run_dir) as store, Tracking(cfg, store) as tracking:
