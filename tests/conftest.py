@@ -84,19 +84,19 @@ def ray_cluster(tmp_path_factory):
         configure_logging=True,
         _system_config=embedded_system_config(4),
     )
-    _system_lines_to(tmp_path_factory.getbasetemp() / "ray-system.log")
-    yield ray
-    ray.shutdown()
+    with open(tmp_path_factory.getbasetemp() / "ray-system.log", "a", buffering=1) as log:
+        _system_lines_to(log)
+        yield ray
+        ray.shutdown()
 
 
-def _system_lines_to(path) -> None:
+def _system_lines_to(log) -> None:
     """The session Ray's own warnings (its raylet's, say "8 PYTHON worker processes have been started") to a file:
     Ray's log thread prints them whenever they come, into whichever test's captured console is open then. Workers'
     lines still print as Ray prints them (tests read the step lines)."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     (ray_print,) = [handle for name, handle in dispatcher.handlers if name == "ray_print_logs"]
-    log = open(path, "a", buffering=1)
 
     def handle(batch: dict) -> None:
         if batch.get("pid") in ("raylet", "autoscaler"):
