@@ -91,18 +91,24 @@ def ray_cluster(tmp_path_factory):
 
 
 def _system_lines_to(log) -> None:
-    """The session Ray's own warnings (its raylet's, say "8 PYTHON worker processes have been started") to a file:
-    Ray's log thread prints them whenever they come, into whichever test's captured console is open then. Workers'
-    lines still print as Ray prints them (tests read the step lines)."""
+    """What the session Ray's processes print goes to a file, as a zeray command's relay sends it to the run's log,
+    except zeray's own lines (MARK), which print as Ray prints them (tests read the step lines). Ray's log thread
+    prints whenever a batch comes, into whichever test's captured console is open then: its raylet's warnings ("8
+    PYTHON worker processes have been started"), or an earlier test's lingering Train controller reporting its
+    timeout."""
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from cluster.console import MARK
 
     (ray_print,) = [handle for name, handle in dispatcher.handlers if name == "ray_print_logs"]
 
     def handle(batch: dict) -> None:
-        if batch.get("pid") in ("raylet", "autoscaler"):
-            log.write("".join(f"({batch['pid']}) {line}\n" for line in batch.get("lines", [])))
-        else:
-            ray_print(batch)
+        lines = batch.get("lines", [])
+        ours = [line for line in lines if line.startswith(MARK)]
+        if ours:
+            ray_print({**batch, "lines": ours})
+        who = batch.get("actor_name") or batch.get("task_name") or ""
+        log.write("".join(f"({who} pid={batch.get('pid')}) {line}\n" for line in lines if not line.startswith(MARK)))
 
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handle)
