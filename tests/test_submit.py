@@ -31,6 +31,7 @@ def _env(token: str | None = TOKEN) -> dict:
 class Head(NamedTuple):
     jobs: str  # the dashboard, where jobs are submitted
     client: str  # the Ray Client server, which drives the cluster from here
+    gcs: str  # the head's own address, for a driver on this machine
     logs: str  # the head's session logs
 
     def client_server_errors(self) -> str:
@@ -87,7 +88,12 @@ def head(tmp_path_factory):
             break
         assert proc.poll() is None and time.monotonic() < deadline, open(log.name).read()[-3000:]
         time.sleep(2)
-    yield Head(jobs=address, client=f"ray://127.0.0.1:{client}", logs=os.path.join(temp_dir, "session_latest", "logs"))
+    yield Head(
+        jobs=address,
+        client=f"ray://127.0.0.1:{client}",
+        gcs=f"127.0.0.1:{port}",
+        logs=os.path.join(temp_dir, "session_latest", "logs"),
+    )
     kill_tree(proc)
     log.close()
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -206,7 +212,10 @@ def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, a
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:] + head.client_server_errors()
     assert "error: train.num_workers=64 needs" in refused.stderr
 
-    # workers that cannot be placed (another client holds the CPUs they need) stop the run with the reason
+    # workers that cannot be placed (another driver holds the CPUs they need) stop the run with the reason. (The
+    # holder connects straight to the head: a Ray Client connection without a working_dir just before the run's,
+    # which has one, made the head's server for the run's die as it started, a 45-s stall before zeray connected
+    # again.)
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -215,7 +224,7 @@ def test_train_drives_the_cluster_from_here_through_ray_client(head, tmp_path, a
             "ray.init(sys.argv[1]); pg = placement_group([{'CPU': 2}]); ray.get(pg.ready()); "
             "print('held', flush=True); "
             "time.sleep(600)",
-            head.client,
+            head.gcs,
         ],
         env=dict(_env(), RAY_AUTH_MODE="token"),
         stdout=subprocess.PIPE,
