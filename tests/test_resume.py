@@ -243,6 +243,8 @@ def test_killed_driver_then_the_same_command_resumes_to_identical_weights(straig
     assert not re.search(r"pid=|INFO|WARNING|Setting accelerator|\[A", again.stdout), again.stdout
     logged = (run / "logs" / "train.log").read_text()
     assert "(RayTrainWorker pid=" in logged and "Setting accelerator to CPU" in logged
+    # but no progress bars of the workers' passes over the splits (Ray's tqdm state, as JSON lines)
+    assert "__ray_tqdm_magic_token__" not in logged and not re.search(r"Dataset (train|val|test)_\w+", logged)
 
 
 @pytest.mark.slow

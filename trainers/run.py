@@ -187,6 +187,10 @@ def _train(
         f"steps/epoch, {plan.total_steps} steps",
     )
 
+    for ds in datasets.values():
+        # every pass of a worker over a split (each evaluation, each epoch) would draw Ray Data's progress bars and
+        # ship them through Ray's log forwarding, on CPUs the workers need; no console shows them
+        ds.context.enable_progress_bars = False
     storage_fs, storage_path = resolve(cfg.storage, "storage")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
     with Tracking(cfg, store) as tracking:  # TensorBoard / MLflow / W&B, if asked for
