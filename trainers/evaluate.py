@@ -20,7 +20,7 @@ from cluster.local import fit_or_explain, placement_timeout
 from cluster.resources import worker_resources
 from core.errors import UserError
 from core.fs import resolve
-from pipelines.dataset import build_splits, load_tokenizer
+from pipelines.dataset import build_splits, load_tokenizer, without_progress_bars
 from pipelines.prep import load_prepared
 from trainers.lora import holds_adapters
 
@@ -97,7 +97,7 @@ def evaluate_model(cfg, model_dir: str) -> dict:
             "packing": packing,
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=gpu, resources_per_worker=per_worker),
-        datasets={"test": test},
+        datasets=without_progress_bars({"test": test}),
         # every worker reads the whole split in the same order and scores its share (see trainers.loop.evaluate)
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(name=f"{cfg.name}-eval", storage_path=storage_path, storage_filesystem=storage_fs),

@@ -18,7 +18,7 @@ from cluster.storage import run_store
 from core.console import say
 from core.errors import UserError
 from core.fs import exists, read_bytes, resolve
-from pipelines.dataset import build_splits, count_records, load_tokenizer
+from pipelines.dataset import build_splits, count_records, load_tokenizer, without_progress_bars
 from pipelines.prep import load_prepared, source_lines, summary_line
 from trainers.checkpoints import CheckpointScore, damage, export
 from trainers.deepspeed_config import deepspeed_config, load_user_deepspeed
@@ -187,10 +187,6 @@ def _train(
         f"steps/epoch, {plan.total_steps} steps",
     )
 
-    for ds in datasets.values():
-        # every pass of a worker over a split (each evaluation, each epoch) would draw Ray Data's progress bars and
-        # ship them through Ray's log forwarding, on CPUs the workers need; no console shows them
-        ds.context.enable_progress_bars = False
     storage_fs, storage_path = resolve(cfg.storage, "storage")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_S)
     with Tracking(cfg, store) as tracking:  # TensorBoard / MLflow / W&B, if asked for
@@ -204,7 +200,7 @@ def _train(
                 placement_strategy=t.placement_strategy,
                 elastic_resize_monitor_interval_s=t.elastic_resize_s,
             ),
-            datasets=datasets,
+            datasets=without_progress_bars(datasets),
             # the same example order on every run: what exact resume and reproducible curves rest on
             # nothing is split: every rank reads the ordered train stream and takes its slice of each global
             # micro-batch (see the loop), and likewise of val/test (see evaluate)
