@@ -548,7 +548,7 @@ def _size(path: str) -> int:
 def without_progress_bars(datasets: dict[str, ray.data.Dataset]) -> dict[str, ray.data.Dataset]:
     """`datasets` for Ray Train's workers: their passes over them (each evaluation, each epoch) show on no console,
     and would draw Ray Data's progress bars and ship them, as JSON lines, through Ray's log forwarding into the
-    command's log. (Set on each dataset's own context, as above.)"""
+    command's log. (Set on each dataset's own context: see materialize_in_order.)"""
     for ds in datasets.values():
         ds.context.enable_progress_bars = False
     return datasets
