@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -39,6 +40,40 @@ def embedded_system_config(num_cpus: int) -> dict:
     return {"num_workers_soft_limit": 2 * num_cpus}
 
 
+def init_embedded(num_cpus: int, dashboard_host: str) -> None:
+    """Start a Ray of its own on this machine, even beside a `ray start` here (Ray would join that), whose
+    processes know its address. Ray's internal actors that look their cluster up without RAY_ADDRESS (Ray Train's
+    placement-group cleaner) read the address file of the latest `ray start` on the machine, or give up when they
+    find several Rays: the cleaner would take that other cluster's word that the run's controller is gone and
+    remove the placement group its workers run in. So RAY_ADDRESS, with the GCS port it names (Ray's
+    RAY_GCS_SERVER_PORT), is in the environment the embedded Ray's processes start with, and only theirs."""
+    # one machine, which no autoscaler drains: Ray Train's preemption watcher (an actor process per worker group,
+    # about a CPU-second to start) would watch for a node drain that cannot come
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")
+    with socket.socket() as probe:  # a free port (Ray would pick one itself, after its processes have started)
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    own = {"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    before = {key: os.environ.get(key) for key in own}
+    os.environ.update(own)
+    try:
+        ray.init(
+            address="local",  # (RAY_ADDRESS is not read for "local")
+            num_cpus=num_cpus,
+            dashboard_host=dashboard_host,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+            _system_config=embedded_system_config(num_cpus),
+        )
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig, train_cpus: float):
     """Ray for the duration of one command: reuse one already initialised (tests), connect, or embed."""
@@ -52,18 +87,7 @@ def ray_session(cluster: ClusterConfig, train_cpus: float):
         where = f"Ray cluster at {address}"
     else:
         num_cpus = embedded_cpus(cluster, train_cpus)
-        # one machine, which no autoscaler drains: Ray Train's preemption watcher (an actor process per worker
-        # group, about a CPU-second to start) would watch for a node drain that cannot come
-        os.environ.setdefault(PREEMPTION_WATCHER, "0")
-        ray.init(
-            address="local",  # a Ray of its own even beside a `ray start` on this machine (Ray would join that)
-            num_cpus=num_cpus,
-            dashboard_host=cluster.dashboard_host,
-            log_to_driver=True,
-            configure_logging=True,
-            logging_level="WARNING",
-            _system_config=embedded_system_config(num_cpus),
-        )
+        init_embedded(num_cpus, cluster.dashboard_host)
         relay_worker_output()
         where = f"embedded local Ray ({num_cpus} logical CPUs)"
     try:

@@ -64,18 +64,23 @@ def test_embedded_ray_binds_the_dashboard_to_loopback_and_keeps_auth(monkeypatch
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    own = ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((kwargs, {k: os.environ.get(k) for k in own})))
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     monkeypatch.delenv(PREEMPTION_WATCHER, raising=False)
     with ray_session(ClusterConfig(address=address), train_cpus=2):
         pass
-    (kwargs,) = calls
+    ((kwargs, env),) = calls
     if address:
         assert kwargs["address"] == address and "dashboard_host" not in kwargs
         assert PREEMPTION_WATCHER not in os.environ  # a cluster's nodes may be drained: Ray Train watches
+        assert env == {"RAY_ADDRESS": None, "RAY_GCS_SERVER_PORT": None}
     else:  # a Ray of its own, even where a `ray start` cluster runs on this machine (Ray would join that one)
         assert kwargs["dashboard_host"] == "127.0.0.1" and kwargs["address"] == "local"
         assert os.environ[PREEMPTION_WATCHER] == "0"  # one machine: no drain to watch for
+        # its processes start knowing its address (its GCS's port), and only they: the command's own are as before
+        assert env["RAY_ADDRESS"] == f"{ray.util.get_node_ip_address()}:{env['RAY_GCS_SERVER_PORT']}"
+        assert int(env["RAY_GCS_SERVER_PORT"]) > 0 and not any(key in os.environ for key in own)
     # nothing zeray passes or sets turns Ray's token authentication off
     assert not any("auth" in key.lower() for key in kwargs)
     assert "RAY_AUTH_MODE" not in os.environ
