@@ -57,7 +57,9 @@ demo() {
 
 case "${1:-}" in
   demo) shift; setup; demo "$@" ;;
-  test) shift; setup; fetch_smollm2; .venv/bin/python -m pytest --durations=15 "$@" ;;
+  # two pytest workers, a test file each at a time (a file's tests share its expensive runs); `-n 0` runs serially
+  test) shift; setup; fetch_smollm2
+    .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15 "$@" ;;
   reliability) shift; setup; .venv/bin/python -m pytest -m reliability --reliability-report=RELIABILITY.md "$@" ;;
   *) echo "usage: ./run.sh demo [k=v ...] | ./run.sh test [pytest args] | ./run.sh reliability" >&2; exit 2 ;;
 esac

@@ -8,6 +8,25 @@ from reliability_report import pytest_addoption, pytest_configure, pytest_runtes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The files of the longest runs first (docs/benchmarks.md): `./run.sh test` runs two pytest workers that take a file
+# at a time in this order, and the suite should not end on one of these alone.
+LONGEST_FIRST = [
+    "test_multinode.py",
+    "test_tune.py",
+    "test_resume.py",
+    "test_storage.py",
+    "test_submit.py",
+    "test_train.py",
+    "test_lora.py",
+    "test_cluster.py",
+    "test_prep.py",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest in their own order
+
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory):
@@ -70,20 +89,12 @@ def ray_cluster(tmp_path_factory):
     """One embedded Ray per test session, sized like `zeray train` sizes its own (2 workers + 2 data CPUs)."""
     import ray
 
-    from cluster.local import PREEMPTION_WATCHER, embedded_system_config
+    from cluster.local import init_embedded
 
-    os.environ.setdefault(PREEMPTION_WATCHER, "0")  # as zeray sets it for its embedded Ray
-    # with its dashboard (on localhost) and settings, as `zeray` starts it: Ray Train's placement-group cleaner watches
-    # controllers through the state API it serves, and a Tune trial stopped early leaves its workers' group to it
-    ray.init(
-        address="local",  # its own, as `zeray` starts it: never a `ray start` head a test left on the machine
-        num_cpus=4,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        logging_level="WARNING",
-        configure_logging=True,
-        _system_config=embedded_system_config(4),
-    )
+    # started as `zeray` starts its own (a Ray of its own, its dashboard on localhost, its processes knowing its
+    # address): Ray Train's placement-group cleaner watches controllers through the state API the dashboard serves,
+    # and a Tune trial stopped early leaves its workers' group to it
+    init_embedded(4, "127.0.0.1")
     with open(tmp_path_factory.getbasetemp() / "ray-system.log", "a", buffering=1) as log:
         _system_lines_to(log)
         yield ray
@@ -120,8 +131,7 @@ def _system_lines_to(log) -> None:
 # that polls every 0.05 s several reports to act in. Only the run that is struck needs it (its reference runs go at
 # full speed): exactness after the fault does not depend on the pace.
 PACED = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-# A report a second (Ray Train's own pace is 2 s), for runs that must last: PBT trials that must overlap, an elastic
-# run (40 steps) that must outlive Ray Data's autoscaling coordinator's 20-s look at the cluster.
+# A report a second (Ray Train's own pace is 2 s), for runs that must last: PBT trials that must overlap.
 SLOW = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0"}
 
 

@@ -4,13 +4,17 @@ with no worker nodes, grows for `zeray train` and shrinks back after it; a 3-nod
 from the last checkpoint to the same weights as the uninterrupted run); an elastic run that grows onto a node that
 joins (to the same weights again).
 
-Each cluster here runs beside the session's embedded Ray. Ray's internal actors that look up "their" cluster
-(Train's placement-group cleaner) would pick the wrong one, so each cluster's processes get RAY_ADDRESS pointing at
-their own GCS, and `ray start` heads write their address file into their own --temp-dir."""
+Each cluster here runs beside the session's embedded Ray (and, under `-n 2`, the other pytest worker's). Ray's
+internal actors that look up "their" cluster without RAY_ADDRESS (Train's placement-group cleaner) read the address
+file of the latest cluster in their Ray temp dir: they would take another cluster's word that their controller is
+gone and remove its workers' placement group. So each cluster's processes get RAY_ADDRESS pointing at their own GCS,
+and each cluster writes its address file into a temp dir of its own (`ray start --temp-dir`, RAY_TMPDIR for a
+`Cluster`; short: Ray's socket paths live under it)."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,14 +25,17 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import PACED, SLOW, free_port, kill_tree, stop_cluster, write_config
+from tests.conftest import PACED, free_port, kill_tree, stop_cluster, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = os.path.dirname(sys.executable)
-# into the second epoch (27 steps each): the elastic run must outlive Ray Data's autoscaling coordinator's 20-s look
-# at the cluster, which the elastic policy goes by
+# into the second epoch (27 steps each)
 STEPS = 40
+# Ray Train's own pace, a report every 2 s, for the elastic run: a node that joins at its step 5 is seen at the next
+# look of Ray Data's autoscaling coordinator at the cluster (every 20 s), which the elastic policy goes by, and the
+# run must still have steps to do with two workers after it restarts (at 1 s it ended first on a busy machine)
+ELASTIC_PACE = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}
 # the autoscaling head is a `ray start` of its own: token auth on with a token of its own, passed to its clients
 AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "zeray-multinode-test-token-8c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"}
 
@@ -225,8 +232,10 @@ def three_nodes():
 
     port = free_port()
     address = f"{_node_ip()}:{port}"
+    temp_dir = tempfile.mkdtemp(prefix="zr-")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_ADDRESS", address)  # inherited by every process of this cluster
+        env.setenv("RAY_TMPDIR", temp_dir)  # its address file (the module's docstring)
         cluster = Cluster(
             initialize_head=True,
             connect=False,
@@ -237,6 +246,7 @@ def three_nodes():
         assert cluster.address == address
         yield cluster, workers
         stop_cluster(cluster)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +353,8 @@ def one_worker_node(monkeypatch):
 
     port = free_port()
     monkeypatch.setenv("RAY_ADDRESS", f"{_node_ip()}:{port}")
+    temp_dir = tempfile.mkdtemp(prefix="zr-")
+    monkeypatch.setenv("RAY_TMPDIR", temp_dir)  # its address file (the module's docstring)
     cluster = Cluster(
         initialize_head=True,
         connect=False,
@@ -351,6 +363,7 @@ def one_worker_node(monkeypatch):
     cluster.wait_for_nodes()
     yield cluster
     stop_cluster(cluster)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.reliability("fault", "a node joining an elastic run mid-run (the workers grow from 1 to 2)")
@@ -381,7 +394,9 @@ def test_elastic_run_grows_onto_a_new_node_with_the_loss_of_a_fixed_run(
             [sys.executable, "-m", "zeray", "train", config],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=dict(os.environ, RAY_ADDRESS=cluster.address, PATH=BIN + os.pathsep + os.environ["PATH"], **SLOW),
+            env=dict(
+                os.environ, RAY_ADDRESS=cluster.address, PATH=BIN + os.pathsep + os.environ["PATH"], **ELASTIC_PACE
+            ),
         )
         # once it has logged step 5 (past its first checkpoint) on one worker: a 2-CPU node joins
         # (Cluster.add_node must run on the main thread)
