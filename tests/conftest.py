@@ -209,11 +209,20 @@ def kill_tree(proc) -> None:
 
 
 def stop_cluster(cluster) -> None:
-    """End a `ray.cluster_utils.Cluster` at once: each node's processes killed rather than asked to stop."""
+    """End a `ray.cluster_utils.Cluster` at once: each node's processes killed rather than asked to stop. Starting
+    its nodes from here pointed this process's internal KV client at the cluster (Ray's node start does), which
+    `Cluster.shutdown()` would leave unset: it goes back to the session Ray's, which a watchdog here reads an elastic
+    fit's announcement through (a dead cluster's client ends this process after 60 s)."""
+    import ray
+    from ray._private.services import find_gcs_addresses
+    from ray.experimental.internal_kv import _initialize_internal_kv
+
     for node in [*cluster.worker_nodes, cluster.head_node]:
         if node is not None:
             cluster.remove_node(node, allow_graceful=False)
-    cluster.shutdown()  # (nothing left to remove; resets what it keeps of the cluster)
+    find_gcs_addresses.cache_clear()  # (this process's memo of the GCSes running on the machine)
+    if ray.is_initialized():
+        _initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
 
 
 def write_config(path, **sections) -> str:
