@@ -1,18 +1,19 @@
 """Peak memory per worker with gradient checkpointing and the chunked loss, against `zeray plan`, in one run.
 
-    .venv/bin/python bench/memory.py [--seq 2048] [--vocab 32000 | --model artifacts/smollm2]
+    .venv/bin/python bench/memory.py [--seq 2048] [--vocab 32000 | --model artifacts/smollm2] [--dtype bf16]
 
 A Llama-architecture model of 134M parameters built from a config (hidden 768, 12 layers, vocabulary 32,000, or
 --vocab's, as Llama 3's 128,256; no download; the demo tokenizer uses the first ids), or with --model a real model
 folder and its tokenizer, the demo conversations packed into 2048-token rows, `zeray train` with 2 workers, ZeRO-3,
-fp32, on CPU, two optimizer steps of one row per worker (the second step's forward and backward hold AdamW's states,
-which it allocates in its first step: a real run's steps all do), for (a) plain, (b) gradient checkpointing, (c) the
-chunked loss, (d) both. Measured: each run's `peak_memory_gb`, the fullest worker's resident high-water mark from
-its first step on (not the model's loading), with glibc returning every freed buffer of 64 KiB or more to the system
-(MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather than what the allocator keeps; and its
-activations: that peak minus the peak of the same run on 64-token rows (the model states, the optimizer's and the
-runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s activation estimate, and each
-peak against the plan's total (model states, activations and a CPU worker's runtime, trainers.plan.CPU_RUNTIME).
+fp32 (or --dtype's), on CPU, two optimizer steps of one row per worker (the second step's forward and backward hold
+AdamW's states, which it allocates in its first step: a real run's steps all do), for (a) plain, (b) gradient
+checkpointing, (c) the chunked loss, (d) both. Measured: each run's `peak_memory_gb`, the fullest worker's resident
+high-water mark from its first step on (not the model's loading), with glibc returning every freed buffer of 64 KiB
+or more to the system (MALLOC_MMAP_THRESHOLD_), so resident memory follows live tensors rather than what the
+allocator keeps; and its activations: that peak minus the peak of the same run on 64-token rows (the model states,
+the optimizer's and the runtime's memory, which do not grow with the sequence). Printed against `zeray plan`'s
+activation estimate, and each peak against the plan's total (model states, activations and a CPU worker's runtime,
+trainers.plan.CPU_RUNTIME).
 """
 
 import argparse
@@ -63,7 +64,7 @@ def build(data: str, out: str, vocab: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bool, chunked: bool) -> dict:
+def run(root: str, data: str, model: str, name: str, seq: int, dtype: str, checkpointing: bool, chunked: bool) -> dict:
     """Two steps of `zeray train`: the worker's peak memory, and the plan's estimate for the same config."""
     from trainers.plan import make_memory_plan
     from zeray.cli import main
@@ -77,7 +78,7 @@ def run(root: str, data: str, model: str, name: str, seq: int, checkpointing: bo
                 "storage": os.path.join(root, "runs"),
                 # most records to training: evaluation at the end is not what is measured
                 "data": {"train": data, "format": "messages", "max_length": seq, "split": {"val": 0.02, "test": 0.02}},
-                "model": {"name_or_path": model, "dtype": "fp32"},
+                "model": {"name_or_path": model, "dtype": dtype},
                 "train": {
                     "num_workers": 2,
                     "max_steps": 2,
@@ -106,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32_000, help="the built model's vocabulary")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="training precision")
     parser.add_argument(
         "--model",
         help="a Hugging Face model folder to measure instead of the 134M Llama built from a config "
@@ -139,15 +141,15 @@ def main() -> None:
         )
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
-            base = run(root, data, model, "base", 64, False, False)
+            base = run(root, data, model, "base", 64, args.dtype, False, False)
             got = {
-                name: run(root, data, model, name.replace(" ", "-"), args.seq, *flags)
+                name: run(root, data, model, name.replace(" ", "-"), args.seq, args.dtype, *flags)
                 for name, flags in SETTINGS.items()
             }
         finally:
             ray.shutdown()
 
-    print(f"peak memory per worker: {described}, {args.seq}-token rows, 2 workers, ZeRO-3, fp32, CPU")
+    print(f"peak memory per worker: {described}, {args.seq}-token rows, 2 workers, ZeRO-3, {args.dtype}, CPU")
     print(
         f"  64-token run (states + runtime): {base['peak'] / GB:.2f} GB; plan's total {base['plan_total'] / GB:.2f} "
         f"GB (model states {base['plan_states'] / GB:.2f}), plan / peak {base['plan_total'] / base['peak']:.2f}"
