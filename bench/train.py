@@ -336,6 +336,7 @@ def main() -> None:
     if not parts <= {"throughput", "eval", "memory"}:
         parser.error(f"--parts: give throughput, eval and/or memory, not {args.parts}")
 
+    from cluster.local import init_embedded
     from pipelines.corpus import write_demo_data
     from trainers.plan import model_shape, model_states_bytes
     from trainers.tiny_model import build_model
@@ -347,8 +348,7 @@ def main() -> None:
             build_model(data, model, size="demo")
         if parts & {"eval", "memory"}:
             build_model(data, small, size="small")
-        # with its dashboard (on localhost), as zeray starts it: Ray Train's placement-group cleaner asks its state API
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", logging_level="ERROR")
+        init_embedded(4, "127.0.0.1")  # as `zeray train` starts its own Ray
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             if "throughput" in parts and args.model:
