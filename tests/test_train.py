@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import time
 
 import pytest
 from conftest import write_config
@@ -78,27 +79,41 @@ def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def wandb_records(run_dir: str) -> list:
+def wandb_records(run_dir: str, wait_s: float = 30) -> list:
     """Every record of the W&B offline run files under `run_dir` (LevelDB log framing after W&B's 7-byte header:
-    32 KiB blocks of chunks, each with a 7-byte header of CRC, length and type), oldest file first."""
+    32 KiB blocks of chunks, each with a 7-byte header of CRC, length and type), oldest file first. W&B's core
+    writes a file behind `finish()`: each file is read again until it holds its run's exit record."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
 
-    records = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb")), key=os.path.getmtime):
-        data, at, parts = open(path, "rb").read(), 7, b""
-        assert data[:4] == b":W&B", path
+    def read(path: str) -> list:
+        records, data, at, parts = [], open(path, "rb").read(), 7, b""
+        assert data[:4] == b":W&B"[: len(data)], path  # (an empty file: W&B's core has not written it yet)
         while at + 7 <= len(data):
             if 32768 - at % 32768 < 7:  # a block's tail too short for a chunk header is padding
                 at += 32768 - at % 32768
                 continue
             _, length, kind = struct.unpack("<IHB", data[at : at + 7])
+            if at + 7 + length > len(data):  # a chunk still being written
+                break
             parts += data[at + 7 : at + 7 + length]
             at += 7 + length
             if kind in (1, 4):  # a full record, or the last chunk of one
                 records.append(wandb_internal_pb2.Record.FromString(parts))
                 parts = b""
+        return records
+
+    records = []
+    for folder in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")), key=os.path.getmtime):
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = [r for path in glob.glob(os.path.join(folder, "run-*.wandb")) for r in read(path)]
+            if any(r.WhichOneof("record_type") == "exit" for r in found):
+                break
+            assert time.monotonic() < deadline, f"{folder}: no run file with an exit record after {wait_s} s"
+            time.sleep(0.2)
+        records += found
     return records
 
 
