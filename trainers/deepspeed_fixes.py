@@ -1,5 +1,5 @@
-"""A correction to the installed DeepSpeed (0.19), for a bug that costs memory, checked by
-tests/test_deepspeed_fixes.py.
+"""Two corrections to the installed DeepSpeed (0.19), checked by tests/test_deepspeed_fixes.py: a bug that costs
+memory, and an import that costs every worker 1.2 CPU-seconds as it starts.
 
 ZeRO-3 means to use a parameter partition that is already fp32, on the optimizer's device, as the optimizer's fp32
 master partition instead of copying it (`_create_fp32_partitions`: "we don't need another copy of the weights").
@@ -10,6 +10,7 @@ steps the partition the model gathers from, which holds the same numbers the cop
 """
 
 import functools
+import sys
 
 import torch
 
@@ -34,3 +35,40 @@ def share_fp32_master_partitions() -> None:
 
     create_with_a_device.zeray_fixed = True
     Stage3._create_fp32_partitions = create_with_a_device
+
+
+def defer_muon_compile() -> None:
+    """Every ZeRO stage imports DeepSpeed's Muon optimizer to ask `isinstance(optimizer, MuonWithAuxAdam)`, and
+    Muon's kernels are decorated with torch.compile as they are imported: that loads torch's dynamo and inductor,
+    1.2 CPU-seconds in every worker of every run and restart, for an optimizer zeray never builds (its own is
+    AdamW). Imported here with each kernel compiled at its first call instead, the import costs nothing, and Muon
+    would run as compiled as before (idempotent; once per worker process, before deepspeed.initialize)."""
+    if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    at_import = compiler.compile
+
+    def at_first_call():
+        if at_import() is not torch.compile:  # (DeepSpeed's own fallback when torch has no compile)
+            return at_import()
+
+        def decorate(kernel):
+            compiled = None
+
+            @functools.wraps(kernel)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = torch.compile(kernel)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = at_first_call
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (imports original_muon's kernels)
+    finally:
+        compiler.compile = at_import

@@ -249,7 +249,7 @@ def setup_engine(model, cfg, plan, world: int, device, universal: bool) -> tuple
     from transformers import get_scheduler
 
     from trainers.deepspeed_config import deepspeed_config, precision
-    from trainers.deepspeed_fixes import share_fp32_master_partitions
+    from trainers.deepspeed_fixes import defer_muon_compile, share_fp32_master_partitions
 
     train, on_gpu = cfg.train, device.type == "cuda"
     dtype = precision(cfg.model, on_gpu, on_gpu and torch.cuda.is_bf16_supported())
@@ -258,6 +258,7 @@ def setup_engine(model, cfg, plan, world: int, device, universal: bool) -> tuple
     schedule = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[train.lr_schedule]
     per_rank = -(-train.grad_accum * train.max_workers // world)  # micro-batches per rank per step (see deal())
     share_fp32_master_partitions()
+    defer_muon_compile()
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
