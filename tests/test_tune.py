@@ -157,13 +157,16 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
         "pbt",
         artifacts,
         prepared=prepared_data,
-        max_steps=24,
+        max_steps=16,
         eval_every=4,
+        log_every=1,
         tune={"search": "grid", "scheduler": "pbt", "space": {"train.lr": {"grid": [3.0e-3, 1.0e-6]}}},
     )
-    # the trials overlap: a report a second, and checkpoints (PBT's chances) every 4 of 24 steps, so that the weak
-    # trial still has some to reach after the strong one's first report, which comes up to 7 s after its own
-    # when the other pytest worker keeps the cores busy as both trials start
+    # the trials overlap: a report (a step) every 2 s, and checkpoints (PBT's chances) every 4 of 16 steps, so that
+    # the weak trial still has some to reach after the strong one's first report, which comes up to 7 s after its
+    # own when the other pytest worker keeps the cores busy as both trials start. An exploit starts a new run, and
+    # every chance after the first while both trials run is another (9 runs at 24 steps and a report a second):
+    # the strong trial ends about when the weak one's first continuation starts.
     with paced(SLOW):
         assert main(["tune", config]) == 0
     out = str(tmp_path / "runs" / "pbt" / "tune")
@@ -186,13 +189,13 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
     ]
     assert any(start["eval_loss"] == pytest.approx(loss, rel=1e-6) for loss in scored), (start, scored)
     # and trains on with the rate PBT gave it (its config), on the schedule's position it took over (cosine over
-    # 24 steps, no warmup), not with the rate the checkpoint carried
+    # 16 steps, no warmup), not with the rate the checkpoint carried
     continued = [r for r in metrics(first) if "loss" in r]
     with open(os.path.join(first, "config.json")) as f:
         lr = json.load(f)["train"]["lr"]
     assert continued and continued[0]["step"] > start["step"]
     step = continued[0]["step"]
-    assert continued[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / 24)), rel=1e-6)
+    assert continued[0]["lr"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / 16)), rel=1e-6)
 
 
 @pytest.mark.reliability("fault", "a Tune campaign SIGKILLed (driver, Ray, trials), then `--resume`")
