@@ -73,20 +73,20 @@ def test_optuna_campaign_runs_its_trials_and_exports_the_best(ray_cluster, artif
         tune={
             "search": "optuna",
             "scheduler": "fifo",
-            "num_samples": 3,
+            "num_samples": 2,
             "space": {"train.lr": {"loguniform": [1.0e-4, 3.0e-3]}},
         },
     )
     assert main(["tune", config]) == 0
     out = tmp_path / "runs" / "optuna" / "tune"
     rows = results(out)
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"completed"}
     lrs = [float(r["train.lr"]) for r in rows]
-    assert len(set(lrs)) == 3 and all(1.0e-4 <= lr <= 3.0e-3 for lr in lrs)
+    assert len(set(lrs)) == 2 and all(1.0e-4 <= lr <= 3.0e-3 for lr in lrs)
     assert glob.glob(str(out / "searcher-state-*.pkl"))  # Optuna's study, saved for --resume
     best = json.loads((out / "best.json").read_text())
     assert best["value"] == min(float(r["eval_loss"]) for r in rows)
-    assert best["trials"] == {"completed": 3, "stopped": 0, "failed": 0} and best["steps_trained"] == 12
+    assert best["trials"] == {"completed": 2, "stopped": 0, "failed": 0} and best["steps_trained"] == 8
     assert os.path.isfile(os.path.join(best["model_dir"], "model.safetensors"))
     # the base model was evaluated once for the campaign (its trials share the data), by one trial
     bases = [
