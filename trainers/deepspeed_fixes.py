@@ -1,5 +1,5 @@
 """Two corrections to the installed DeepSpeed (0.19), checked by tests/test_deepspeed_fixes.py: a bug that costs
-memory, and an import that costs every worker 1.2 CPU-seconds as it starts.
+memory, and an import that costs every worker about half a CPU-second as it starts.
 
 ZeRO-3 means to use a parameter partition that is already fp32, on the optimizer's device, as the optimizer's fp32
 master partition instead of copying it (`_create_fp32_partitions`: "we don't need another copy of the weights").
@@ -39,10 +39,11 @@ def share_fp32_master_partitions() -> None:
 
 def defer_muon_compile() -> None:
     """Every ZeRO stage imports DeepSpeed's Muon optimizer to ask `isinstance(optimizer, MuonWithAuxAdam)`, and
-    Muon's kernels are decorated with torch.compile as they are imported: that loads torch's dynamo and inductor,
-    1.2 CPU-seconds in every worker of every run and restart, for an optimizer zeray never builds (its own is
-    AdamW). Imported here with each kernel compiled at its first call instead, the import costs nothing, and Muon
-    would run as compiled as before (idempotent; once per worker process, before deepspeed.initialize)."""
+    Muon's kernels are decorated with torch.compile as they are imported: that loads torch's inductor, about half
+    a CPU-second in every worker of every run and restart (docs/benchmarks.md), for an optimizer zeray never
+    builds (its own is AdamW). Imported here with each kernel compiled at its first call instead, the import costs
+    nothing, and Muon would run as compiled as before (idempotent; once per worker process, before
+    deepspeed.initialize)."""
     if "deepspeed.runtime.zero.muon.original_muon" in sys.modules:
         return
     from deepspeed.runtime import compiler
