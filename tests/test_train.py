@@ -104,17 +104,18 @@ def wandb_records(run_dir: str, wait_s: float = 30) -> list:
                 parts = b""
         return records
 
-    records = []
-    for folder in sorted(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")), key=os.path.getmtime):
+    runs = []  # (when its file was last written, its records)
+    for folder in glob.glob(os.path.join(run_dir, "wandb", "offline-run-*")):
         deadline = time.monotonic() + wait_s
         while True:
-            found = [r for path in glob.glob(os.path.join(folder, "run-*.wandb")) for r in read(path)]
+            files = glob.glob(os.path.join(folder, "run-*.wandb"))
+            found = [r for path in files for r in read(path)]
             if any(r.WhichOneof("record_type") == "exit" for r in found):
                 break
             assert time.monotonic() < deadline, f"{folder}: no run file with an exit record after {wait_s} s"
             time.sleep(0.2)
-        records += found
-    return records
+        runs.append((max(map(os.path.getmtime, files)), found))
+    return [r for _, found in sorted(runs, key=lambda run: run[0]) for r in found]
 
 
 def wandb_key(item) -> str:
