@@ -164,9 +164,8 @@ def test_pbt_exploit_continues_from_the_better_trials_weights(ray_cluster, artif
     )
     # the trials overlap: a report (a step) every 2 s, and checkpoints (PBT's chances) every 4 of 16 steps, so that
     # the weak trial still has some to reach after the strong one's first report, which comes up to 7 s after its
-    # own when the other pytest worker keeps the cores busy as both trials start. An exploit starts a new run, and
-    # every chance after the first while both trials run is another (9 runs at 24 steps and a report a second):
-    # the strong trial ends about when the weak one's first continuation starts.
+    # own when the other pytest worker keeps the cores busy as both trials start. Each exploit while both trials
+    # run starts a new run: the strong trial ends about when the weak one's first continuation starts.
     with paced(SLOW):
         assert main(["tune", config]) == 0
     out = str(tmp_path / "runs" / "pbt" / "tune")

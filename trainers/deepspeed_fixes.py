@@ -51,9 +51,6 @@ def defer_muon_compile() -> None:
     at_import = compiler.compile
 
     def at_first_call():
-        if at_import() is not torch.compile:  # (DeepSpeed's own fallback when torch has no compile)
-            return at_import()
-
         def decorate(kernel):
             compiled = None
 
